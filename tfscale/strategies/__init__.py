@@ -1,0 +1,1 @@
+"""`tf.distribute` strategies behind the distribution kinds."""

@@ -1,0 +1,1 @@
+"""Training: the `tfscale-train` binary, its library, models and callbacks."""

@@ -1,0 +1,219 @@
+"""Keras callbacks for distributed runs: throughput, checkpoints, TensorBoard.
+
+Every worker of a synchronous run must execute the same callbacks, but only
+the chief may write the shared outputs. The chief-aware callbacks here take
+`is_chief`: the chief writes to the directory given, the other workers to a
+private temporary directory that is removed when training ends.
+
+Example:
+
+```python
+callbacks = [
+    Throughput(global_batch_size=256, log_dir=workdir + "/tensorboard"),
+    BackupAndRestore(workdir + "/checkpoints", is_chief=dist.is_chief),
+    TensorBoard(workdir + "/tensorboard", is_chief=dist.is_chief),
+]
+model.fit(data, epochs=10, callbacks=callbacks)  # re-run: resumes
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfscale.train import files
+
+__all__ = [
+    "BackupAndRestore",
+    "TensorBoard",
+    "Throughput",
+    "read_backup_state",
+]
+
+Logs = Optional[dict[str, Any]]
+
+_STATE_FILE = "state.json"
+
+
+class Throughput(keras.callbacks.Callback):
+    """Measures examples/s and step time per epoch.
+
+    Adds `examples_per_sec` and `step_time_ms` (median step) to the epoch
+    logs, so they appear in the progress bar and in `History`; logs them;
+    and writes them to TensorBoard under `throughput/` when `log_dir` is set.
+
+    Attributes:
+      epochs: one dict per finished epoch: `epoch`, `steps`, `seconds`,
+        `examples_per_sec`, `step_time_ms`.
+    """
+
+    def __init__(self, global_batch_size: int, log_dir: Optional[str] = None):
+        super().__init__()
+        self.global_batch_size = global_batch_size
+        self.log_dir = log_dir
+        self.epochs: list[dict[str, float]] = []
+        self._writer: Optional[tf.summary.SummaryWriter] = None
+        self._step_times: list[float] = []
+
+    def on_train_begin(self, logs: Logs = None) -> None:
+        if self.log_dir and self._writer is None:
+            self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "throughput"))
+
+    def on_epoch_begin(self, epoch: int, logs: Logs = None) -> None:
+        self._step_times = []
+        self._epoch_start = time.perf_counter()
+        self._last_step_end = self._epoch_start
+
+    def on_train_batch_begin(self, batch: int, logs: Logs = None) -> None:
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, batch: int, logs: Logs = None) -> None:
+        self._last_step_end = time.perf_counter()
+        self._step_times.append(self._last_step_end - self._step_start)
+
+    def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
+        steps = len(self._step_times)
+        if not steps:
+            return
+        seconds = self._last_step_end - self._epoch_start
+        record = {
+            "epoch": epoch + 1,
+            "steps": steps,
+            "seconds": seconds,
+            "examples_per_sec": steps * self.global_batch_size / seconds,
+            "step_time_ms": 1000.0 * statistics.median(self._step_times),
+        }
+        self.epochs.append(record)
+        if logs is not None:
+            logs["examples_per_sec"] = record["examples_per_sec"]
+            logs["step_time_ms"] = record["step_time_ms"]
+        logging.info(
+            "epoch %d: %.1f examples/s, median step %.2f ms over %d steps",
+            epoch + 1,
+            record["examples_per_sec"],
+            record["step_time_ms"],
+            steps,
+        )
+        if self._writer is not None:
+            with self._writer.as_default():
+                tf.summary.scalar("throughput/examples_per_sec", record["examples_per_sec"], epoch)
+                tf.summary.scalar("throughput/step_time_ms", record["step_time_ms"], epoch)
+            self._writer.flush()
+
+    def on_train_end(self, logs: Logs = None) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class BackupAndRestore(keras.callbacks.Callback):
+    """Checkpoints the model and optimizer each epoch; `fit` resumes from it.
+
+    Unlike `keras.callbacks.BackupAndRestore`, the state is never torn by a
+    crash (each epoch's weights go to a new file, then a small state file is
+    atomically replaced to point at it), only the chief writes to
+    `backup_dir`, and checkpoints are kept after training, so a re-run on the
+    same directory continues where the last one stopped.
+
+    Attributes:
+      restored_epoch: the epoch count restored at the start of the last
+        `fit` (0 for a fresh start).
+
+    Example:
+
+    ```python
+    backup = BackupAndRestore("/tmp/run/checkpoints")
+    model.fit(data, epochs=4, callbacks=[backup])  # killed in epoch 3
+    model.fit(data, epochs=4, callbacks=[backup])  # restarts at epoch 3
+    ```
+    """
+
+    def __init__(self, backup_dir: str, is_chief: bool = True, max_to_keep: int = 2):
+        super().__init__()
+        if max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be >= 1. Received: max_to_keep={max_to_keep}")
+        self.backup_dir = backup_dir
+        self.is_chief = is_chief
+        self.max_to_keep = max_to_keep
+        self.restored_epoch = 0
+        self._write_dir = backup_dir if is_chief else None
+
+    def on_train_begin(self, logs: Logs = None) -> None:
+        if not self.is_chief and self._write_dir is None:
+            self._write_dir = tempfile.mkdtemp(prefix="tfscale-backup-")
+        state = read_backup_state(self.backup_dir)
+        self.restored_epoch = 0
+        if state is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
+        self.restored_epoch = state["epoch"]
+        # The hook keras.callbacks.BackupAndRestore uses to set the start epoch.
+        self.model._initial_epoch = self.restored_epoch
+        logging.info("Restored epoch %d from %s", self.restored_epoch, self.backup_dir)
+
+    def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
+        os.makedirs(self._write_dir, exist_ok=True)
+        name = f"epoch-{epoch + 1:05d}.weights.h5"
+        self.model.save_weights(os.path.join(self._write_dir, name), overwrite=True)
+        previous = read_backup_state(self._write_dir)
+        kept = ((previous or {}).get("kept", []) + [name])[-self.max_to_keep :]
+        files.write_json_atomic(
+            os.path.join(self._write_dir, _STATE_FILE),
+            {"epoch": epoch + 1, "weights": name, "kept": kept},
+        )
+        for old in (previous or {}).get("kept", []):
+            if old not in kept:
+                _remove(os.path.join(self._write_dir, old))
+
+    def on_train_end(self, logs: Logs = None) -> None:
+        if not self.is_chief and self._write_dir is not None:
+            shutil.rmtree(self._write_dir, ignore_errors=True)
+            self._write_dir = None
+
+
+class TensorBoard(keras.callbacks.TensorBoard):
+    """`keras.callbacks.TensorBoard` that only the chief writes to `log_dir`.
+
+    Other workers log to a private temporary directory removed at the end.
+    """
+
+    def __init__(self, log_dir: str, is_chief: bool = True, **kwargs: Any):
+        self._private_dir = None if is_chief else tempfile.mkdtemp(prefix="tfscale-tensorboard-")
+        super().__init__(log_dir=self._private_dir or log_dir, **kwargs)
+
+    def on_train_end(self, logs: Logs = None) -> None:
+        super().on_train_end(logs)
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+
+
+def read_backup_state(backup_dir: str) -> Optional[dict[str, Any]]:
+    """The state `BackupAndRestore` left in `backup_dir`, or `None`.
+
+    Returns:
+      `{"epoch": completed epochs, "weights": file name, "kept": [...]}`.
+    """
+    path = os.path.join(backup_dir, _STATE_FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,139 @@
+"""The training config: every field with its default, and its validation.
+
+Experiment files in `configs/` start from `base_config()` and change what
+they need, so every field can be overridden from the command line
+(`--config.training.epochs=5`). Fields whose default is "unset" are
+ml_collections placeholders: `None`, but typed, so overrides parse.
+
+Example:
+
+```python
+config = base_config()
+config.distribution.kind = "one_device"
+validate(config)
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+__all__ = [
+    "OPTIMIZERS",
+    "base_config",
+    "set_options",
+    "smoke",
+    "validate",
+]
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """All fields of a training config, with defaults."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    # tfscale.configure_devices arguments; unset leaves the devices alone.
+    config.devices = ml_collections.ConfigDict(
+        {
+            "virtual_cpus": config_dict.placeholder(int),
+            "virtual_gpus_per_gpu": config_dict.placeholder(int),
+            "gpu_memory_limit_mb": config_dict.placeholder(int),
+        }
+    )
+    # tfscale.distribution(kind, **options); only the options that are set
+    # are passed, so an option the kind does not take is an error.
+    config.distribution = ml_collections.ConfigDict(
+        {
+            "kind": "mirrored",
+            "device": config_dict.placeholder(str),
+            "devices": config_dict.placeholder(str),
+            "all_reduce": config_dict.placeholder(str),
+        }
+    )
+    config.data = ml_collections.ConfigDict(
+        {
+            "source": "synthetic",
+            "train_split": "train",
+            "eval_split": "test",
+            "cache_dir": config_dict.placeholder(str),
+            "tfds_data_dir": config_dict.placeholder(str),
+            "download": False,
+            "shuffle_buffer": 8192,
+            "max_train_examples": config_dict.placeholder(int),
+            "max_eval_examples": config_dict.placeholder(int),
+        }
+    )
+    config.model = ml_collections.ConfigDict({"name": "lenet", "kwargs": {}})
+    config.optimizer = ml_collections.ConfigDict(
+        {
+            "name": "sgd",
+            "learning_rate": 0.05,
+            "momentum": 0.9,
+            # The rate above was tuned at this batch; it is scaled to the
+            # global batch by `scaling` ("linear", "sqrt" or "none").
+            "reference_batch_size": 128,
+            "scaling": "linear",
+            "warmup_epochs": 0.0,
+        }
+    )
+    config.training = ml_collections.ConfigDict(
+        {
+            "global_batch_size": 128,
+            "epochs": 3,
+            "steps_per_epoch": config_dict.placeholder(int),
+            "verbose": 1,
+            "checkpoints_to_keep": 2,
+        }
+    )
+    return config
+
+
+def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrinks a config to a run of seconds, for tests."""
+    config.data.max_train_examples = 1024
+    config.data.max_eval_examples = 256
+    config.data.shuffle_buffer = 1024
+    config.training.global_batch_size = 64
+    config.training.epochs = 2
+    config.training.verbose = 2
+    return config
+
+
+def set_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The options that are set (not None) in a section, as a dict."""
+    return {k: v for k, v in config.to_dict().items() if v is not None}
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Checks values that would otherwise fail late or obscurely.
+
+    Raises:
+      ValueError: naming the field, what was expected and what came.
+    """
+    _check(config.seed, "seed", int, lambda v: v >= 0, "a non-negative int")
+    training = config.training
+    _check(training.global_batch_size, "training.global_batch_size", int, lambda v: v > 0, "a positive int")
+    _check(training.epochs, "training.epochs", int, lambda v: v > 0, "a positive int")
+    if training.steps_per_epoch is not None:
+        _check(training.steps_per_epoch, "training.steps_per_epoch", int, lambda v: v > 0, "a positive int")
+    _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
+    _check(training.checkpoints_to_keep, "training.checkpoints_to_keep", int, lambda v: v > 0, "a positive int")
+    optimizer = config.optimizer
+    _check(optimizer.name, "optimizer.name", str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}")
+    _check(optimizer.learning_rate, "optimizer.learning_rate", float, lambda v: v > 0, "a positive number")
+    _check(optimizer.warmup_epochs, "optimizer.warmup_epochs", float, lambda v: v >= 0, "a non-negative number")
+    for name in ("max_train_examples", "max_eval_examples"):
+        value = config.data[name]
+        if value is not None:
+            _check(value, f"data.{name}", int, lambda v: v > 0, "a positive int")
+    _check(config.data.shuffle_buffer, "data.shuffle_buffer", int, lambda v: v >= 0, "a non-negative int")
+
+
+def _check(value: Any, name: str, kind: type, ok: Any, expected: str) -> None:
+    numeric = kind is float and isinstance(value, (int, float))
+    if isinstance(value, bool) or not (isinstance(value, kind) or numeric) or not ok(value):
+        raise ValueError(f"config.{name} must be {expected}. Received: {name}={value!r}")

@@ -1,0 +1,212 @@
+"""`run(config, workdir)`: one training job from a config, resumable.
+
+Data flow: config -> devices -> `tfscale.distribution` -> input split ->
+`dist.distribute_dataset` -> model built and compiled in `dist.scope()` ->
+`model.fit` with callbacks -> evaluation -> `workdir/metrics.json`.
+
+The workdir holds `checkpoints/` (resume state), `tensorboard/` and
+`metrics.json`; only the chief writes there. Running again on the same
+workdir continues from the last finished epoch.
+
+Example:
+
+```python
+from tfscale.train import config as config_lib, lib
+
+config = config_lib.smoke(config_lib.base_config())
+metrics = lib.run(config, "/tmp/tfscale/smoke")
+metrics["eval"]["accuracy"]
+```
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import keras
+import ml_collections
+import tensorflow as tf
+from absl import logging
+
+import tfscale
+from tfscale.data import sources
+from tfscale.train import callbacks as callbacks_lib
+from tfscale.train import config as config_lib
+from tfscale.train import files
+from tfscale.train import models
+from tfscale.train import schedules
+
+__all__ = [
+    "METRICS_FILE",
+    "run",
+]
+
+METRICS_FILE = "metrics.json"
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Trains, evaluates and writes `workdir/metrics.json` (on the chief).
+
+    Args:
+      config: a config built on `tfscale.train.config.base_config()`.
+      workdir: output directory; an existing one is resumed.
+
+    Returns:
+      The metrics written to `metrics.json`.
+
+    Raises:
+      ValueError: for a bad config value, before anything is written.
+    """
+    start = time.perf_counter()
+    config_lib.validate(config)
+    tfscale.configure_devices(**config_lib.set_options(config.devices))
+    dist = _distribution(config)
+    global_batch = config.training.global_batch_size
+    dist.per_replica_batch_size(global_batch)
+    train, steps_per_epoch = _train_input(config, dist)
+    evaluation, eval_steps = _eval_input(config, dist)
+    logging.info("%s; %d steps per epoch of %d examples", dist, steps_per_epoch, global_batch)
+
+    keras.utils.set_random_seed(config.seed)
+    with dist.scope():
+        model = models.build(
+            config.model.name, train.image_shape, train.num_classes, **config.model.kwargs
+        )
+        model.compile(
+            optimizer=_optimizer(config, steps_per_epoch),
+            loss=models.loss(config.model.name),
+            metrics=["accuracy"],
+        )
+    if dist.is_chief:
+        os.makedirs(workdir, exist_ok=True)
+    throughput = callbacks_lib.Throughput(
+        global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
+    )
+    backup = callbacks_lib.BackupAndRestore(
+        os.path.join(workdir, "checkpoints"),
+        is_chief=dist.is_chief,
+        max_to_keep=config.training.checkpoints_to_keep,
+    )
+    tensorboard = callbacks_lib.TensorBoard(
+        os.path.join(workdir, "tensorboard"), is_chief=dist.is_chief
+    )
+    history = model.fit(
+        dist.distribute_dataset(train.dataset, global_batch),
+        epochs=config.training.epochs,
+        steps_per_epoch=steps_per_epoch,
+        callbacks=[backup, throughput, tensorboard],
+        verbose=config.training.verbose,
+    )
+    eval_logs = model.evaluate(
+        dist.distribute_dataset(evaluation.dataset, global_batch),
+        steps=eval_steps,
+        return_dict=True,
+        verbose=config.training.verbose,
+    )
+    metrics = _metrics(config, dist, workdir, backup, throughput, history, eval_logs)
+    metrics["eval"]["examples"] = eval_steps * global_batch
+    metrics["wall_time_s"] = time.perf_counter() - start
+    if dist.is_chief:
+        files.write_json_atomic(os.path.join(workdir, METRICS_FILE), metrics)
+    logging.info("eval: %s", metrics["eval"])
+    return metrics
+
+
+def _distribution(config: ml_collections.ConfigDict) -> tfscale.Distribution:
+    options = config_lib.set_options(config.distribution)
+    return tfscale.distribution(options.pop("kind"), **options)
+
+
+def _limit(split: sources.SplitData, limit: Any) -> tuple[tf.data.Dataset, int]:
+    if limit is None or limit >= split.num_examples:
+        return split.dataset, split.num_examples
+    return split.dataset.take(limit), limit
+
+
+def _load(config: ml_collections.ConfigDict, split: str) -> sources.SplitData:
+    return sources.load_split(
+        config.data.source,
+        split,
+        cache_dir=config.data.cache_dir,
+        tfds_data_dir=config.data.tfds_data_dir,
+        download=config.data.download,
+    )
+
+
+def _train_input(config: ml_collections.ConfigDict, dist: tfscale.Distribution) -> tuple[Any, int]:
+    split = _load(config, config.data.train_split)
+    dataset, count = _limit(split, config.data.max_train_examples)
+    global_batch = config.training.global_batch_size
+    if count < global_batch:
+        raise ValueError(
+            f"The training split has {count} examples, fewer than one global batch "
+            f"(config.training.global_batch_size={global_batch})"
+        )
+    if config.data.shuffle_buffer:
+        dataset = dataset.shuffle(config.data.shuffle_buffer, seed=config.seed)
+    steps = config.training.steps_per_epoch or count // global_batch
+    return _replace_dataset(split, dataset.repeat()), steps
+
+
+def _eval_input(config: ml_collections.ConfigDict, dist: tfscale.Distribution) -> tuple[Any, int]:
+    split = _load(config, config.data.eval_split)
+    dataset, count = _limit(split, config.data.max_eval_examples)
+    steps = max(1, count // config.training.global_batch_size)
+    return _replace_dataset(split, dataset.repeat()), steps
+
+
+def _replace_dataset(split: sources.SplitData, dataset: tf.data.Dataset) -> sources.SplitData:
+    return sources.SplitData(dataset, split.num_examples, split.image_shape, split.num_classes, split.files)
+
+
+def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    opt = config.optimizer
+    learning_rate = schedules.scaled_learning_rate(
+        opt.learning_rate,
+        opt.reference_batch_size,
+        config.training.global_batch_size,
+        opt.scaling,
+        warmup_steps=int(round(opt.warmup_epochs * steps_per_epoch)),
+    )
+    if opt.name == "sgd":
+        return keras.optimizers.SGD(learning_rate=learning_rate, momentum=opt.momentum)
+    return keras.optimizers.Adam(learning_rate=learning_rate)
+
+
+def _metrics(
+    config: ml_collections.ConfigDict,
+    dist: tfscale.Distribution,
+    workdir: str,
+    backup: callbacks_lib.BackupAndRestore,
+    throughput: callbacks_lib.Throughput,
+    history: keras.callbacks.History,
+    eval_logs: dict[str, Any],
+) -> dict[str, Any]:
+    """metrics.json: this run's epochs appended to those of earlier runs."""
+    previous = files.read_json(os.path.join(workdir, METRICS_FILE)) if backup.restored_epoch else {}
+    epochs = [e for e in previous.get("history", []) if e["epoch"] <= backup.restored_epoch]
+    for i, epoch in enumerate(history.epoch):
+        epochs.append({"epoch": epoch + 1, **{k: float(v[i]) for k, v in history.history.items()}})
+    last = epochs[-1] if epochs else {}
+    speed = throughput.epochs[-1] if throughput.epochs else previous.get("throughput", {})
+    return {
+        "kind": dist.kind,
+        "replicas": dist.num_replicas_in_sync,
+        "workers": dist.num_workers,
+        "devices": list(dist.devices),
+        "model": config.model.name,
+        "source": config.data.source,
+        "global_batch_size": config.training.global_batch_size,
+        "epochs": config.training.epochs,
+        "resumed_from_epoch": backup.restored_epoch,
+        "epochs_run": len(history.epoch),
+        "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
+        "eval": {k: float(v) for k, v in eval_logs.items()},
+        "throughput": {
+            "examples_per_sec": speed.get("examples_per_sec"),
+            "step_time_ms": speed.get("step_time_ms"),
+        },
+        "history": epochs,
+    }
