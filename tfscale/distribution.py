@@ -176,7 +176,12 @@ class Distribution:
         return global_batch_size // replicas
 
     def __repr__(self) -> str:
-        options = ", ".join(f"{k}={v!r}" for k, v in sorted(self._options.items()))
+        # The device options are shown resolved, as `devices`.
+        options = ", ".join(
+            f"{k}={v!r}"
+            for k, v in sorted(self._options.items())
+            if k not in ("device", "devices")
+        )
         return (
             f"Distribution(kind={self._kind!r}, replicas={self.num_replicas_in_sync}, "
             f"workers={self.num_workers}, devices={list(self.devices)}"

@@ -21,7 +21,7 @@ for image, label in split.dataset.take(1): ...
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional
 
 import tensorflow as tf
 
@@ -132,10 +132,21 @@ def _from_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
         lambda image, label: (tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int64)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
-    num_examples = int(info.splits[split].num_examples)
     return SplitData(
         dataset,
-        num_examples,
+        _tfds_num_examples(info, split, dataset),
         tuple(info.features["image"].shape),
         int(info.features["label"].num_classes),
     )
+
+
+def _tfds_num_examples(info: Any, split: str, dataset: tf.data.Dataset) -> int:
+    """The split size from the dataset info, else from the dataset itself."""
+    try:
+        return int(info.splits[split].num_examples)
+    except KeyError:  # No recorded split sizes (e.g. tfds.testing.mock_data).
+        pass
+    cardinality = int(dataset.cardinality())
+    if cardinality >= 0:
+        return cardinality
+    return int(dataset.reduce(0, lambda count, _: count + 1))

@@ -1,10 +1,10 @@
 """The embedded default dataset: deterministic, digits-like 28x28 images.
 
 No network is needed: each image is a digit glyph of a 5x7 bitmap font,
-drawn with a random scale, rotation, shear, shift and stroke width, blurred
-and noised. The set is generated once from a seed and written as sharded
+drawn with a random scale, rotation, shear, shift and stroke width, with a
+faint distractor digit on half of the images and pixel noise on all. The set is generated once from a seed and written as sharded
 TFRecord files, so file sharding and the shard dispatcher read real shards.
-A small CNN learns it to well above 90% accuracy; chance is 10%.
+A small CNN learns it to about 97% accuracy in a few epochs; chance is 10%.
 
 Example:
 
@@ -70,6 +70,9 @@ def default_cache_dir() -> str:
 def generate(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Draws digit images in memory.
 
+    Half of the images also carry a faint, displaced distractor digit, and
+    all carry pixel noise, so the set is learnable but not trivial.
+
     Args:
       num_examples: how many images.
       seed: the same seed always gives the same images.
@@ -79,11 +82,23 @@ def generate(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 10, size=num_examples)
-    scale = rng.uniform(2.4, 3.3, size=num_examples)  # pixels per font cell
-    angle = np.deg2rad(rng.uniform(-14, 14, size=num_examples))
-    shear = rng.uniform(-0.25, 0.25, size=num_examples)
-    shift = rng.uniform(-2.5, 2.5, size=(num_examples, 2))
-    width = rng.uniform(0.45, 0.8, size=num_examples)  # stroke half-width, cells
+    ink = _render(labels, rng, max_shift=2.5)
+    distractors = _render(rng.integers(0, 10, size=num_examples), rng, max_shift=9.0)
+    alpha = rng.uniform(0.25, 0.6, size=num_examples) * (rng.random(num_examples) < 0.5)
+    ink = np.maximum(ink, alpha[:, None, None] * distractors)
+    ink += rng.normal(0.0, 0.15, size=ink.shape).astype(np.float32)
+    images = np.clip(ink * 255.0, 0, 255).astype(np.uint8)
+    return images, labels.astype(np.int64)
+
+
+def _render(labels: np.ndarray, rng: np.random.Generator, max_shift: float) -> np.ndarray:
+    """Ink in [0, 1] of each label's glyph under a random affine transform."""
+    n = len(labels)
+    scale = rng.uniform(2.3, 3.4, size=n)  # pixels per font cell
+    angle = np.deg2rad(rng.uniform(-18, 18, size=n))
+    shear = rng.uniform(-0.3, 0.3, size=n)
+    shift = rng.uniform(-max_shift, max_shift, size=(n, 2))
+    width = rng.uniform(0.4, 0.8, size=n)  # stroke half-width, in cells
     # Inverse-map every output pixel into font-cell coordinates.
     yy, xx = np.meshgrid(np.arange(28) - 13.5, np.arange(28) - 13.5, indexing="ij")
     y = yy[None] - shift[:, 0, None, None]
@@ -91,19 +106,17 @@ def generate(num_examples: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     cos, sin = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
     u = (cos * x + sin * y) / scale[:, None, None]
     v = (-sin * x + cos * y) / scale[:, None, None]
-    u = u - shear[:, None, None] * v
-    col, row = u + 2.5, v + 3.5  # glyph is 5 wide, 7 tall
-    # Ink is the distance to the nearest set cell centre, under the stroke width.
-    ink = np.zeros((num_examples, 28, 28), dtype=np.float32)
+    col = u - shear[:, None, None] * v + 2.5  # the glyph is 5 cells wide
+    row = v + 3.5  # and 7 tall
+    # Ink falls off with the distance to the nearest set cell centre.
+    ink = np.zeros((n, 28, 28), dtype=np.float32)
     for digit in range(10):
         members = labels == digit
         cells = np.argwhere(_GLYPHS[digit]) + 0.5
         r, c = row[members][..., None], col[members][..., None]
         dist = np.sqrt((r - cells[:, 0]) ** 2 + (c - cells[:, 1]) ** 2).min(axis=-1)
         ink[members] = np.clip((width[members, None, None] + 0.35 - dist) / 0.35, 0, 1)
-    ink += rng.normal(0.0, 0.08, size=ink.shape).astype(np.float32)
-    images = np.clip(ink * 255.0, 0, 255).astype(np.uint8)
-    return images, labels.astype(np.int64)
+    return ink
 
 
 def ensure_shards(cache_dir: Optional[str] = None, split: str = "train") -> list[str]:

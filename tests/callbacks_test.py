@@ -1,0 +1,146 @@
+"""Tests for tfscale.train.callbacks."""
+
+import glob
+import json
+import os
+
+import numpy as np
+from absl.testing import absltest
+
+from tests import testutil
+
+testutil.setup_devices()
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tfscale.train import callbacks  # noqa: E402
+
+STEPS = 4
+BATCH = 8
+
+
+def _data():
+    x = np.random.default_rng(0).random((STEPS * BATCH, 3)).astype("float32")
+    return tf.data.Dataset.from_tensor_slices((x, x @ np.array([1.0, -2.0, 0.5], "float32"))).batch(BATCH)
+
+
+def _model(seed=0):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+def _scalar_tags(log_dir):
+    tags = set()
+    for path in glob.glob(os.path.join(log_dir, "**", "events.out.tfevents.*"), recursive=True):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            tags.update(v.tag for v in event.summary.value)
+    return tags
+
+
+class ThroughputTest(absltest.TestCase):
+    def test_records_each_epoch_and_writes_tensorboard(self):
+        log_dir = self.create_tempdir().full_path
+        throughput = callbacks.Throughput(global_batch_size=BATCH, log_dir=log_dir)
+        history = _model().fit(_data(), epochs=2, callbacks=[throughput], verbose=0)
+        self.assertEqual([e["epoch"] for e in throughput.epochs], [1, 2])
+        for record in throughput.epochs:
+            self.assertEqual(record["steps"], STEPS)
+            self.assertAlmostEqual(record["examples_per_sec"], STEPS * BATCH / record["seconds"])
+            self.assertGreater(record["step_time_ms"], 0)
+            self.assertLessEqual(record["step_time_ms"] / 1000, record["seconds"])
+        self.assertEqual(history.history["examples_per_sec"][1], throughput.epochs[1]["examples_per_sec"])
+        self.assertContainsSubset(
+            {"throughput/examples_per_sec", "throughput/step_time_ms"}, _scalar_tags(log_dir)
+        )
+
+
+class BackupAndRestoreTest(absltest.TestCase):
+    def test_resumes_at_the_saved_epoch_with_optimizer_state(self):
+        backup_dir = self.create_tempdir().full_path
+        first = _model(seed=0)
+        first.fit(_data(), epochs=2, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        state = callbacks.read_backup_state(backup_dir)
+        self.assertEqual(state["epoch"], 2)
+        self.assertEqual(state["weights"], "epoch-00002.weights.h5")
+
+        # A fresh model (other init) asked for the same 2 epochs trains nothing
+        # and holds exactly the saved weights and optimizer step.
+        second = _model(seed=1)
+        backup = callbacks.BackupAndRestore(backup_dir)
+        history = second.fit(_data(), epochs=2, callbacks=[backup], verbose=0)
+        self.assertEqual(backup.restored_epoch, 2)
+        self.assertEqual(history.epoch, [])
+        for a, b in zip(first.get_weights(), second.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        self.assertEqual(int(second.optimizer.iterations), 2 * STEPS)
+
+        third = _model(seed=2)
+        history = third.fit(_data(), epochs=3, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        self.assertEqual(history.epoch, [2])
+        self.assertEqual(int(third.optimizer.iterations), 3 * STEPS)
+        self.assertEqual(callbacks.read_backup_state(backup_dir)["epoch"], 3)
+
+    def test_keeps_the_last_checkpoints_only(self):
+        backup_dir = self.create_tempdir().full_path
+        backup = callbacks.BackupAndRestore(backup_dir, max_to_keep=2)
+        _model().fit(_data(), epochs=4, callbacks=[backup], verbose=0)
+        self.assertEqual(
+            sorted(os.listdir(backup_dir)),
+            ["epoch-00003.weights.h5", "epoch-00004.weights.h5", "state.json"],
+        )
+
+    def test_orphan_weights_from_a_crash_are_ignored(self):
+        backup_dir = self.create_tempdir().full_path
+        _model().fit(_data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        # A crash after writing the next weights, before the state file moved on.
+        with open(os.path.join(backup_dir, "epoch-00002.weights.h5"), "wb") as f:
+            f.write(b"torn")
+        backup = callbacks.BackupAndRestore(backup_dir)
+        history = _model(seed=1).fit(_data(), epochs=2, callbacks=[backup], verbose=0)
+        self.assertEqual(backup.restored_epoch, 1)
+        self.assertEqual(history.epoch, [1])
+        self.assertEqual(callbacks.read_backup_state(backup_dir)["epoch"], 2)
+
+    def test_non_chief_restores_from_chief_and_writes_privately(self):
+        backup_dir = self.create_tempdir().full_path
+        _model().fit(_data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        before = sorted(os.listdir(backup_dir))
+        worker = callbacks.BackupAndRestore(backup_dir, is_chief=False)
+        private = []
+
+        class Spy(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                private.append(worker._write_dir)
+
+        history = _model(seed=1).fit(_data(), epochs=2, callbacks=[worker, Spy()], verbose=0)
+        self.assertEqual(worker.restored_epoch, 1)
+        self.assertEqual(history.epoch, [1])
+        self.assertEqual(sorted(os.listdir(backup_dir)), before)
+        self.assertNotEqual(private[0], backup_dir)
+        self.assertFalse(os.path.exists(private[0]))
+
+    def test_bad_max_to_keep(self):
+        with self.assertRaisesRegex(ValueError, "max_to_keep must be >= 1. Received: max_to_keep=0"):
+            callbacks.BackupAndRestore("/tmp/x", max_to_keep=0)
+
+
+class TensorBoardTest(absltest.TestCase):
+    def test_chief_writes_logs(self):
+        log_dir = self.create_tempdir().full_path
+        _model().fit(_data(), epochs=1, callbacks=[callbacks.TensorBoard(log_dir)], verbose=0)
+        self.assertIn("epoch_loss", _scalar_tags(log_dir))
+
+    def test_non_chief_writes_nothing_and_cleans_up(self):
+        log_dir = os.path.join(self.create_tempdir().full_path, "tb")
+        board = callbacks.TensorBoard(log_dir, is_chief=False)
+        private = board.log_dir
+        _model().fit(_data(), epochs=1, callbacks=[board], verbose=0)
+        self.assertFalse(os.path.exists(log_dir))
+        self.assertFalse(os.path.exists(private))
+
+
+if __name__ == "__main__":
+    absltest.main()

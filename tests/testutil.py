@@ -1,0 +1,52 @@
+"""Shared test setup: logical devices, a data cache, running binaries.
+
+Every test file calls `setup_devices()` at import, before TensorFlow
+initializes: under bazel each file is its own process, under pytest they
+share one, and asking for the same split twice is a no-op.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import tfscale
+
+NUM_CPUS = 4
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfscale.__file__)))
+_CACHE_DIR: list[str] = []
+
+
+def setup_devices() -> None:
+    """Splits the CPU into NUM_CPUS logical devices."""
+    tfscale.configure_devices(virtual_cpus=NUM_CPUS)
+
+
+def cache_dir() -> str:
+    """One data cache per test process, so the synthetic set is written once."""
+    if not _CACHE_DIR:
+        root = os.environ.get("TEST_TMPDIR") or tempfile.gettempdir()
+        _CACHE_DIR.append(tempfile.mkdtemp(prefix="tfscale-cache-", dir=root))
+    return _CACHE_DIR[0]
+
+
+def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python -m module args...` from the repository root."""
+    return run_python("-m", module, *args, timeout=timeout)
+
+
+def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Runs `python args...` from the repository root, tfscale importable."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
