@@ -97,6 +97,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         epochs=config.training.epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=[backup, throughput, tensorboard],
+        shuffle=False,  # The input pipeline shuffles.
         verbose=config.training.verbose,
     )
     eval_logs = model.evaluate(

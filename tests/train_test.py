@@ -1,0 +1,151 @@
+"""End-to-end tests of tfscale-train and tfscale.train.lib.run."""
+
+import json
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tests import testutil
+
+testutil.setup_devices()
+
+import tensorflow_datasets as tfds  # noqa: E402
+
+from tfscale.train import callbacks  # noqa: E402
+from tfscale.train import config as config_lib  # noqa: E402
+from tfscale.train import lib  # noqa: E402
+
+
+def _train(workdir, *overrides):
+    return testutil.run_module(
+        "tfscale.train",
+        "--config=configs/default.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={testutil.cache_dir()}",
+        *overrides,
+    )
+
+
+def _metrics(workdir):
+    with open(os.path.join(workdir, lib.METRICS_FILE)) as f:
+        return json.load(f)
+
+
+class TrainBinaryTest(absltest.TestCase):
+    def test_smoke_run_writes_sane_metrics_and_resumes(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(workdir)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        metrics = _metrics(workdir)
+        self.assertEqual(metrics["kind"], "mirrored")
+        self.assertEqual(metrics["replicas"], 2)
+        self.assertLen(metrics["devices"], 2)
+        self.assertEqual(metrics["global_batch_size"], 64)
+        self.assertEqual(metrics["resumed_from_epoch"], 0)
+        self.assertEqual(metrics["epochs_run"], 2)
+        self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2])
+        # 2 epochs of 1024 examples: far from chance (10%), loss falling.
+        self.assertGreater(metrics["eval"]["accuracy"], 0.3)
+        self.assertEqual(metrics["eval"]["examples"], 256)
+        self.assertLess(metrics["history"][1]["loss"], metrics["history"][0]["loss"])
+        self.assertGreater(metrics["throughput"]["examples_per_sec"], 0)
+        self.assertGreater(metrics["wall_time_s"], 0)
+        self.assertEqual(callbacks.read_backup_state(os.path.join(workdir, "checkpoints"))["epoch"], 2)
+        self.assertTrue(os.listdir(os.path.join(workdir, "tensorboard")))
+        self.assertIn("Epoch 2/2", result.stdout)  # the Keras progress output
+
+        # The same workdir with one more epoch trains only that epoch.
+        result = _train(workdir, "--config.training.epochs=3")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        resumed = _metrics(workdir)
+        self.assertEqual(resumed["resumed_from_epoch"], 2)
+        self.assertEqual(resumed["epochs_run"], 1)
+        self.assertEqual([h["epoch"] for h in resumed["history"]], [1, 2, 3])
+        self.assertEqual(resumed["history"][:2], metrics["history"])
+        self.assertNotIn("Epoch 1/3", result.stdout)
+        self.assertIn("Epoch 3/3", result.stdout)
+
+    def test_one_device_override(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(
+            workdir,
+            "--config.distribution.kind=one_device",
+            "--config.training.epochs=1",
+            "--config.data.max_train_examples=256",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        metrics = _metrics(workdir)
+        self.assertEqual((metrics["kind"], metrics["replicas"]), ("one_device", 1))
+
+    def test_bad_values_fail_clearly_and_write_nothing(self):
+        cases = [
+            ("--config.training.epochs=0", "config.training.epochs must be a positive int. Received: training.epochs=0"),
+            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, mirrored, one_device"),
+            ("--config.distribution.all_reduce=ring", "all_reduce must be one of auto, nccl, hierarchical_copy, reduce_to_one"),
+            ("--config.distribution.device=/cpu:0", "Unknown option(s) device for distribution kind 'mirrored'"),
+            ("--config.training.global_batch_size=63", "global_batch_size must be a positive multiple of the 2 replica(s)"),
+            ("--config.optimizer.name=lamb", "config.optimizer.name must be one of ('sgd', 'adam'). Received: optimizer.name='lamb'"),
+            ("--config.data.source=mnist", "Unknown data source 'mnist'"),
+        ]
+        root = self.create_tempdir().full_path
+        for flag, message in cases:
+            with self.subTest(flag=flag):
+                workdir = os.path.join(root, "run")
+                result = _train(workdir, flag)
+                self.assertNotEqual(result.returncode, 0)
+                self.assertIn(message, result.stderr)
+                self.assertFalse(os.path.exists(workdir))
+
+    def test_unknown_variant(self):
+        result = testutil.run_module(
+            "tfscale.train", "--config=configs/default.py:huge", "--workdir=/nonexistent"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("Unknown variant 'huge' of configs/default.py. Valid: smoke", result.stderr)
+
+
+class RunTest(parameterized.TestCase):
+    def _config(self):
+        config = config_lib.smoke(config_lib.base_config())
+        config.devices.virtual_cpus = testutil.NUM_CPUS
+        config.data.cache_dir = testutil.cache_dir()
+        config.training.verbose = 0
+        return config
+
+    def test_tfds_source_with_mock_data(self):
+        config = self._config()
+        config.data.source = "tfds:mnist"
+        config.data.max_train_examples = None
+        config.data.max_eval_examples = None
+        config.training.epochs = 1
+        config.distribution.devices = "2"
+        workdir = self.create_tempdir().full_path
+        with tfds.testing.mock_data(num_examples=128):
+            metrics = lib.run(config, workdir)
+        self.assertEqual(metrics["source"], "tfds:mnist")
+        self.assertEqual(metrics["replicas"], 2)
+        self.assertEqual(metrics["history"][0]["epoch"], 1)
+        self.assertEqual(metrics["eval"]["examples"], 128)
+        self.assertEqual(_metrics(workdir)["eval"], metrics["eval"])
+
+    @parameterized.parameters(
+        dict(field=("training", "verbose"), value=3, message="config.training.verbose must be 0, 1 or 2"),
+        dict(field=("optimizer", "learning_rate"), value=-1.0, message="optimizer.learning_rate must be a positive number"),
+        dict(field=("data", "max_train_examples"), value=10, message="fewer than one global batch"),
+        dict(field=("seed",), value=-1, message="config.seed must be a non-negative int. Received: seed=-1"),
+    )
+    def test_bad_values_raise_before_writing(self, field, value, message):
+        config = self._config()
+        section = config
+        for name in field[:-1]:
+            section = section[name]
+        section[field[-1]] = value
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        with self.assertRaisesRegex(ValueError, message.replace("(", r"\(").replace(")", r"\)")):
+            lib.run(config, workdir)
+        self.assertFalse(os.path.exists(workdir))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the test suite with pytest.
+# pytest exits 5 when it collects no test: with `set -e` that fails too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash tools/setup.sh
+export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
+.venv/bin/python -m pytest tests "$@"
