@@ -16,8 +16,4 @@ def get_config(variant=None):
     config.model.name = "lenet"
     config.training.epochs = 3
     config.training.global_batch_size = 128
-    if variant == "smoke":
-        config_lib.smoke(config)
-    elif variant is not None:
-        raise ValueError(f"Unknown variant {variant!r} of configs/default.py. Valid: smoke")
-    return config
+    return config_lib.apply_variant(config, variant, smoke=config_lib.smoke)

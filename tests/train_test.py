@@ -102,7 +102,7 @@ class TrainBinaryTest(absltest.TestCase):
             "tfscale.train", "--config=configs/default.py:huge", "--workdir=/nonexistent"
         )
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("Unknown variant 'huge' of configs/default.py. Valid: smoke", result.stderr)
+        self.assertIn("Unknown config variant 'huge'. Valid variants: smoke", result.stderr)
 
 
 class RunTest(parameterized.TestCase):

@@ -16,7 +16,7 @@ validate(config)
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -24,6 +24,7 @@ from ml_collections import config_dict
 __all__ = [
     "OPTIMIZERS",
     "base_config",
+    "apply_variant",
     "set_options",
     "smoke",
     "validate",
@@ -100,6 +101,33 @@ def smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.training.global_batch_size = 64
     config.training.epochs = 2
     config.training.verbose = 2
+    return config
+
+
+def apply_variant(
+    config: ml_collections.ConfigDict,
+    variant: Optional[str],
+    **variants: Callable[[ml_collections.ConfigDict], Any],
+) -> ml_collections.ConfigDict:
+    """Applies the variant named on the command line (`file.py:variant`).
+
+    Example:
+
+    ```python
+    def get_config(variant=None):
+        return apply_variant(base_config(), variant, smoke=smoke)
+    ```
+
+    Raises:
+      ValueError: for a variant not among `variants`.
+    """
+    if variant is None:
+        return config
+    if variant not in variants:
+        raise ValueError(
+            f"Unknown config variant {variant!r}. Valid variants: {', '.join(sorted(variants))}"
+        )
+    variants[variant](config)
     return config
 
 
