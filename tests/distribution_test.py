@@ -81,6 +81,21 @@ class DistributionTest(parameterized.TestCase):
             model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
         self.assertLen(model.weights[0].value.values, 2)
 
+    def test_successive_mirrored_distributions_do_not_share_collectives(self):
+        # Stock MirroredStrategy instances over the same devices reuse
+        # collective keys: the second fit below would abort with "Shape
+        # mismatch in the collective instance 100".
+        for width in (1, 7):
+            dist = tfscale.distribution("mirrored", devices=2)
+            data = tf.data.Dataset.from_tensor_slices(
+                (np.ones((8, 3), "float32"), np.ones((8, width), "float32"))
+            )
+            with dist.scope():
+                model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(width)])
+                model.compile(optimizer="sgd", loss="mse")
+            model.fit(dist.distribute_dataset(data, 4), epochs=1, verbose=0)
+            self.assertEqual(model.get_weights()[0].shape, (3, width))
+
     def test_repr(self):
         dist = tfscale.distribution("mirrored", devices=2, all_reduce="reduce_to_one")
         self.assertEqual(

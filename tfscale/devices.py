@@ -90,7 +90,7 @@ def configure_devices(
         except RuntimeError as e:
             raise DevicesAlreadyInitializedError(
                 _late_message(virtual_cpus, virtual_gpus_per_gpu, gpu_memory_limit_mb)
-            ) from e
+            ) from None
     return local_devices()
 
 

@@ -16,7 +16,8 @@ strategy.num_replicas_in_sync  # 2
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import itertools
+from typing import Any, Optional, Sequence, Union
 
 import tensorflow as tf
 
@@ -33,6 +34,25 @@ __all__ = [
 DeviceList = Union[None, int, str, Sequence[str]]
 
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduce_to_one")
+
+
+class _MirroredStrategy(tf.distribute.MirroredStrategy):
+    """A `MirroredStrategy` whose collective keys no other strategy shares.
+
+    Every stock `MirroredStrategy` starts its collective group keys at 1 and
+    its instance keys at 100, so a second strategy over the same devices in
+    one process reuses the first one's collective instances; when the second
+    reduces tensors of other shapes, TensorFlow aborts with "Shape mismatch
+    in the collective instance 100". A distinct key base per strategy keeps
+    their collective groups apart.
+    """
+
+    _key_bases = itertools.count(1)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        # Read by MirroredExtended.__init__ (group_key_start = 1 + base).
+        self._collective_key_base = next(self._key_bases) * 100_000
+        super().__init__(*args, **kwargs)
 
 
 def default() -> tf.distribute.Strategy:
@@ -76,7 +96,7 @@ def mirrored(
             "all_reduce='nccl' needs GPU devices only. "
             f"Received: all_reduce='nccl', devices={names}"
         )
-    return tf.distribute.MirroredStrategy(names, cross_device_ops=_cross_device_ops(all_reduce))
+    return _MirroredStrategy(names, cross_device_ops=_cross_device_ops(all_reduce))
 
 
 def resolve_devices(devices: DeviceList) -> list[str]:
