@@ -10,7 +10,12 @@ from absl.testing import parameterized
 from tests import testutil
 from tfscale.train import config as config_lib
 
-CONFIG_FILES = sorted(glob.glob(os.path.join(testutil.REPO_ROOT, "configs", "*.py")))
+# Bazel's runfiles add an empty configs/__init__.py: not an experiment.
+CONFIG_FILES = sorted(
+    p
+    for p in glob.glob(os.path.join(testutil.REPO_ROOT, "configs", "*.py"))
+    if not os.path.basename(p).startswith("_")
+)
 
 
 def _load(path):
