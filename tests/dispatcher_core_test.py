@@ -1,0 +1,250 @@
+"""Tests for the dispatcher's state machine (no gRPC)."""
+
+import collections
+import random
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import journal as journal_lib
+
+TIMEOUT = 10.0
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _spec(num_shards=6, policy="round_robin", num_epochs=1, name="job", sizes=None):
+    shards = tuple(
+        core.ShardSpec(f"shard-{i:03d}", sizes[i] if sizes else 1) for i in range(num_shards)
+    )
+    return core.JobSpec(name, shards, policy, num_epochs, seed=7, lease_timeout_s=TIMEOUT)
+
+
+def _core(spec=None, workers=("w0", "w1"), journal=None):
+    clock = FakeClock()
+    dispatcher = core.DispatcherCore(clock=clock, journal=journal)
+    if spec is not None:
+        dispatcher.create_job(spec)
+        for worker in workers:
+            dispatcher.register_worker(spec.name, worker)
+    return dispatcher, clock
+
+
+def _drain(dispatcher, clock, job="job", workers=("w0", "w1", "w2"), seed=0, max_shards=2):
+    """Random interleaving of acquires and completions until the job ends."""
+    rng = random.Random(seed)
+    held = {w: [] for w in workers}
+    completed = []
+    for _ in range(100_000):
+        clock.now += 0.01
+        worker = rng.choice(workers)
+        dispatcher.heartbeat(job, worker)
+        if held[worker] and rng.random() < 0.6:
+            lease = held[worker].pop(0)
+            try:
+                dispatcher.complete(job, worker, lease.token)
+            except core.FailedPrecondition:  # a speculative race lost: dropped
+                continue
+            completed.append((lease.epoch, lease.shard_name))
+            continue
+        result = dispatcher.acquire(job, worker, max_shards)
+        held[worker].extend(result.leases)
+        if result.end_of_job and not any(held.values()):
+            return completed
+    raise AssertionError("job did not end")
+
+
+class JobTest(parameterized.TestCase):
+    def test_create_is_idempotent_and_conflicts_are_rejected(self):
+        dispatcher, _ = _core()
+        self.assertTrue(dispatcher.create_job(_spec()))
+        self.assertFalse(dispatcher.create_job(_spec()))
+        with self.assertRaisesRegex(core.AlreadyExists, "Job 'job' exists with a different spec"):
+            dispatcher.create_job(_spec(num_shards=7))
+        self.assertEqual(dispatcher.jobs()[0]["num_shards"], 6)
+
+    @parameterized.parameters(
+        dict(change=dict(name=""), match="job name must not be empty"),
+        dict(change=dict(shards=()), match="has no shards"),
+        dict(change=dict(shards=(core.ShardSpec("a"), core.ShardSpec("a"))), match="unique"),
+        dict(change=dict(num_epochs=0), match="num_epochs must be >= 1. Received: num_epochs=0"),
+        dict(change=dict(lease_timeout_s=0.0), match="lease_timeout_s must be positive"),
+        dict(change=dict(policy="random"), match="Unknown policy 'random'. Valid policies: adaptive"),
+    )
+    def test_malformed_specs_are_invalid_and_change_nothing(self, change, match):
+        dispatcher, _ = _core()
+        spec = _spec()
+        spec = core.JobSpec(**{**spec.__dict__, **change})
+        with self.assertRaisesRegex(core.InvalidArgument, match):
+            dispatcher.create_job(spec)
+        self.assertEqual(dispatcher.jobs(), [])
+
+    def test_epochs_use_seeded_permutations(self):
+        orders = []
+        for _ in range(2):
+            dispatcher, clock = _core(_spec(num_shards=20, num_epochs=2), workers=("w0",))
+            order = []
+            while True:
+                result = dispatcher.acquire("job", "w0", 1)
+                if result.end_of_job:
+                    break
+                (lease,) = result.leases
+                order.append((lease.epoch, lease.shard_index))
+                dispatcher.complete("job", "w0", lease.token)
+            orders.append(order)
+        self.assertEqual(orders[0], orders[1])  # same seed, same order
+        epoch0 = [s for e, s in orders[0] if e == 0]
+        epoch1 = [s for e, s in orders[0] if e == 1]
+        self.assertEqual(sorted(epoch0), list(range(20)))
+        self.assertEqual(sorted(epoch1), list(range(20)))
+        self.assertNotEqual(epoch0, epoch1)
+        self.assertNotEqual(epoch0, list(range(20)))
+
+
+class RequestOrderTest(parameterized.TestCase):
+    def test_unknown_job_is_not_found(self):
+        dispatcher, _ = _core(_spec())
+        with self.assertRaisesRegex(core.NotFound, "No job 'nope'. Jobs: \\['job'\\]"):
+            dispatcher.acquire("nope", "w0")
+
+    def test_acquire_before_register_fails_precondition(self):
+        dispatcher, _ = _core(_spec(), workers=())
+        with self.assertRaisesRegex(core.FailedPrecondition, "'w9' is not registered"):
+            dispatcher.acquire("job", "w9")
+        self.assertEqual(dispatcher.jobs()[0]["grants"], 0)
+
+    @parameterized.parameters(0, -1, core.MAX_SHARDS_PER_CALL + 1)
+    def test_bad_max_shards_is_invalid(self, max_shards):
+        dispatcher, _ = _core(_spec())
+        with self.assertRaisesRegex(core.InvalidArgument, f"Received: max_shards={max_shards}"):
+            dispatcher.acquire("job", "w0", max_shards)
+        self.assertEqual(dispatcher.jobs()[0]["pending"], 6)
+
+    def test_completing_unknown_or_foreign_lease_fails_and_changes_nothing(self):
+        dispatcher, _ = _core(_spec())
+        (lease,) = dispatcher.acquire("job", "w0", 1).leases
+        before = dispatcher.status()
+        with self.assertRaisesRegex(core.FailedPrecondition, "Lease 999 of job 'job' is not active"):
+            dispatcher.complete("job", "w0", 999)
+        with self.assertRaisesRegex(core.FailedPrecondition, f"Lease {lease.token} belongs to 'w0'"):
+            dispatcher.complete("job", "w1", lease.token)
+        self.assertEqual(dispatcher.status(), before)
+        dispatcher.complete("job", "w0", lease.token)
+        with self.assertRaisesRegex(core.FailedPrecondition, "is not active"):
+            dispatcher.complete("job", "w0", lease.token)
+        self.assertEqual(dispatcher.jobs()[0]["completed"], 1)
+
+
+class LeaseTest(absltest.TestCase):
+    def test_expired_lease_is_re_leased_and_fenced(self):
+        dispatcher, clock = _core(_spec(num_shards=1))
+        (first,) = dispatcher.acquire("job", "w0", 1).leases
+        clock.now += TIMEOUT / 2
+        self.assertEqual(dispatcher.acquire("job", "w1", 1).leases, ())  # still leased
+        clock.now += TIMEOUT  # w0 never heartbeat
+        dispatcher.heartbeat("job", "w1")
+        (second,) = dispatcher.acquire("job", "w1", 1).leases
+        self.assertEqual(second.shard_index, first.shard_index)
+        self.assertGreater(second.token, first.token)
+        with self.assertRaisesRegex(core.FailedPrecondition, f"Lease {first.token} .* not active"):
+            dispatcher.complete("job", "w0", first.token)
+        self.assertEqual(dispatcher.heartbeat("job", "w0"), [first.token])
+        dispatcher.complete("job", "w1", second.token)
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_heartbeats_keep_leases(self):
+        dispatcher, clock = _core(_spec(num_shards=1))
+        (lease,) = dispatcher.acquire("job", "w0", 1).leases
+        for _ in range(5):
+            clock.now += TIMEOUT * 0.8
+            self.assertEqual(dispatcher.heartbeat("job", "w0"), [])
+        dispatcher.complete("job", "w0", lease.token)
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_release_puts_shard_back_first(self):
+        dispatcher, _ = _core(_spec(num_shards=3), workers=("w0",))
+        leases = dispatcher.acquire("job", "w0", 2).leases
+        dispatcher.release("job", "w0", leases[1].token)
+        (again,) = dispatcher.acquire("job", "w0", 1).leases
+        self.assertEqual(again.shard_index, leases[1].shard_index)
+
+    def test_dead_worker_leaves_the_live_set(self):
+        dispatcher, clock = _core(_spec(), workers=("w0", "w1"))
+        clock.now += TIMEOUT + 1
+        dispatcher.heartbeat("job", "w1")
+        live = {w["worker"]: w["live"] for w in dispatcher.status()["workers"]}
+        self.assertEqual(live, {"w0": False, "w1": True})
+
+
+class ExactlyOnceTest(parameterized.TestCase):
+    @parameterized.parameters("round_robin", "least_loaded", "consistent_hash", "adaptive")
+    def test_every_shard_completed_once_per_epoch(self, policy):
+        sizes = [1 + (i * 7) % 11 for i in range(30)]
+        dispatcher, clock = _core(
+            _spec(30, policy, num_epochs=3, sizes=sizes), workers=("w0", "w1", "w2")
+        )
+        completed = _drain(dispatcher, clock)
+        counts = collections.Counter(completed)
+        self.assertLen(counts, 90)
+        self.assertEqual(set(counts.values()), {1})
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_speculative_backup_first_completion_wins(self):
+        sizes = [10] * 4
+        dispatcher, clock = _core(_spec(4, "adaptive", sizes=sizes), workers=("fast", "slow"))
+        # Give both workers a throughput history: fast takes 1s, slow 10s per shard.
+        (a,) = dispatcher.acquire("job", "fast", 1).leases
+        (b,) = dispatcher.acquire("job", "slow", 1).leases
+        clock.now += 1
+        dispatcher.complete("job", "fast", a.token)
+        (c,) = dispatcher.acquire("job", "fast", 1).leases
+        clock.now += 1
+        dispatcher.complete("job", "fast", c.token)
+        clock.now += 8
+        dispatcher.complete("job", "slow", b.token)
+        (d,) = dispatcher.acquire("job", "slow", 1).leases  # the last shard, on the slow worker
+        clock.now += 1
+        result = dispatcher.acquire("job", "fast", 1)
+        (backup,) = result.leases
+        self.assertTrue(backup.speculative)
+        self.assertEqual(backup.shard_index, d.shard_index)
+        dispatcher.complete("job", "fast", backup.token)
+        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+            dispatcher.complete("job", "slow", d.token)
+        self.assertEqual(dispatcher.heartbeat("job", "slow"), [d.token])
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+
+class RecoveryTest(absltest.TestCase):
+    def test_state_survives_a_restart(self):
+        work_dir = self.create_tempdir().full_path
+        journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=7)
+        dispatcher, clock = _core(_spec(10, num_epochs=2), journal=journal)
+        held = list(dispatcher.acquire("job", "w0", 3).leases)
+        for lease in held[:2]:
+            dispatcher.complete("job", "w0", lease.token)
+        more = dispatcher.acquire("job", "w1", 2).leases
+        before = dispatcher.status()
+        journal.close()
+
+        restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False, snapshot_every=7))
+        after = restarted.status()
+        self.assertEqual(after["jobs"], before["jobs"])
+        strip = lambda ws: [{k: v for k, v in w.items() if k != "throughput"} for w in ws]
+        self.assertEqual(strip(after["workers"]), strip(before["workers"]))
+        # The leases live on: their holders can complete them, tokens keep growing.
+        restarted.complete("job", "w0", held[2].token)
+        restarted.complete("job", "w1", more[0].token)
+        (new,) = restarted.acquire("job", "w0", 1).leases
+        self.assertGreater(new.token, max(l.token for l in held + list(more)))
+
+
+if __name__ == "__main__":
+    absltest.main()

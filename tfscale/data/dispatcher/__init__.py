@@ -1,0 +1,1 @@
+"""The shard dispatcher: leases input shards to workers over gRPC."""

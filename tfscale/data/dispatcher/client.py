@@ -1,0 +1,192 @@
+"""Dispatcher clients: the RPC wrapper and the worker-side shard loop.
+
+`DispatcherClient` turns the protocol into Python calls and gRPC errors into
+the core's exceptions, retrying while the dispatcher is unreachable (it may
+be restarting). `ShardConsumer` is a worker's loop: register, heartbeat from
+a background thread, acquire leases, read each shard, and hand its elements
+on only after the dispatcher accepted the shard's completion, so a shard read
+twice (a speculative backup, or a lease that expired and was re-leased)
+reaches training once.
+
+Example:
+
+```python
+client = DispatcherClient("127.0.0.1:40123")
+consumer = ShardConsumer(client, "train", "worker-0", read_fn=lambda name: [name])
+for element in consumer:
+    ...
+```
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+import grpc
+
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import dispatcher_pb2 as pb
+from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
+from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import wire
+
+__all__ = [
+    "DispatcherClient",
+    "ShardConsumer",
+]
+
+T = TypeVar("T")
+_ERRORS = {
+    grpc.StatusCode.INVALID_ARGUMENT: core.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: core.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: core.FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: core.AlreadyExists,
+}
+
+
+class DispatcherClient:
+    """Calls a dispatcher; safe to share between threads.
+
+    Args:
+      address: `host:port`.
+      auth_token: the server's token, if it requires one.
+      tls_root_cert_file: PEM root certificate to talk TLS.
+      unavailable_timeout_s: how long to retry while the server is unreachable.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        auth_token: Optional[str] = None,
+        tls_root_cert_file: Optional[str] = None,
+        unavailable_timeout_s: float = 60.0,
+    ):
+        if tls_root_cert_file:
+            with open(tls_root_cert_file, "rb") as f:
+                channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+        else:
+            channel = grpc.insecure_channel(address)
+        self._channel = channel
+        self._stub = pb_grpc.ShardDispatcherStub(channel)
+        self._metadata = ((server_lib.AUTH_METADATA_KEY, f"Bearer {auth_token}"),) if auth_token else ()
+        self._unavailable_timeout_s = unavailable_timeout_s
+        self.address = address
+
+    def create_job(self, spec: core.JobSpec) -> bool:
+        return self._call("CreateJob", pb.CreateJobRequest(job=wire.job_spec_to_proto(spec))).created
+
+    def list_jobs(self) -> list[pb.JobStatus]:
+        return list(self._call("ListJobs", pb.ListJobsRequest()).jobs)
+
+    def register_worker(self, job: str, worker: str) -> pb.RegisterWorkerResponse:
+        return self._call("RegisterWorker", pb.RegisterWorkerRequest(job=job, worker=worker))
+
+    def heartbeat(self, job: str, worker: str) -> list[int]:
+        return list(self._call("Heartbeat", pb.HeartbeatRequest(job=job, worker=worker)).revoked_tokens)
+
+    def acquire(self, job: str, worker: str, max_shards: int = 1) -> core.AcquireResult:
+        response = self._call(
+            "Acquire", pb.AcquireRequest(job=job, worker=worker, max_shards=max_shards)
+        )
+        return core.AcquireResult(
+            leases=tuple(wire.lease_from_proto(lease, worker) for lease in response.leases),
+            end_of_job=response.end_of_job,
+            retry_after_s=response.retry_after_s,
+        )
+
+    def complete(self, job: str, worker: str, token: int) -> None:
+        self._call("Complete", pb.CompleteRequest(job=job, worker=worker, token=token))
+
+    def release(self, job: str, worker: str, token: int) -> None:
+        self._call("Release", pb.ReleaseRequest(job=job, worker=worker, token=token))
+
+    def status(self) -> pb.StatusResponse:
+        return self._call("Status", pb.StatusRequest())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        deadline = time.monotonic() + self._unavailable_timeout_s
+        delay = 0.05
+        while True:
+            try:
+                return getattr(self._stub, method)(request, metadata=self._metadata, timeout=30)
+            except grpc.RpcError as e:
+                code = e.code()
+                if code in _ERRORS:
+                    raise _ERRORS[code](e.details()) from None
+                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
+class ShardConsumer:
+    """A worker's stream of elements from leased shards, each shard once.
+
+    Iterating registers the worker, heartbeats in the background, and loops:
+    acquire up to `max_shards` leases, read each shard fully with `read_fn`,
+    complete the lease, and yield the shard's elements only if the
+    completion was accepted (else the shard was delivered by another lease,
+    and its elements are dropped). Iteration ends with the job.
+
+    Attributes:
+      delivered: (epoch, shard name) of each shard handed on, in order.
+      dropped: the same for shards read but not handed on (duplicates).
+    """
+
+    def __init__(
+        self,
+        client: DispatcherClient,
+        job: str,
+        worker: str,
+        read_fn: Callable[[str], Iterable[T]],
+        max_shards: int = 2,
+    ):
+        self._client = client
+        self._job = job
+        self._worker = worker
+        self._read_fn = read_fn
+        self._max_shards = max_shards
+        self.delivered: list[tuple[int, str]] = []
+        self.dropped: list[tuple[int, str]] = []
+
+    def __iter__(self) -> Iterator[T]:
+        registration = self._client.register_worker(self._job, self._worker)
+        stop = threading.Event()
+        beat = threading.Thread(
+            target=self._heartbeat, args=(stop, registration.heartbeat_interval_s), daemon=True
+        )
+        beat.start()
+        try:
+            while True:
+                result = self._client.acquire(self._job, self._worker, self._max_shards)
+                if result.end_of_job:
+                    return
+                if not result.leases:
+                    time.sleep(result.retry_after_s)
+                    continue
+                for lease in result.leases:
+                    yield from self._deliver(lease)
+        finally:
+            stop.set()
+
+    def _deliver(self, lease: core.Lease) -> Iterator[T]:
+        elements = list(self._read_fn(lease.shard_name))
+        try:
+            self._client.complete(self._job, self._worker, lease.token)
+        except core.FailedPrecondition:
+            self.dropped.append((lease.epoch, lease.shard_name))
+            return
+        self.delivered.append((lease.epoch, lease.shard_name))
+        yield from elements
+
+    def _heartbeat(self, stop: threading.Event, interval_s: float) -> None:
+        while not stop.wait(interval_s):
+            try:
+                self._client.heartbeat(self._job, self._worker)
+            except (grpc.RpcError, core.DispatcherError):
+                pass  # The next acquire reports a lasting failure.

@@ -1,0 +1,525 @@
+"""The dispatcher's state machine: jobs, epochs, shards, leases, workers.
+
+Pure Python and transport-free: the gRPC servicer only translates requests
+into these calls. Every state change is applied through `_apply`, which is
+also what recovery replays from the journal, so the state after a restart is
+the state before the crash (lease deadlines restart at recovery time).
+
+Guarantees:
+- each shard is completed exactly once per epoch: the first completion wins,
+  later ones (from a speculative backup or an expired, re-leased lease) get
+  `FailedPrecondition`;
+- a lease whose worker stops heartbeating expires after `lease_timeout_s`;
+  its shard becomes pending again (at the front) and its token is fenced;
+- a rejected request changes no state.
+
+Example:
+
+```python
+core = DispatcherCore()
+core.create_job(JobSpec("train", (ShardSpec("a", 10), ShardSpec("b", 10))))
+core.register_worker("train", "worker-0")
+(lease,) = core.acquire("train", "worker-0", max_shards=1).leases
+core.complete("train", "worker-0", lease.token)
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from tfscale.data.dispatcher import policies as policies_lib
+
+__all__ = [
+    "AcquireResult",
+    "AlreadyExists",
+    "DispatcherCore",
+    "DispatcherError",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "JobSpec",
+    "Lease",
+    "NotFound",
+    "ShardSpec",
+]
+
+Clock = Callable[[], float]
+MAX_SHARDS_PER_CALL = 1024
+_RETRY_AFTER_S = 0.05
+
+
+class DispatcherError(Exception):
+    """Base of the errors a request can get; the servicer maps each to a code."""
+
+
+class InvalidArgument(DispatcherError):
+    """The request is malformed."""
+
+
+class NotFound(DispatcherError):
+    """The job does not exist."""
+
+
+class FailedPrecondition(DispatcherError):
+    """The request is out of order (not registered, stale lease, ...)."""
+
+
+class AlreadyExists(DispatcherError):
+    """A job of that name exists with a different spec."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSpec:
+    """One unit of input. Attributes: name (what the reader reads), size (load)."""
+
+    name: str
+    size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A dispatcher job.
+
+    Attributes:
+      name: job name.
+      shards: the shards, visited once per epoch.
+      policy: a name of `policies_lib.POLICIES`.
+      num_epochs: how many passes over the shards.
+      seed: seeds each epoch's shard permutation.
+      lease_timeout_s: a lease not renewed for this long expires.
+    """
+
+    name: str
+    shards: tuple[ShardSpec, ...]
+    policy: str = "round_robin"
+    num_epochs: int = 1
+    seed: int = 0
+    lease_timeout_s: float = 30.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "JobSpec":
+        shards = tuple(ShardSpec(**s) for s in value["shards"])
+        return cls(**{**value, "shards": shards})
+
+
+@dataclasses.dataclass(frozen=True)
+class Lease:
+    """A worker's right to read one shard in one epoch, until it expires."""
+
+    job: str
+    epoch: int
+    shard_index: int
+    shard_name: str
+    size: int
+    token: int
+    worker: str
+    speculative: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquireResult:
+    """Leases granted, or why none: the job ended, or retry after a while."""
+
+    leases: tuple[Lease, ...] = ()
+    end_of_job: bool = False
+    retry_after_s: float = 0.0
+
+
+@dataclasses.dataclass
+class _Worker:
+    name: str
+    last_seen: float
+    completed_shards: int = 0
+    completed_size: int = 0
+    busy_s: float = 0.0
+    revoked: set = dataclasses.field(default_factory=set)
+
+    @property
+    def throughput(self) -> float:
+        return self.completed_size / self.busy_s if self.busy_s > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _ActiveLease:
+    lease: Lease
+    granted_at: float
+    deadline: float
+
+
+class _Job:
+    """State of one job; mutated only by DispatcherCore._apply."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+        self.policy = policies_lib.make_policy(spec.policy)
+        self.workers: dict[str, _Worker] = {}
+        self.leases: dict[int, _ActiveLease] = {}
+        self.grants = 0
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        order = list(range(len(self.spec.shards)))
+        random.Random(self.spec.seed * 1_000_003 + epoch).shuffle(order)
+        self.order = {shard: rank for rank, shard in enumerate(order)}
+        self.pending = order if epoch < self.spec.num_epochs else []
+        self.done: set[int] = set()
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.spec.num_epochs
+
+    def holders(self, shard: int) -> list[int]:
+        return [t for t, a in self.leases.items() if a.lease.shard_index == shard]
+
+
+class DispatcherCore:
+    """Jobs, epochs, shards and leases, safe to call from many threads.
+
+    Args:
+      clock: seconds, monotonic; injectable for tests.
+      journal: a recovered `journal.Journal`, or None for memory only.
+    """
+
+    def __init__(self, clock: Clock = time.monotonic, journal: Any = None):
+        self._clock = clock
+        self._journal = journal
+        self._lock = threading.RLock()
+        self._jobs: dict[str, _Job] = {}
+        self._next_token = 1
+        self._started = clock()
+        if journal is not None:
+            self._recover()
+
+    # --- requests -----------------------------------------------------------
+
+    def create_job(self, spec: JobSpec) -> bool:
+        """Creates a job; returns False if an identical one exists."""
+        _validate_spec(spec)
+        with self._lock:
+            existing = self._jobs.get(spec.name)
+            if existing is not None:
+                if existing.spec != spec:
+                    raise AlreadyExists(f"Job {spec.name!r} exists with a different spec")
+                return False
+            self._commit({"op": "create_job", "spec": spec.to_dict()})
+            return True
+
+    def register_worker(self, job: str, worker: str) -> float:
+        """Joins `worker` to `job`; returns the lease timeout in seconds."""
+        if not worker:
+            raise InvalidArgument("worker name must not be empty")
+        with self._lock:
+            state = self._job(job)
+            if worker not in state.workers:
+                self._commit({"op": "register", "job": job, "worker": worker})
+            state.workers[worker].last_seen = self._clock()
+            return state.spec.lease_timeout_s
+
+    def heartbeat(self, job: str, worker: str) -> list[int]:
+        """Renews the worker's leases; returns tokens it has lost since."""
+        with self._lock:
+            state, record = self._registered(job, worker)
+            now = self._clock()
+            record.last_seen = now
+            for active in state.leases.values():
+                if active.lease.worker == worker:
+                    active.deadline = now + state.spec.lease_timeout_s
+            self._expire(state, now)
+            revoked = sorted(record.revoked)
+            record.revoked.clear()
+            return revoked
+
+    def acquire(self, job: str, worker: str, max_shards: int = 1) -> AcquireResult:
+        """Leases up to `max_shards` shards to the worker, per the job's policy."""
+        if not 1 <= max_shards <= MAX_SHARDS_PER_CALL:
+            raise InvalidArgument(
+                f"max_shards must be in [1, {MAX_SHARDS_PER_CALL}]. Received: max_shards={max_shards}"
+            )
+        with self._lock:
+            state, record = self._registered(job, worker)
+            now = self._clock()
+            record.last_seen = now
+            self._expire(state, now)
+            if state.finished:
+                return AcquireResult(end_of_job=True)
+            selection = state.policy.select(self._view(state, worker, now), max_shards)
+            grants = self._checked_grants(state, worker, selection, max_shards)
+            if not grants:
+                return AcquireResult(retry_after_s=_RETRY_AFTER_S)
+            records = []
+            for shard, speculative in grants:
+                records.append(
+                    {"op": "grant", "job": job, "worker": worker, "shard": shard,
+                     "epoch": state.epoch, "token": self._next_token + len(records),
+                     "speculative": speculative}
+                )
+            self._commit_many(records)
+            return AcquireResult(leases=tuple(state.leases[r["token"]].lease for r in records))
+
+    def complete(self, job: str, worker: str, token: int) -> None:
+        """Marks the lease's shard done; raises FailedPrecondition if it is stale."""
+        with self._lock:
+            state = self._live_lease(job, worker, token)
+            self._commit({"op": "complete", "job": job, "token": token})
+
+    def release(self, job: str, worker: str, token: int) -> None:
+        """Gives a lease back unread: its shard is pending again."""
+        with self._lock:
+            self._live_lease(job, worker, token)
+            self._commit({"op": "release", "job": job, "token": token})
+
+    def expire_all(self) -> None:
+        """Expires overdue leases of every job (the server calls it periodically)."""
+        with self._lock:
+            now = self._clock()
+            for state in self._jobs.values():
+                self._expire(state, now)
+
+    # --- reports ------------------------------------------------------------
+
+    def jobs(self) -> list[dict[str, Any]]:
+        """Progress of each job."""
+        with self._lock:
+            return [self._job_status(state) for state in self._jobs.values()]
+
+    def status(self) -> dict[str, Any]:
+        """Jobs, workers, throughput and imbalance, for `tfscale-dispatcher status`."""
+        with self._lock:
+            now = self._clock()
+            workers = []
+            for state in self._jobs.values():
+                live = self._live_workers(state, now)
+                for record in state.workers.values():
+                    held = [a.lease for a in state.leases.values() if a.lease.worker == record.name]
+                    workers.append(
+                        {"job": state.spec.name, "worker": record.name, "live": record.name in live,
+                         "leases": len(held), "outstanding": sum(l.size for l in held),
+                         "completed_shards": record.completed_shards,
+                         "completed_size": record.completed_size,
+                         "throughput": record.throughput}
+                    )
+            done = [w["completed_size"] for w in workers if w["live"]]
+            mean = sum(done) / len(done) if done else 0.0
+            return {
+                "jobs": self.jobs(),
+                "workers": workers,
+                "imbalance": max(done) / mean if mean > 0 else 1.0,
+                "uptime_s": now - self._started,
+            }
+
+    # --- internals ------------------------------------------------------------
+
+    def _job(self, job: str) -> _Job:
+        if not job:
+            raise InvalidArgument("job name must not be empty")
+        state = self._jobs.get(job)
+        if state is None:
+            raise NotFound(f"No job {job!r}. Jobs: {sorted(self._jobs) or 'none'}")
+        return state
+
+    def _registered(self, job: str, worker: str) -> tuple[_Job, _Worker]:
+        state = self._job(job)
+        record = state.workers.get(worker)
+        if record is None:
+            raise FailedPrecondition(f"Worker {worker!r} is not registered with job {job!r}")
+        return state, record
+
+    def _live_lease(self, job: str, worker: str, token: int) -> _Job:
+        state, _ = self._registered(job, worker)
+        self._expire(state, self._clock())
+        active = state.leases.get(token)
+        if active is None:
+            raise FailedPrecondition(
+                f"Lease {token} of job {job!r} is not active (expired, released, or its "
+                "shard was completed by another lease)"
+            )
+        if active.lease.worker != worker:
+            raise FailedPrecondition(f"Lease {token} belongs to {active.lease.worker!r}, not {worker!r}")
+        return state
+
+    def _live_workers(self, state: _Job, now: float) -> tuple[str, ...]:
+        timeout = state.spec.lease_timeout_s
+        return tuple(w.name for w in state.workers.values() if now - w.last_seen <= timeout)
+
+    def _view(self, state: _Job, worker: str, now: float) -> policies_lib.PolicyView:
+        outstanding = {name: 0 for name in state.workers}
+        in_flight = {}
+        for active in state.leases.values():
+            lease = active.lease
+            outstanding[lease.worker] += lease.size
+            if not lease.speculative:
+                in_flight[lease.shard_index] = (lease.worker, active.granted_at)
+        backed_up = {a.lease.shard_index for a in state.leases.values() if a.lease.speculative}
+        return policies_lib.PolicyView(
+            worker=worker,
+            live_workers=self._live_workers(state, now),
+            pending=tuple(state.pending),
+            order=state.order,
+            names={i: s.name for i, s in enumerate(state.spec.shards)},
+            sizes={i: s.size for i, s in enumerate(state.spec.shards)},
+            outstanding=outstanding,
+            throughput={w.name: w.throughput for w in state.workers.values()},
+            in_flight=tuple(
+                policies_lib.InFlight(shard, holder, since, shard in backed_up)
+                for shard, (holder, since) in in_flight.items()
+            ),
+            epoch=state.epoch,
+            now=now,
+        )
+
+    def _checked_grants(
+        self, state: _Job, worker: str, selection: policies_lib.Selection, max_shards: int
+    ) -> list[tuple[int, bool]]:
+        pending = set(state.pending)
+        shards = list(dict.fromkeys(selection.shards))
+        if len(shards) > max_shards or not pending.issuperset(shards):
+            raise RuntimeError(f"Policy {state.spec.policy!r} returned an invalid selection {selection}")
+        backups = []
+        for shard in dict.fromkeys(selection.backups):
+            holders = [state.leases[t].lease.worker for t in state.holders(shard)]
+            if holders and worker not in holders and shard not in state.done:
+                backups.append(shard)
+        return [(s, False) for s in shards] + [(s, True) for s in backups]
+
+    def _expire(self, state: _Job, now: float) -> None:
+        overdue = [t for t, a in state.leases.items() if a.deadline < now]
+        if overdue:
+            self._commit_many([{"op": "expire", "job": state.spec.name, "token": t} for t in overdue])
+
+    def _job_status(self, state: _Job) -> dict[str, Any]:
+        leased = {a.lease.shard_index for a in state.leases.values()}
+        return {
+            "name": state.spec.name, "policy": state.spec.policy, "epoch": state.epoch,
+            "num_epochs": state.spec.num_epochs, "num_shards": len(state.spec.shards),
+            "pending": len(state.pending), "leased": len(leased), "completed": len(state.done),
+            "finished": state.finished, "grants": state.grants,
+        }
+
+    # --- state changes: applied live and on recovery ---------------------------
+
+    def _commit(self, record: dict[str, Any]) -> None:
+        self._commit_many([record])
+
+    def _commit_many(self, records: list[dict[str, Any]]) -> None:
+        if self._journal is not None:
+            self._journal.append_many(records)
+        for record in records:
+            self._apply(record, self._clock())
+        if self._journal is not None and self._journal.should_snapshot():
+            self._journal.snapshot(self._snapshot())
+
+    def _apply(self, record: dict[str, Any], now: float) -> None:
+        op = record["op"]
+        if op == "create_job":
+            spec = JobSpec.from_dict(record["spec"])
+            self._jobs[spec.name] = _Job(spec)
+            return
+        state = self._jobs[record["job"]]
+        if op == "register":
+            state.workers[record["worker"]] = _Worker(record["worker"], now)
+        elif op == "grant":
+            self._apply_grant(state, record, now)
+        elif op == "complete":
+            self._apply_complete(state, record["token"], now)
+        elif op in ("release", "expire"):
+            active = state.leases.pop(record["token"])
+            shard = active.lease.shard_index
+            if shard not in state.done and not state.holders(shard):
+                state.pending.insert(0, shard)
+            if op == "expire":
+                state.workers[active.lease.worker].revoked.add(record["token"])
+        else:
+            raise ValueError(f"Unknown journal record op {op!r}")
+
+    def _apply_grant(self, state: _Job, record: dict[str, Any], now: float) -> None:
+        shard = record["shard"]
+        spec = state.spec.shards[shard]
+        lease = Lease(
+            state.spec.name, record["epoch"], shard, spec.name, spec.size, record["token"],
+            record["worker"], record["speculative"],
+        )
+        if not record["speculative"]:
+            state.pending.remove(shard)
+        state.leases[lease.token] = _ActiveLease(lease, now, now + state.spec.lease_timeout_s)
+        state.grants += 1
+        self._next_token = max(self._next_token, lease.token + 1)
+
+    def _apply_complete(self, state: _Job, token: int, now: float) -> None:
+        active = state.leases.pop(token)
+        lease = active.lease
+        record = state.workers[lease.worker]
+        record.completed_shards += 1
+        record.completed_size += lease.size
+        record.busy_s += max(now - active.granted_at, 1e-6)
+        state.done.add(lease.shard_index)
+        for loser in state.holders(lease.shard_index):  # speculative race lost
+            state.workers[state.leases.pop(loser).lease.worker].revoked.add(loser)
+        if len(state.done) == len(state.spec.shards) and not state.leases:
+            state.start_epoch(state.epoch + 1)
+
+    # --- durability -------------------------------------------------------------
+
+    def _snapshot(self) -> dict[str, Any]:
+        jobs = []
+        for state in self._jobs.values():
+            jobs.append(
+                {"spec": state.spec.to_dict(), "epoch": state.epoch, "pending": list(state.pending),
+                 "done": sorted(state.done), "grants": state.grants,
+                 "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
+                             for w in state.workers.values()],
+                 "leases": [dataclasses.asdict(a.lease) for a in state.leases.values()]}
+            )
+        return {"next_token": self._next_token, "jobs": jobs}
+
+    def _recover(self) -> None:
+        snapshot, records = self._journal.recover()
+        now = self._clock()
+        if snapshot is not None:
+            self._restore(snapshot, now)
+        for record in records:
+            self._apply(record, now)
+
+    def _restore(self, snapshot: dict[str, Any], now: float) -> None:
+        self._next_token = snapshot["next_token"]
+        for saved in snapshot["jobs"]:
+            state = _Job(JobSpec.from_dict(saved["spec"]))
+            state.start_epoch(saved["epoch"])
+            state.pending = list(saved["pending"])
+            state.done = set(saved["done"])
+            state.grants = saved["grants"]
+            for w in saved["workers"]:
+                state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"])})
+            for lease in saved["leases"]:
+                lease = Lease(**lease)
+                state.leases[lease.token] = _ActiveLease(lease, now, now + state.spec.lease_timeout_s)
+            self._jobs[state.spec.name] = state
+
+
+def _validate_spec(spec: JobSpec) -> None:
+    if not spec.name:
+        raise InvalidArgument("job name must not be empty")
+    if not spec.shards:
+        raise InvalidArgument(f"job {spec.name!r} has no shards")
+    names = [s.name for s in spec.shards]
+    if len(set(names)) != len(names) or not all(names):
+        raise InvalidArgument(f"job {spec.name!r}: shard names must be unique and non-empty")
+    if any(s.size < 0 for s in spec.shards):
+        raise InvalidArgument(f"job {spec.name!r}: shard sizes must be >= 0")
+    if spec.num_epochs < 1:
+        raise InvalidArgument(f"num_epochs must be >= 1. Received: num_epochs={spec.num_epochs}")
+    if not spec.lease_timeout_s > 0:
+        raise InvalidArgument(
+            f"lease_timeout_s must be positive. Received: lease_timeout_s={spec.lease_timeout_s}"
+        )
+    if spec.policy not in policies_lib.POLICIES:
+        raise InvalidArgument(
+            f"Unknown policy {spec.policy!r}. Valid policies: {', '.join(sorted(policies_lib.POLICIES))}"
+        )

@@ -1,0 +1,72 @@
+"""Conversions between the core's dataclasses and the protocol messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import dispatcher_pb2 as pb
+
+__all__ = [
+    "job_spec_from_proto",
+    "job_spec_to_proto",
+    "lease_from_proto",
+    "lease_to_proto",
+    "status_to_proto",
+]
+
+
+def job_spec_to_proto(spec: core.JobSpec) -> pb.JobSpec:
+    return pb.JobSpec(
+        name=spec.name,
+        shards=[pb.Shard(name=s.name, size=s.size) for s in spec.shards],
+        policy=spec.policy,
+        num_epochs=spec.num_epochs,
+        seed=spec.seed,
+        lease_timeout_s=spec.lease_timeout_s,
+    )
+
+
+def job_spec_from_proto(message: pb.JobSpec) -> core.JobSpec:
+    return core.JobSpec(
+        name=message.name,
+        shards=tuple(core.ShardSpec(s.name, s.size) for s in message.shards),
+        policy=message.policy,
+        num_epochs=message.num_epochs,
+        seed=message.seed,
+        lease_timeout_s=message.lease_timeout_s,
+    )
+
+
+def lease_to_proto(lease: core.Lease) -> pb.Lease:
+    return pb.Lease(
+        job=lease.job,
+        epoch=lease.epoch,
+        shard_index=lease.shard_index,
+        shard_name=lease.shard_name,
+        size=lease.size,
+        token=lease.token,
+        speculative=lease.speculative,
+    )
+
+
+def lease_from_proto(message: pb.Lease, worker: str) -> core.Lease:
+    return core.Lease(
+        job=message.job,
+        epoch=message.epoch,
+        shard_index=message.shard_index,
+        shard_name=message.shard_name,
+        size=message.size,
+        token=message.token,
+        worker=worker,
+        speculative=message.speculative,
+    )
+
+
+def status_to_proto(status: dict[str, Any]) -> pb.StatusResponse:
+    return pb.StatusResponse(
+        jobs=[pb.JobStatus(**job) for job in status["jobs"]],
+        workers=[pb.WorkerStatus(**worker) for worker in status["workers"]],
+        imbalance=status["imbalance"],
+        uptime_s=status["uptime_s"],
+    )
