@@ -1,0 +1,477 @@
+"""Shard assignment policies of the dispatcher, behind one small interface.
+
+The dispatcher core asks the job's policy, on every acquire, which pending
+shards (and, for speculation, which in-flight shards) to grant the
+requesting worker. Policies see a read-only `PolicyView` and return a
+`Selection`; the core validates it and does all state changes.
+
+Policies, by name (`make_policy(name)`):
+
+- `"round_robin"`: the shard of permutation rank r belongs to live worker
+  `r % len(live_workers)`; a worker gets its own pending shards first and,
+  once those are gone, steals other workers' pending shards so that a slow or
+  dead worker does not stall the epoch.
+- `"least_loaded"`: least connections weighted by shard size. Pending shards go
+  largest first, and only while the requester stays within one (largest) shard
+  of the least-loaded other worker; an idle requester always gets one.
+- `"consistent_hash"`: bounded-load rendezvous hashing of shard names onto
+  worker names. The same worker set gives the same owners in every epoch and
+  process, so workers keep their shards (and their caches); it never steals.
+- `"adaptive"`: throughput-weighted. Faster workers get more and larger
+  shards; once nothing is pending, an idle fast worker may get one speculative
+  backup of the in-flight shard that a slow holder would finish last.
+
+Example:
+
+```python
+policy = make_policy("round_robin")
+selection = policy.select(view, max_shards=2)
+selection.shards  # e.g. (0, 3)
+```
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import math
+import statistics
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
+
+__all__ = [
+    "POLICIES",
+    "Adaptive",
+    "ConsistentHash",
+    "InFlight",
+    "LeastLoaded",
+    "Policy",
+    "PolicyView",
+    "RoundRobin",
+    "Selection",
+    "make_policy",
+]
+
+ShardIndex = int
+WorkerName = str
+# Shard name -> owning worker name.
+Assignment = dict[str, WorkerName]
+
+
+@dataclasses.dataclass(frozen=True)
+class InFlight:
+    """A shard leased and not yet completed in the current epoch.
+
+    Attributes:
+      shard: shard index.
+      worker: the worker holding the (primary) lease.
+      since: clock time the lease was granted.
+      has_backup: whether a speculative backup lease exists already.
+    """
+
+    shard: int
+    worker: str
+    since: float
+    has_backup: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyView:
+    """What a policy may look at when a worker asks for shards.
+
+    Attributes:
+      worker: the requesting worker's name.
+      live_workers: live worker names, in registration order.
+      pending: shards neither leased nor done this epoch, in the epoch's
+        (seeded, permuted) order.
+      order: shard index -> its rank in this epoch's permutation (all shards).
+      names: shard index -> shard name (stable across epochs and restarts).
+      sizes: shard index -> size (elements or bytes; the load unit).
+      outstanding: worker -> total size of the shards it holds leases on.
+      throughput: worker -> measured size units per second (0.0: unknown).
+      in_flight: the leased, not yet completed shards.
+      epoch: the current epoch (0-based).
+      now: the core's clock.
+    """
+
+    worker: str
+    live_workers: tuple[str, ...]
+    pending: tuple[int, ...]
+    order: Mapping[int, int]
+    names: Mapping[int, str]
+    sizes: Mapping[int, int]
+    outstanding: Mapping[str, int]
+    throughput: Mapping[str, float]
+    in_flight: tuple[InFlight, ...]
+    epoch: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """A policy's answer.
+
+    Attributes:
+      shards: pending shard indices to lease to the worker (at most k).
+      backups: in-flight shard indices to lease speculatively as well.
+    """
+
+    shards: tuple[int, ...] = ()
+    backups: tuple[int, ...] = ()
+
+
+class Policy(abc.ABC):
+    """Chooses which shards a requesting worker gets."""
+
+    name: str = ""
+
+    @abc.abstractmethod
+    def select(self, view: PolicyView, max_shards: int) -> Selection:
+        """Returns at most `max_shards` pending shards (plus backups) for `view.worker`."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+def _check_max_shards(max_shards: int) -> None:
+    if max_shards < 0:
+        raise ValueError(f"max_shards must be >= 0. Received: max_shards={max_shards}")
+
+
+def _by_rank(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
+    """`shards` in the epoch's permutation order."""
+    return sorted(shards, key=lambda shard: view.order[shard])
+
+
+def _largest_first(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
+    """`shards` by size, largest first; ties in permutation order."""
+    return sorted(shards, key=lambda shard: (-view.sizes[shard], view.order[shard]))
+
+
+def _smallest_first(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
+    """`shards` by size, smallest first; ties in permutation order."""
+    return sorted(shards, key=lambda shard: (view.sizes[shard], view.order[shard]))
+
+
+class RoundRobin(Policy):
+    """Deals the epoch's shards to live workers in turn, with work stealing.
+
+    The shard of permutation rank r is owned by `live_workers[r % len(live_workers)]`.
+    A worker gets its own pending shards first, in permutation order; when it
+    has none left it takes other workers' pending shards, again in permutation
+    order, so a slow or dead worker does not stall the epoch.
+
+    Example:
+
+    ```python
+    policy = RoundRobin()
+    # live_workers=("w0", "w1"), pending ranks 0..3: w0 owns ranks 0 and 2.
+    policy.select(view_for_w0, max_shards=1).shards  # (shard of rank 0,)
+    ```
+    """
+
+    name = "round_robin"
+
+    def select(self, view: PolicyView, max_shards: int) -> Selection:
+        _check_max_shards(max_shards)
+        own = []
+        others = []
+        for shard in _by_rank(view, view.pending):
+            if self._owner(view, shard) == view.worker:
+                own.append(shard)
+            else:
+                others.append(shard)
+        return Selection(shards=tuple((own + others)[:max_shards]))
+
+    @staticmethod
+    def _owner(view: PolicyView, shard: ShardIndex) -> Optional[WorkerName]:
+        if not view.live_workers:
+            return None
+        return view.live_workers[view.order[shard] % len(view.live_workers)]
+
+
+class LeastLoaded(Policy):
+    """Least connections, weighted by shard size.
+
+    Pending shards are granted largest first (ties in permutation order) while
+    the requester's outstanding load, including this selection, stays within
+    the least-loaded other live worker's load plus the largest pending shard:
+    nobody gets more than one shard ahead. A requester with no outstanding
+    load always gets its first shard, so idle workers cannot starve.
+
+    Example:
+
+    ```python
+    policy = LeastLoaded()
+    # outstanding={"w0": 0, "w1": 30}, pending sizes {0: 10, 1: 50, 2: 20}:
+    # w0 is idle, so it gets shard 1; 50 + 20 <= 30 + 50 lets shard 2 follow,
+    # and 70 + 10 <= 80 shard 0 as well.
+    policy.select(view_for_w0, max_shards=3).shards  # (1, 2, 0)
+    ```
+    """
+
+    name = "least_loaded"
+
+    def select(self, view: PolicyView, max_shards: int) -> Selection:
+        _check_max_shards(max_shards)
+        if not view.pending:
+            return Selection()
+        load = view.outstanding.get(view.worker, 0)
+        limit = self._load_limit(view)
+        granted = []
+        for shard in _largest_first(view, view.pending):
+            if len(granted) >= max_shards:
+                break
+            size = view.sizes[shard]
+            idle_first = not granted and load == 0
+            if not idle_first and limit is not None and load + size > limit:
+                break
+            granted.append(shard)
+            load += size
+        return Selection(shards=tuple(granted))
+
+    @staticmethod
+    def _load_limit(view: PolicyView) -> Optional[int]:
+        """The most load the requester may hold; None when it is the only live worker."""
+        others = [w for w in view.live_workers if w != view.worker]
+        if not others:
+            return None
+        least = min(view.outstanding.get(w, 0) for w in others)
+        return least + max(view.sizes[shard] for shard in view.pending)
+
+
+def _score(shard_name: str, worker: WorkerName) -> int:
+    """A stable 64-bit rendezvous score; Python's `hash()` is salted per process."""
+    data = shard_name.encode("utf-8") + b"\x00" + worker.encode("utf-8")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
+class ConsistentHash(Policy):
+    """Bounded-load rendezvous hashing of shard names onto workers.
+
+    Each shard, in name order, goes to the highest-scoring worker that is below
+    capacity `ceil(load_factor * num_shards / num_workers)`, the score being a
+    stable 64-bit hash of (shard name, worker name). The assignment depends only
+    on the shard names and the worker set, so it is the same in every epoch and
+    process; when a worker joins or leaves, few shards change owner. A worker
+    gets only its own pending shards: this policy never steals.
+
+    Args:
+      load_factor: how far above the mean a worker's shard count may go; >= 1.0.
+
+    Raises:
+      ValueError: for a `load_factor` below 1.0.
+
+    Example:
+
+    ```python
+    policy = ConsistentHash(load_factor=1.25)
+    owners = policy.assignment(["a", "b", "c", "d"], ["worker-0", "worker-1"])
+    sorted(owners)  # ['a', 'b', 'c', 'd']; no worker owns more than 3
+    ```
+    """
+
+    name = "consistent_hash"
+
+    def __init__(self, load_factor: float = 1.25) -> None:
+        if not load_factor >= 1.0:
+            raise ValueError(f"load_factor must be >= 1.0. Received: load_factor={load_factor}")
+        self._load_factor = float(load_factor)
+        self._cache_key: Optional[tuple[tuple[str, ...], tuple[WorkerName, ...]]] = None
+        self._cache: Assignment = {}
+
+    @property
+    def load_factor(self) -> float:
+        return self._load_factor
+
+    def __repr__(self) -> str:
+        return f"ConsistentHash(load_factor={self._load_factor})"
+
+    def capacity(self, num_shards: int, num_workers: int) -> int:
+        """The most shards one worker may own."""
+        return math.ceil(self._load_factor * num_shards / num_workers)
+
+    def assignment(self, shard_names: Sequence[str], workers: Sequence[WorkerName]) -> Assignment:
+        """Maps every shard name to its owning worker.
+
+        Args:
+          shard_names: the names of all shards of the epoch (distinct).
+          workers: the worker names (order does not matter).
+
+        Returns:
+          A new dict: shard name -> worker name.
+
+        Raises:
+          ValueError: when `workers` is empty but `shard_names` is not.
+        """
+        return dict(self._owners(shard_names, workers))
+
+    def select(self, view: PolicyView, max_shards: int) -> Selection:
+        _check_max_shards(max_shards)
+        if not view.pending or view.worker not in view.live_workers:
+            return Selection()
+        names = tuple(view.names[shard] for shard in sorted(view.names))
+        owners = self._owners(names, view.live_workers)
+        own = [s for s in view.pending if owners[view.names[s]] == view.worker]
+        return Selection(shards=tuple(_by_rank(view, own)[:max_shards]))
+
+    def _owners(self, shard_names: Sequence[str], workers: Sequence[WorkerName]) -> Assignment:
+        """Like `assignment`, but returns the cached dict itself."""
+        key = (tuple(shard_names), tuple(workers))
+        if key != self._cache_key:
+            self._cache = self._compute(*key)
+            self._cache_key = key
+        return self._cache
+
+    def _compute(self, shard_names: tuple[str, ...], workers: tuple[WorkerName, ...]) -> Assignment:
+        if not shard_names:
+            return {}
+        if not workers:
+            raise ValueError(
+                f"Cannot assign {len(shard_names)} shards to no workers. Received: workers=()"
+            )
+        capacity = self.capacity(len(shard_names), len(workers))
+        load = {worker: 0 for worker in workers}
+        owners = {}
+        for shard_name in sorted(shard_names):
+            # Name breaks score ties, so the result does not depend on the workers' order.
+            ranked = sorted(workers, key=lambda w: (-_score(shard_name, w), w))
+            owner = next(w for w in ranked if load[w] < capacity)
+            owners[shard_name] = owner
+            load[owner] += 1
+        return owners
+
+
+class Adaptive(Policy):
+    """Throughput-weighted assignment with speculative backups.
+
+    While shards are pending, the requester gets
+    `max(1, round(max_shards * throughput / max_throughput))` of them (all
+    `max_shards` while its throughput is unknown): largest first if its
+    throughput is at least the median of the live workers' known throughputs
+    (or unknown), smallest first otherwise. Once nothing is pending and
+    `speculation` is on, an idle requester may get one backup lease: among the
+    in-flight shards without a backup, held by others, and whose holder is at
+    least `min_throughput_ratio` times slower (or of unknown speed while the
+    requester's is known), the one with the latest estimated finish
+    `since + size / throughput(holder)`. A holder of unknown throughput counts
+    as the slowest known worker.
+
+    Args:
+      speculation: whether to grant backup leases at the end of an epoch.
+      min_throughput_ratio: how much faster than the holder the requester must be
+        to get a backup of its shard; >= 1.0.
+
+    Raises:
+      ValueError: for a `min_throughput_ratio` below 1.0.
+
+    Example:
+
+    ```python
+    policy = Adaptive(speculation=True, min_throughput_ratio=1.5)
+    selection = policy.select(view, max_shards=4)
+    selection.shards, selection.backups  # e.g. ((7, 2, 5, 1), ())
+    ```
+    """
+
+    name = "adaptive"
+
+    def __init__(self, speculation: bool = True, min_throughput_ratio: float = 1.5) -> None:
+        if not min_throughput_ratio >= 1.0:
+            raise ValueError(
+                "min_throughput_ratio must be >= 1.0. "
+                f"Received: min_throughput_ratio={min_throughput_ratio}"
+            )
+        self._speculation = bool(speculation)
+        self._min_throughput_ratio = float(min_throughput_ratio)
+
+    @property
+    def speculation(self) -> bool:
+        return self._speculation
+
+    @property
+    def min_throughput_ratio(self) -> float:
+        return self._min_throughput_ratio
+
+    def __repr__(self) -> str:
+        return (
+            f"Adaptive(speculation={self._speculation}, "
+            f"min_throughput_ratio={self._min_throughput_ratio})"
+        )
+
+    def select(self, view: PolicyView, max_shards: int) -> Selection:
+        _check_max_shards(max_shards)
+        if view.pending:
+            return Selection(shards=self._weighted(view, max_shards))
+        if self._speculation and view.outstanding.get(view.worker, 0) == 0:
+            backup = self._backup(view)
+            if backup is not None:
+                return Selection(backups=(backup,))
+        return Selection()
+
+    @staticmethod
+    def _known(view: PolicyView) -> list[float]:
+        """Known (positive) throughputs of the live workers."""
+        speeds = (view.throughput.get(worker, 0.0) for worker in view.live_workers)
+        return [speed for speed in speeds if speed > 0]
+
+    def _weighted(self, view: PolicyView, max_shards: int) -> tuple[ShardIndex, ...]:
+        own = view.throughput.get(view.worker, 0.0)
+        known = self._known(view)
+        if own > 0 and known:
+            count = max(1, round(max_shards * own / max(known + [own])))
+            large_first = own >= statistics.median(known)
+        else:
+            count = max_shards
+            large_first = True
+        order = _largest_first if large_first else _smallest_first
+        return tuple(order(view, view.pending)[: min(count, max_shards)])
+
+    def _backup(self, view: PolicyView) -> Optional[ShardIndex]:
+        own = view.throughput.get(view.worker, 0.0)
+        known = self._known(view)
+        slowest = min(known) if known else 0.0
+        best = None
+        best_key = None
+        for lease in view.in_flight:
+            if lease.has_backup or lease.worker == view.worker:
+                continue
+            holder = view.throughput.get(lease.worker, 0.0)
+            if not self._faster_enough(own, holder):
+                continue
+            speed = holder if holder > 0 else slowest
+            finish = lease.since + view.sizes[lease.shard] / speed if speed > 0 else math.inf
+            key = (finish, -view.order[lease.shard])
+            if best_key is None or key > best_key:
+                best, best_key = lease.shard, key
+        return best
+
+    def _faster_enough(self, own: float, holder: float) -> bool:
+        if own <= 0:
+            return False
+        return holder <= 0 or own >= self._min_throughput_ratio * holder
+
+
+POLICIES: dict[str, type[Policy]] = {
+    policy.name: policy for policy in (Adaptive, ConsistentHash, LeastLoaded, RoundRobin)
+}
+
+
+def make_policy(name: str) -> Policy:
+    """Returns a new policy of the given name, with default options.
+
+    Args:
+      name: one of `POLICIES`: "adaptive", "consistent_hash", "least_loaded",
+        "round_robin".
+
+    Returns:
+      The policy.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name not in POLICIES:
+        raise ValueError(f"Unknown policy '{name}'. Valid policies: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name]()
