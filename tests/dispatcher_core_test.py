@@ -70,6 +70,18 @@ class JobTest(parameterized.TestCase):
             dispatcher.create_job(_spec(num_shards=7))
         self.assertEqual(dispatcher.jobs()[0]["num_shards"], 6)
 
+    def test_a_finished_job_can_get_more_epochs(self):
+        dispatcher, clock = _core(_spec(num_shards=4, num_epochs=1), workers=("w0",))
+        first = _drain(dispatcher, clock, workers=("w0",))
+        self.assertFalse(dispatcher.create_job(_spec(num_shards=4, num_epochs=3)))
+        self.assertFalse(dispatcher.jobs()[0]["finished"])
+        more = _drain(dispatcher, clock, workers=("w0",))
+        self.assertEqual(sorted({e for e, _ in first}), [0])
+        self.assertEqual(sorted({e for e, _ in more}), [1, 2])
+        self.assertLen(more, 8)
+        with self.assertRaisesRegex(core.AlreadyExists, "only num_epochs may grow: 3 -> 2"):
+            dispatcher.create_job(_spec(num_shards=4, num_epochs=2))
+
     @parameterized.parameters(
         dict(change=dict(name=""), match="job name must not be empty"),
         dict(change=dict(shards=()), match="has no shards"),

@@ -21,6 +21,8 @@ from typing import Any, Callable, Optional
 import ml_collections
 from ml_collections import config_dict
 
+from tfscale.data.dispatcher import policies
+
 __all__ = [
     "OPTIMIZERS",
     "base_config",
@@ -66,6 +68,18 @@ def base_config() -> ml_collections.ConfigDict:
             "shuffle_buffer": 8192,
             "max_train_examples": config_dict.placeholder(int),
             "max_eval_examples": config_dict.placeholder(int),
+            # Lease the train shards from a dispatcher: an external one at
+            # `address`, or an in-process one with `embedded=True`.
+            "dispatcher": {
+                "address": config_dict.placeholder(str),
+                "embedded": False,
+                "job": "train",
+                "policy": "adaptive",
+                "max_shards": 2,
+                "lease_timeout_s": 30.0,
+                "auth_token_file": config_dict.placeholder(str),
+                "tfds_shards": 16,
+            },
         }
     )
     config.model = ml_collections.ConfigDict({"name": "lenet", "kwargs": {}})
@@ -159,6 +173,25 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if value is not None:
             _check(value, f"data.{name}", int, lambda v: v > 0, "a positive int")
     _check(config.data.shuffle_buffer, "data.shuffle_buffer", int, lambda v: v >= 0, "a non-negative int")
+    _validate_dispatcher(config.data.dispatcher)
+
+
+def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
+    if options.address and options.embedded:
+        raise ValueError(
+            "config.data.dispatcher: set address or embedded=True, not both. Received: "
+            f"address={options.address!r}, embedded=True"
+        )
+    if options.address is not None:
+        host, _, port = options.address.rpartition(":")
+        _check(options.address, "data.dispatcher.address", str,
+               lambda v: bool(host) and port.isdigit(), "HOST:PORT")
+    _check(options.policy, "data.dispatcher.policy", str,
+           lambda v: v in policies.POLICIES, f"one of {tuple(sorted(policies.POLICIES))}")
+    _check(options.max_shards, "data.dispatcher.max_shards", int, lambda v: 1 <= v <= 1024, "in [1, 1024]")
+    _check(options.lease_timeout_s, "data.dispatcher.lease_timeout_s", float, lambda v: v > 0,
+           "a positive number")
+    _check(options.tfds_shards, "data.dispatcher.tfds_shards", int, lambda v: 1 <= v <= 100, "in [1, 100]")
 
 
 def _check(value: Any, name: str, kind: type, ok: Any, expected: str) -> None:

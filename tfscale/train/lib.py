@@ -21,6 +21,7 @@ metrics["eval"]["accuracy"]
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from typing import Any
@@ -31,10 +32,10 @@ import tensorflow as tf
 from absl import logging
 
 import tfscale
-from tfscale.data import sources
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
 from tfscale.train import files
+from tfscale.train import inputs
 from tfscale.train import models
 from tfscale.train import schedules
 
@@ -65,8 +66,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dist = _distribution(config)
     global_batch = config.training.global_batch_size
     dist.per_replica_batch_size(global_batch)
-    train, steps_per_epoch = _train_input(config, dist)
-    evaluation, eval_steps = _eval_input(config, dist)
+    with contextlib.ExitStack() as stack:
+        train = inputs.train_input(config, workdir, stack)
+        metrics = _fit(config, workdir, dist, train)
+    metrics["wall_time_s"] = time.perf_counter() - start
+    if dist.is_chief:
+        files.write_json_atomic(os.path.join(workdir, METRICS_FILE), metrics)
+    logging.info("eval: %s", metrics["eval"])
+    return metrics
+
+
+def _fit(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    dist: tfscale.Distribution,
+    train: inputs.TrainInput,
+) -> dict[str, Any]:
+    """Builds, trains and evaluates the model; returns the metrics."""
+    global_batch = config.training.global_batch_size
+    steps_per_epoch = train.steps_per_epoch
+    evaluation, eval_steps = inputs.eval_input(config)
     logging.info("%s; %d steps per epoch of %d examples", dist, steps_per_epoch, global_batch)
 
     keras.utils.set_random_seed(config.seed)
@@ -93,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         os.path.join(workdir, "tensorboard"), is_chief=dist.is_chief
     )
     history = model.fit(
-        dist.distribute_dataset(train.dataset, global_batch),
+        dist.distribute_dataset(train.dataset, global_batch, shard_policy=train.shard_policy),
         epochs=config.training.epochs,
         steps_per_epoch=steps_per_epoch,
         callbacks=[backup, throughput, tensorboard],
@@ -101,65 +120,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         verbose=config.training.verbose,
     )
     eval_logs = model.evaluate(
-        dist.distribute_dataset(evaluation.dataset, global_batch),
+        dist.distribute_dataset(evaluation, global_batch),
         steps=eval_steps,
         return_dict=True,
         verbose=config.training.verbose,
     )
     metrics = _metrics(config, dist, workdir, backup, throughput, history, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
-    metrics["wall_time_s"] = time.perf_counter() - start
-    if dist.is_chief:
-        files.write_json_atomic(os.path.join(workdir, METRICS_FILE), metrics)
-    logging.info("eval: %s", metrics["eval"])
+    metrics["dispatcher"] = train.dispatcher
     return metrics
 
 
 def _distribution(config: ml_collections.ConfigDict) -> tfscale.Distribution:
     options = config_lib.set_options(config.distribution)
     return tfscale.distribution(options.pop("kind"), **options)
-
-
-def _limit(split: sources.SplitData, limit: Any) -> tuple[tf.data.Dataset, int]:
-    if limit is None or limit >= split.num_examples:
-        return split.dataset, split.num_examples
-    return split.dataset.take(limit), limit
-
-
-def _load(config: ml_collections.ConfigDict, split: str) -> sources.SplitData:
-    return sources.load_split(
-        config.data.source,
-        split,
-        cache_dir=config.data.cache_dir,
-        tfds_data_dir=config.data.tfds_data_dir,
-        download=config.data.download,
-    )
-
-
-def _train_input(config: ml_collections.ConfigDict, dist: tfscale.Distribution) -> tuple[Any, int]:
-    split = _load(config, config.data.train_split)
-    dataset, count = _limit(split, config.data.max_train_examples)
-    global_batch = config.training.global_batch_size
-    if count < global_batch:
-        raise ValueError(
-            f"The training split has {count} examples, fewer than one global batch "
-            f"(config.training.global_batch_size={global_batch})"
-        )
-    if config.data.shuffle_buffer:
-        dataset = dataset.shuffle(config.data.shuffle_buffer, seed=config.seed)
-    steps = config.training.steps_per_epoch or count // global_batch
-    return _replace_dataset(split, dataset.repeat()), steps
-
-
-def _eval_input(config: ml_collections.ConfigDict, dist: tfscale.Distribution) -> tuple[Any, int]:
-    split = _load(config, config.data.eval_split)
-    dataset, count = _limit(split, config.data.max_eval_examples)
-    steps = max(1, count // config.training.global_batch_size)
-    return _replace_dataset(split, dataset.repeat()), steps
-
-
-def _replace_dataset(split: sources.SplitData, dataset: tf.data.Dataset) -> sources.SplitData:
-    return sources.SplitData(dataset, split.num_examples, split.image_shape, split.num_classes, split.files)
 
 
 def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -189,7 +163,8 @@ def _metrics(
     previous = files.read_json(os.path.join(workdir, METRICS_FILE)) if backup.restored_epoch else {}
     epochs = [e for e in previous.get("history", []) if e["epoch"] <= backup.restored_epoch]
     for i, epoch in enumerate(history.epoch):
-        epochs.append({"epoch": epoch + 1, **{k: float(v[i]) for k, v in history.history.items()}})
+        logs = {k: float(v[i]) for k, v in history.history.items() if i < len(v)}
+        epochs.append({"epoch": epoch + 1, **logs})
     last = epochs[-1] if epochs else {}
     speed = throughput.epochs[-1] if throughput.epochs else previous.get("throughput", {})
     return {

@@ -3,10 +3,11 @@
 `DispatcherClient` turns the protocol into Python calls and gRPC errors into
 the core's exceptions, retrying while the dispatcher is unreachable (it may
 be restarting). `ShardConsumer` is a worker's loop: register, heartbeat from
-a background thread, acquire leases, read each shard, and hand its elements
-on only after the dispatcher accepted the shard's completion, so a shard read
-twice (a speculative backup, or a lease that expired and was re-leased)
-reaches training once.
+a background thread, acquire leases, read each shard, commit it (the
+dispatcher picks one winner among duplicate readers), hand its elements on,
+and complete it once the last one was taken. A shard read twice (a
+speculative backup, or a lease that expired and was re-leased) thus reaches
+training once; a consumer closed or killed mid-shard gives the shard back.
 
 Example:
 
@@ -25,6 +26,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 import grpc
+from absl import logging
 
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
@@ -96,6 +98,9 @@ class DispatcherClient:
             retry_after_s=response.retry_after_s,
         )
 
+    def commit(self, job: str, worker: str, token: int) -> None:
+        self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
+
     def complete(self, job: str, worker: str, token: int) -> None:
         self._call("Complete", pb.CompleteRequest(job=job, worker=worker, token=token))
 
@@ -128,14 +133,16 @@ class ShardConsumer:
     """A worker's stream of elements from leased shards, each shard once.
 
     Iterating registers the worker, heartbeats in the background, and loops:
-    acquire up to `max_shards` leases, read each shard fully with `read_fn`,
-    complete the lease, and yield the shard's elements only if the
-    completion was accepted (else the shard was delivered by another lease,
-    and its elements are dropped). Iteration ends with the job.
+    acquire up to `max_shards` leases; for each, read the whole shard with
+    `read_fn`, commit the lease (a lost race drops the shard unseen), yield
+    its elements, and complete the lease when the consumer asks for the
+    element after the shard's last. Closing the iterator early (or the
+    process dying) gives the unfinished leases back. Iteration ends with
+    the job.
 
     Attributes:
-      delivered: (epoch, shard name) of each shard handed on, in order.
-      dropped: the same for shards read but not handed on (duplicates).
+      delivered: (epoch, shard name) of each shard completed, in order.
+      dropped: the same for shards read but not handed on (lost races).
     """
 
     def __init__(
@@ -161,6 +168,7 @@ class ShardConsumer:
             target=self._heartbeat, args=(stop, registration.heartbeat_interval_s), daemon=True
         )
         beat.start()
+        unfinished: list[core.Lease] = []
         try:
             while True:
                 result = self._client.acquire(self._job, self._worker, self._max_shards)
@@ -169,20 +177,37 @@ class ShardConsumer:
                 if not result.leases:
                     time.sleep(result.retry_after_s)
                     continue
-                for lease in result.leases:
-                    yield from self._deliver(lease)
+                unfinished = list(result.leases)
+                while unfinished:
+                    yield from self._deliver(unfinished[0])
+                    unfinished.pop(0)
         finally:
             stop.set()
+            self._give_back(unfinished)
 
     def _deliver(self, lease: core.Lease) -> Iterator[T]:
         elements = list(self._read_fn(lease.shard_name))
         try:
-            self._client.complete(self._job, self._worker, lease.token)
+            self._client.commit(self._job, self._worker, lease.token)
         except core.FailedPrecondition:
             self.dropped.append((lease.epoch, lease.shard_name))
             return
-        self.delivered.append((lease.epoch, lease.shard_name))
         yield from elements
+        try:
+            self._client.complete(self._job, self._worker, lease.token)
+        except core.FailedPrecondition as e:
+            # Only when heartbeats failed for a whole lease timeout: the shard
+            # went to another reader after these elements were handed on.
+            logging.warning("Shard %s delivered, but its lease was lost: %s", lease.shard_name, e)
+            return
+        self.delivered.append((lease.epoch, lease.shard_name))
+
+    def _give_back(self, leases: list[core.Lease]) -> None:
+        for lease in leases:
+            try:
+                self._client.release(self._job, self._worker, lease.token)
+            except (grpc.RpcError, core.DispatcherError):
+                pass  # Expired or revoked already: the dispatcher has it back.
 
     def _heartbeat(self, stop: threading.Event, interval_s: float) -> None:
         while not stop.wait(interval_s):

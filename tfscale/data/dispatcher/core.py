@@ -5,12 +5,17 @@ into these calls. Every state change is applied through `_apply`, which is
 also what recovery replays from the journal, so the state after a restart is
 the state before the crash (lease deadlines restart at recovery time).
 
+A lease is read, then committed (claimed for delivery: the first commit of
+a shard wins and revokes its other leases), then completed once the shard's
+elements were consumed.
+
 Guarantees:
-- each shard is completed exactly once per epoch: the first completion wins,
-  later ones (from a speculative backup or an expired, re-leased lease) get
-  `FailedPrecondition`;
+- each shard is completed exactly once per epoch; a commit or completion of
+  a lease that lost the race (a speculative backup, or an expired lease that
+  was re-leased) gets `FailedPrecondition`, so its reader drops the shard;
 - a lease whose worker stops heartbeating expires after `lease_timeout_s`;
-  its shard becomes pending again (at the front) and its token is fenced;
+  its shard, even if committed, becomes pending again (at the front) and its
+  token is fenced: a worker dying mid-shard loses nothing;
 - a rejected request changes no state.
 
 Example:
@@ -20,7 +25,8 @@ core = DispatcherCore()
 core.create_job(JobSpec("train", (ShardSpec("a", 10), ShardSpec("b", 10))))
 core.register_worker("train", "worker-0")
 (lease,) = core.acquire("train", "worker-0", max_shards=1).leases
-core.complete("train", "worker-0", lease.token)
+core.commit("train", "worker-0", lease.token)     # before handing elements on
+core.complete("train", "worker-0", lease.token)   # after the last was consumed
 ```
 """
 
@@ -151,6 +157,7 @@ class _ActiveLease:
     lease: Lease
     granted_at: float
     deadline: float
+    committed: bool = False
 
 
 class _Job:
@@ -201,13 +208,27 @@ class DispatcherCore:
     # --- requests -----------------------------------------------------------
 
     def create_job(self, spec: JobSpec) -> bool:
-        """Creates a job; returns False if an identical one exists."""
+        """Creates a job; returns False if it exists.
+
+        An existing job may be given more epochs (a training run resumed
+        with a higher epoch count); any other difference is an error.
+
+        Raises:
+          InvalidArgument: for a malformed spec.
+          AlreadyExists: for a different job of the same name.
+        """
         _validate_spec(spec)
         with self._lock:
             existing = self._jobs.get(spec.name)
             if existing is not None:
-                if existing.spec != spec:
-                    raise AlreadyExists(f"Job {spec.name!r} exists with a different spec")
+                more_epochs = dataclasses.replace(existing.spec, num_epochs=spec.num_epochs)
+                if more_epochs != spec or spec.num_epochs < existing.spec.num_epochs:
+                    raise AlreadyExists(
+                        f"Job {spec.name!r} exists with a different spec (only num_epochs may "
+                        f"grow: {existing.spec.num_epochs} -> {spec.num_epochs})"
+                    )
+                if spec.num_epochs > existing.spec.num_epochs:
+                    self._commit({"op": "extend_job", "job": spec.name, "num_epochs": spec.num_epochs})
                 return False
             self._commit({"op": "create_job", "spec": spec.to_dict()})
             return True
@@ -264,10 +285,24 @@ class DispatcherCore:
             self._commit_many(records)
             return AcquireResult(leases=tuple(state.leases[r["token"]].lease for r in records))
 
-    def complete(self, job: str, worker: str, token: int) -> None:
-        """Marks the lease's shard done; raises FailedPrecondition if it is stale."""
+    def commit(self, job: str, worker: str, token: int) -> None:
+        """Claims the lease's shard for delivery; the first commit of a shard wins.
+
+        Raises:
+          FailedPrecondition: the lease is stale or lost the race.
+        """
         with self._lock:
-            state = self._live_lease(job, worker, token)
+            if not self._live_lease(job, worker, token).committed:
+                self._commit({"op": "commit", "job": job, "token": token})
+
+    def complete(self, job: str, worker: str, token: int) -> None:
+        """Marks the lease's shard done for its epoch, committing it if needed.
+
+        Raises:
+          FailedPrecondition: the lease is stale or lost the race.
+        """
+        with self._lock:
+            self._live_lease(job, worker, token)
             self._commit({"op": "complete", "job": job, "token": token})
 
     def release(self, job: str, worker: str, token: int) -> None:
@@ -332,7 +367,7 @@ class DispatcherCore:
             raise FailedPrecondition(f"Worker {worker!r} is not registered with job {job!r}")
         return state, record
 
-    def _live_lease(self, job: str, worker: str, token: int) -> _Job:
+    def _live_lease(self, job: str, worker: str, token: int) -> _ActiveLease:
         state, _ = self._registered(job, worker)
         self._expire(state, self._clock())
         active = state.leases.get(token)
@@ -343,7 +378,7 @@ class DispatcherCore:
             )
         if active.lease.worker != worker:
             raise FailedPrecondition(f"Lease {token} belongs to {active.lease.worker!r}, not {worker!r}")
-        return state
+        return active
 
     def _live_workers(self, state: _Job, now: float) -> tuple[str, ...]:
         timeout = state.spec.lease_timeout_s
@@ -355,7 +390,7 @@ class DispatcherCore:
         for active in state.leases.values():
             lease = active.lease
             outstanding[lease.worker] += lease.size
-            if not lease.speculative:
+            if not lease.speculative and not active.committed:  # committed: being delivered
                 in_flight[lease.shard_index] = (lease.worker, active.granted_at)
         backed_up = {a.lease.shard_index for a in state.leases.values() if a.lease.speculative}
         return policies_lib.PolicyView(
@@ -423,11 +458,19 @@ class DispatcherCore:
             self._jobs[spec.name] = _Job(spec)
             return
         state = self._jobs[record["job"]]
-        if op == "register":
+        if op == "extend_job":
+            finished = state.finished
+            state.spec = dataclasses.replace(state.spec, num_epochs=record["num_epochs"])
+            if finished:
+                state.start_epoch(state.epoch)
+        elif op == "register":
             state.workers[record["worker"]] = _Worker(record["worker"], now)
         elif op == "grant":
             self._apply_grant(state, record, now)
+        elif op == "commit":
+            self._apply_commit(state, record["token"])
         elif op == "complete":
+            self._apply_commit(state, record["token"])
             self._apply_complete(state, record["token"], now)
         elif op in ("release", "expire"):
             active = state.leases.pop(record["token"])
@@ -452,6 +495,13 @@ class DispatcherCore:
         state.grants += 1
         self._next_token = max(self._next_token, lease.token + 1)
 
+    def _apply_commit(self, state: _Job, token: int) -> None:
+        active = state.leases[token]
+        active.committed = True
+        for loser in state.holders(active.lease.shard_index):  # the race is decided
+            if loser != token:
+                state.workers[state.leases.pop(loser).lease.worker].revoked.add(loser)
+
     def _apply_complete(self, state: _Job, token: int, now: float) -> None:
         active = state.leases.pop(token)
         lease = active.lease
@@ -460,8 +510,6 @@ class DispatcherCore:
         record.completed_size += lease.size
         record.busy_s += max(now - active.granted_at, 1e-6)
         state.done.add(lease.shard_index)
-        for loser in state.holders(lease.shard_index):  # speculative race lost
-            state.workers[state.leases.pop(loser).lease.worker].revoked.add(loser)
         if len(state.done) == len(state.spec.shards) and not state.leases:
             state.start_epoch(state.epoch + 1)
 
@@ -475,7 +523,8 @@ class DispatcherCore:
                  "done": sorted(state.done), "grants": state.grants,
                  "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
                              for w in state.workers.values()],
-                 "leases": [dataclasses.asdict(a.lease) for a in state.leases.values()]}
+                 "leases": [dataclasses.asdict(a.lease) | {"committed": a.committed}
+                            for a in state.leases.values()]}
             )
         return {"next_token": self._next_token, "jobs": jobs}
 
@@ -497,9 +546,12 @@ class DispatcherCore:
             state.grants = saved["grants"]
             for w in saved["workers"]:
                 state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"])})
-            for lease in saved["leases"]:
-                lease = Lease(**lease)
-                state.leases[lease.token] = _ActiveLease(lease, now, now + state.spec.lease_timeout_s)
+            for saved_lease in saved["leases"]:
+                committed = saved_lease.pop("committed")
+                lease = Lease(**saved_lease)
+                state.leases[lease.token] = _ActiveLease(
+                    lease, now, now + state.spec.lease_timeout_s, committed
+                )
             self._jobs[state.spec.name] = state
 
 

@@ -59,6 +59,11 @@ class ShardDispatcherStub:
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireRequest.SerializeToString,
                 response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireResponse.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/tfscale.dispatcher.ShardDispatcher/Commit',
+                request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitRequest.SerializeToString,
+                response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitResponse.FromString,
+                _registered_method=True)
         self.Complete = channel.unary_unary(
                 '/tfscale.dispatcher.ShardDispatcher/Complete',
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CompleteRequest.SerializeToString,
@@ -114,8 +119,16 @@ class ShardDispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Commit(self, request, context):
+        """Claims a leased shard for delivery; the first commit of a shard wins and
+        revokes the shard's other leases.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Complete(self, request, context):
-        """Marks a leased shard done for its epoch; the first completion wins.
+        """Marks a leased shard done for its epoch (committing it if needed).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +175,11 @@ def add_ShardDispatcherServicer_to_server(servicer, server):
                     servicer.Acquire,
                     request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireRequest.FromString,
                     response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireResponse.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitRequest.FromString,
+                    response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitResponse.SerializeToString,
             ),
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
@@ -314,6 +332,33 @@ class ShardDispatcher:
             '/tfscale.dispatcher.ShardDispatcher/Acquire',
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireRequest.SerializeToString,
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.AcquireResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tfscale.dispatcher.ShardDispatcher/Commit',
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitRequest.SerializeToString,
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.CommitResponse.FromString,
             options,
             channel_credentials,
             insecure,

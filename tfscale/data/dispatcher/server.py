@@ -116,6 +116,11 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
                 retry_after_s=result.retry_after_s,
             )
 
+    def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
+        with _status_codes(context):
+            self._core.commit(request.job, request.worker, request.token)
+            return pb.CommitResponse()
+
     def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
         with _status_codes(context):
             self._core.complete(request.job, request.worker, request.token)

@@ -1,0 +1,183 @@
+"""The dispatcher as real processes: kill -9 recovery, workers, the CLI."""
+
+import collections
+import glob
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tests import testutil
+from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import core
+
+NUM_ELEMENTS = 240
+SHARD_SIZE = 10
+
+
+class Dispatcher:
+    """`tfscale-dispatcher serve` in a subprocess."""
+
+    def __init__(self, work_dir, *flags):
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve", f"--work_dir={work_dir}",
+             *flags],
+            cwd=testutil.REPO_ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        line = self.process.stdout.readline()
+        if "listening on" not in line:
+            self.process.kill()
+            raise AssertionError(f"dispatcher did not start: {line!r}")
+        self.address = line.split()[-1]
+
+    def kill(self):
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (testutil.REPO_ROOT, env.get("PYTHONPATH")) if p)
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return env
+
+
+def _serve_flags(policy="round_robin", num_epochs=2, lease_timeout_s=3.0):
+    return (
+        f"--shards=range:{NUM_ELEMENTS}:{SHARD_SIZE}",
+        "--job=audit",
+        f"--policy={policy}",
+        f"--num_epochs={num_epochs}",
+        f"--lease_timeout_s={lease_timeout_s}",
+    )
+
+
+class RecoveryTest(absltest.TestCase):
+    def test_kill_9_restores_every_completion_and_lease(self):
+        work_dir = self.create_tempdir().full_path
+        dispatcher = Dispatcher(work_dir, *_serve_flags(lease_timeout_s=30))
+        self.addCleanup(dispatcher.stop)
+        client = client_lib.DispatcherClient(dispatcher.address, unavailable_timeout_s=5)
+        client.register_worker("audit", "w0")
+        completed = []
+        for lease in client.acquire("audit", "w0", 5).leases:
+            client.complete("audit", "w0", lease.token)
+            completed.append(lease.shard_name)
+        held = client.acquire("audit", "w0", 3).leases
+        client.commit("audit", "w0", held[0].token)
+        (before,) = client.list_jobs()
+        dispatcher.kill()
+
+        restarted = Dispatcher(work_dir, *_serve_flags(lease_timeout_s=30))
+        self.addCleanup(restarted.stop)
+        client = client_lib.DispatcherClient(restarted.address, unavailable_timeout_s=5)
+        (after,) = client.list_jobs()
+        self.assertEqual(after, before)
+        self.assertEqual((after.completed, after.leased, after.grants), (5, 3, 8))
+        # The held leases survived (the committed one too) and can be completed.
+        for lease in held:
+            client.complete("audit", "w0", lease.token)
+        (lease,) = client.acquire("audit", "w0", 1).leases
+        self.assertGreater(lease.token, max(l.token for l in held))
+        self.assertNotIn(lease.shard_name, completed + [l.shard_name for l in held])
+
+    def test_torn_last_record_is_tolerated(self):
+        work_dir = self.create_tempdir().full_path
+        dispatcher = Dispatcher(work_dir, *_serve_flags())
+        client = client_lib.DispatcherClient(dispatcher.address, unavailable_timeout_s=5)
+        client.register_worker("audit", "w0")
+        (lease,) = client.acquire("audit", "w0", 1).leases
+        client.complete("audit", "w0", lease.token)
+        dispatcher.kill()
+        (segment,) = sorted(glob.glob(os.path.join(work_dir, "journal-*.log")))[-1:]
+        with open(segment, "ab") as f:
+            f.write(b'1234abcd 40 {"op": "gra')  # a write cut short by the crash
+        restarted = Dispatcher(work_dir, *_serve_flags())
+        self.addCleanup(restarted.stop)
+        client = client_lib.DispatcherClient(restarted.address, unavailable_timeout_s=5)
+        (job,) = client.list_jobs()
+        self.assertEqual((job.completed, job.grants), (1, 1))
+
+
+class WorkersTest(parameterized.TestCase):
+    """3 worker processes: one 4x slower, one killed -9 mid-epoch while holding a lease."""
+
+    @parameterized.parameters("round_robin", "least_loaded", "consistent_hash", "adaptive")
+    def test_every_element_once_per_epoch(self, policy):
+        tmp = self.create_tempdir().full_path
+        dispatcher = Dispatcher(tmp, *_serve_flags(policy, num_epochs=2, lease_timeout_s=4.0))
+        self.addCleanup(dispatcher.stop)
+        outs = [os.path.join(tmp, f"w{i}.out") for i in range(3)]
+        specs = [("w0", 0.002, -1), ("w1", 0.008, -1), ("w2", 0.002, 3)]  # w1 slow, w2 dies
+        workers = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
+                 dispatcher.address, "audit", name, out, str(delay), str(hang)],
+                cwd=testutil.REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True,
+            )
+            for (name, delay, hang), out in zip(specs, outs)
+        ]
+        for worker in workers:
+            self.addCleanup(worker.kill)
+        self.assertEqual(workers[2].stdout.readline().strip(), "HANGING")
+        workers[2].send_signal(signal.SIGKILL)
+        for worker in workers[:2]:
+            line = worker.stdout.readline()
+            self.assertStartsWith(line, "DONE")
+            self.assertEqual(worker.wait(timeout=120), 0)
+
+        counts = collections.Counter()
+        per_worker = []
+        for out in outs:
+            with open(out) as f:
+                ids = [int(line) for line in f]
+            per_worker.append(len(ids))
+            counts.update(ids)
+        self.assertEqual(set(counts), set(range(NUM_ELEMENTS)), "missing elements")
+        self.assertEqual(set(counts.values()), {2}, "an element not seen exactly once per epoch")
+        self.assertEqual(per_worker[2], 3 * SHARD_SIZE)  # the killed worker's 3 shards count
+        client = client_lib.DispatcherClient(dispatcher.address)
+        (job,) = client.list_jobs()
+        self.assertTrue(job.finished)
+
+
+class StatusCommandTest(absltest.TestCase):
+    def test_prints_workers_throughput_and_imbalance(self):
+        dispatcher = Dispatcher(self.create_tempdir().full_path, *_serve_flags())
+        self.addCleanup(dispatcher.stop)
+        client = client_lib.DispatcherClient(dispatcher.address)
+        client.register_worker("audit", "w0")
+        for lease in client.acquire("audit", "w0", 2).leases:
+            client.complete("audit", "w0", lease.token)
+        result = testutil.run_module(
+            "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("imbalance 1.000", result.stdout)
+        self.assertIn("job audit [round_robin]: epoch 1/2", result.stdout)
+        self.assertRegex(result.stdout, r"audit\s+w0\s+yes\s+0\s+0\s+2\s+20")
+
+    def test_serve_rejects_bad_shards(self):
+        result = testutil.run_module(
+            "tfscale.data.dispatcher", "serve", "--shards=/nonexistent/*.tfrecord"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("No file matches the shard glob '/nonexistent/*.tfrecord'", result.stderr)
+
+
+if __name__ == "__main__":
+    absltest.main()

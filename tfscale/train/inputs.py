@@ -1,0 +1,202 @@
+"""The training job's input: from the source directly, or through the dispatcher.
+
+With `config.data.dispatcher.address` (an external `tfscale-dispatcher`) or
+`config.data.dispatcher.embedded=True` (an in-process dispatcher journaling
+to `workdir/dispatcher`), the train split's shard files are leased to this
+worker one by one instead of being read in full; the job is created from the
+split (creating it again is a no-op, so every worker may do it).
+
+Example:
+
+```python
+with contextlib.ExitStack() as stack:
+    train = inputs.train_input(config, workdir, stack)
+    model.fit(dist.distribute_dataset(train.dataset, 64, shard_policy=train.shard_policy),
+              steps_per_epoch=train.steps_per_epoch, epochs=config.training.epochs)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Any, Optional
+
+import ml_collections
+import tensorflow as tf
+
+from tfscale.data import dispatched
+from tfscale.data import sources
+from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import shards as shards_lib
+
+__all__ = [
+    "TrainInput",
+    "eval_input",
+    "train_input",
+]
+
+_ShardPolicy = tf.data.experimental.AutoShardPolicy
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainInput:
+    """Attributes: dataset (unbatched, long enough for every epoch),
+    steps_per_epoch, image_shape, num_classes, shard_policy (how
+    `distribute_dataset` splits it among workers; OFF when dispatched),
+    dispatcher (the address used, or None)."""
+
+    dataset: tf.data.Dataset
+    steps_per_epoch: int
+    image_shape: tuple[int, ...]
+    num_classes: int
+    shard_policy: _ShardPolicy = _ShardPolicy.AUTO
+    dispatcher: Optional[str] = None
+
+
+def train_input(
+    config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack
+) -> TrainInput:
+    """The train split, shuffled; an embedded dispatcher is stopped by `stack`."""
+    split = _load(config, config.data.train_split)
+    options = config.data.dispatcher
+    if options.address or options.embedded:
+        return _dispatched(config, split, workdir, stack)
+    dataset, count = _limit(split, config.data.max_train_examples)
+    steps = _steps(config, count)
+    return TrainInput(
+        _shuffle(config, dataset).repeat(), steps, split.image_shape, split.num_classes
+    )
+
+
+def eval_input(config: ml_collections.ConfigDict) -> tuple[tf.data.Dataset, int]:
+    """The eval split (repeated) and the number of whole global batches in it."""
+    split = _load(config, config.data.eval_split)
+    dataset, count = _limit(split, config.data.max_eval_examples)
+    return dataset.repeat(), max(1, count // config.training.global_batch_size)
+
+
+def _dispatched(
+    config: ml_collections.ConfigDict,
+    split: sources.SplitData,
+    workdir: str,
+    stack: contextlib.ExitStack,
+) -> TrainInput:
+    options = config.data.dispatcher
+    shards, count = _shards(config, split)
+    address = options.address
+    token = _read_token(options.auth_token_file)
+    if options.embedded:
+        server_config = server_lib.ServerConfig(
+            work_dir=os.path.join(workdir, "dispatcher"), auth_token=token
+        )
+        address = stack.enter_context(server_lib.server_context(server_config)).target
+    spec = core.JobSpec(
+        name=options.job,
+        shards=tuple(shards),
+        policy=options.policy,
+        num_epochs=config.training.epochs,
+        seed=config.seed,
+        lease_timeout_s=options.lease_timeout_s,
+    )
+    client = client_lib.DispatcherClient(address, auth_token=token)
+    try:
+        client.create_job(spec)
+    finally:
+        client.close()
+    read = _file_element if split.files else _tfds_element
+    dataset = dispatched.dispatched_dataset(
+        address,
+        options.job,
+        shards_lib.read,
+        output_signature=_signature(split) if split.files else _tfds_signature(split),
+        max_shards=options.max_shards,
+        auth_token=token,
+    ).map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    return TrainInput(
+        _shuffle(config, dataset),
+        _steps(config, count),
+        split.image_shape,
+        split.num_classes,
+        _ShardPolicy.OFF,
+        address,
+    )
+
+
+def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tuple[list, int]:
+    """The train shards and their element count (whole shards within the limit)."""
+    if not split.files:
+        name = config.data.source[len("tfds:"):]
+        spec = f"tfds:{name}:{config.data.train_split}:{config.data.dispatcher.tfds_shards}"
+        return shards_lib.expand(spec), split.num_examples
+    counts = [sum(1 for _ in tf.data.TFRecordDataset([f])) for f in split.files]
+    limit = config.data.max_train_examples or sum(counts)
+    chosen, total = [], 0
+    for path, n in zip(split.files, counts):
+        if chosen and total + n > limit:
+            break
+        chosen.append(core.ShardSpec(path, n))
+        total += n
+    return chosen, total
+
+
+def _signature(split: sources.SplitData) -> dict[str, tf.TensorSpec]:
+    return {
+        "image": tf.TensorSpec(split.image_shape, tf.float32),
+        "label": tf.TensorSpec([], tf.int64),
+        "id": tf.TensorSpec([], tf.int64),
+    }
+
+
+def _tfds_signature(split: sources.SplitData) -> tuple[tf.TensorSpec, tf.TensorSpec]:
+    return (tf.TensorSpec(split.image_shape, tf.uint8), tf.TensorSpec([], tf.int64))
+
+
+def _file_element(element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    return element["image"], element["label"]
+
+
+def _tfds_element(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    return tf.cast(image, tf.float32) / 255.0, label
+
+
+def _read_token(path: Optional[str]) -> Optional[str]:
+    if not path:
+        return None
+    with open(path) as f:
+        return f.read().strip() or None
+
+
+def _load(config: ml_collections.ConfigDict, split: str) -> sources.SplitData:
+    return sources.load_split(
+        config.data.source,
+        split,
+        cache_dir=config.data.cache_dir,
+        tfds_data_dir=config.data.tfds_data_dir,
+        download=config.data.download,
+    )
+
+
+def _limit(split: sources.SplitData, limit: Any) -> tuple[tf.data.Dataset, int]:
+    if limit is None or limit >= split.num_examples:
+        return split.dataset, split.num_examples
+    return split.dataset.take(limit), limit
+
+
+def _steps(config: ml_collections.ConfigDict, count: int) -> int:
+    global_batch = config.training.global_batch_size
+    if count < global_batch:
+        raise ValueError(
+            f"The training split has {count} examples, fewer than one global batch "
+            f"(config.training.global_batch_size={global_batch})"
+        )
+    return config.training.steps_per_epoch or count // global_batch
+
+
+def _shuffle(config: ml_collections.ConfigDict, dataset: tf.data.Dataset) -> tf.data.Dataset:
+    if not config.data.shuffle_buffer:
+        return dataset
+    return dataset.shuffle(config.data.shuffle_buffer, seed=config.seed)
