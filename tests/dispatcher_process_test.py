@@ -157,7 +157,8 @@ class WorkersTest(parameterized.TestCase):
 
 class StatusCommandTest(absltest.TestCase):
     def test_prints_workers_throughput_and_imbalance(self):
-        dispatcher = Dispatcher(self.create_tempdir().full_path, *_serve_flags())
+        flags = _serve_flags(lease_timeout_s=60)  # w0 stays live while `status` starts
+        dispatcher = Dispatcher(self.create_tempdir().full_path, *flags)
         self.addCleanup(dispatcher.stop)
         client = client_lib.DispatcherClient(dispatcher.address)
         client.register_worker("audit", "w0")

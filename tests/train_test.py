@@ -2,6 +2,8 @@
 
 import json
 import os
+import subprocess
+import sys
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -66,6 +68,43 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertNotIn("Epoch 1/3", result.stdout)
         self.assertIn("Epoch 3/3", result.stdout)
 
+    def test_embedded_dispatcher_feeds_training_and_resumes(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=1")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        metrics = _metrics(workdir)
+        self.assertRegex(metrics["dispatcher"], r"^127\.0\.0\.1:\d+$")
+        self.assertGreater(metrics["eval"]["accuracy"], 0.2)
+        self.assertTrue(os.listdir(os.path.join(workdir, "dispatcher")))
+        self.assertNotIn("ran out of data", result.stderr)
+
+        # One more epoch: the journaled job is extended, training resumes.
+        result = _train(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=2")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertNotIn("ran out of data", result.stderr)
+        resumed = _metrics(workdir)
+        self.assertEqual((resumed["resumed_from_epoch"], resumed["epochs_run"]), (1, 1))
+
+    def test_external_dispatcher(self):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.addCleanup(server.kill)
+        address = server.stdout.readline().split()[-1]
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(
+            workdir, f"--config.data.dispatcher.address={address}", "--config.training.epochs=1"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(_metrics(workdir)["dispatcher"], address)
+        status = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
+        self.assertIn("job train [adaptive]: epoch 1/1 finished", status.stdout)
+
     def test_one_device_override(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _train(
@@ -87,6 +126,8 @@ class TrainBinaryTest(absltest.TestCase):
             ("--config.training.global_batch_size=63", "global_batch_size must be a positive multiple of the 2 replica(s)"),
             ("--config.optimizer.name=lamb", "config.optimizer.name must be one of ('sgd', 'adam'). Received: optimizer.name='lamb'"),
             ("--config.data.source=mnist", "Unknown data source 'mnist'"),
+            ("--config.data.dispatcher.policy=fifo", "config.data.dispatcher.policy must be one of"),
+            ("--config.data.dispatcher.address=nohost", "config.data.dispatcher.address must be HOST:PORT"),
         ]
         root = self.create_tempdir().full_path
         for flag, message in cases:
