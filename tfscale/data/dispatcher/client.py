@@ -101,6 +101,10 @@ class DispatcherClient:
     def commit(self, job: str, worker: str, token: int) -> None:
         self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
 
+    def epoch_progress(self, job: str, epoch: int) -> core.EpochProgress:
+        response = self._call("EpochProgress", pb.EpochProgressRequest(job=job, epoch=epoch))
+        return core.EpochProgress(response.finished, response.floor, response.ceiling)
+
     def complete(self, job: str, worker: str, token: int) -> None:
         self._call("Complete", pb.CompleteRequest(job=job, worker=worker, token=token))
 
@@ -140,9 +144,18 @@ class ShardConsumer:
     process dying) gives the unfinished leases back. Iteration ends with
     the job.
 
+    When the job equalizes its consumers (`num_consumers`, `equalize`),
+    every consumer yields the same number of elements per epoch: with
+    `"pad"`, the epoch's largest count (a consumer short of it repeats its
+    latest shard's elements); with `"drop"`, the smallest (a consumer yields
+    only up to the smallest count so far and drops its excess when the epoch
+    ends; its shards are completed on commit, so a crash loses the held-back
+    elements of its current epoch).
+
     Attributes:
       delivered: (epoch, shard name) of each shard completed, in order.
       dropped: the same for shards read but not handed on (lost races).
+      per_epoch: elements yielded in each epoch, padding included.
     """
 
     def __init__(
@@ -152,17 +165,24 @@ class ShardConsumer:
         worker: str,
         read_fn: Callable[[str], Iterable[T]],
         max_shards: int = 2,
+        poll_s: float = 0.02,
     ):
         self._client = client
         self._job = job
         self._worker = worker
         self._read_fn = read_fn
         self._max_shards = max_shards
+        self._poll_s = poll_s
         self.delivered: list[tuple[int, str]] = []
         self.dropped: list[tuple[int, str]] = []
+        self.per_epoch: dict[int, int] = {}
+        self._epoch = 0
+        self._held: list[T] = []  # drop: committed, not yet allowed out
+        self._latest: list[T] = []  # pad: the latest shard's elements
 
     def __iter__(self) -> Iterator[T]:
         registration = self._client.register_worker(self._job, self._worker)
+        self._equalize = registration.equalize if registration.num_consumers else "none"
         stop = threading.Event()
         beat = threading.Thread(
             target=self._heartbeat, args=(stop, registration.heartbeat_interval_s), daemon=True
@@ -173,12 +193,15 @@ class ShardConsumer:
             while True:
                 result = self._client.acquire(self._job, self._worker, self._max_shards)
                 if result.end_of_job:
+                    yield from self._close_epochs(registration.num_epochs)
                     return
                 if not result.leases:
+                    yield from self._release_held()
                     time.sleep(result.retry_after_s)
                     continue
                 unfinished = list(result.leases)
                 while unfinished:
+                    yield from self._close_epochs(unfinished[0].epoch)
                     yield from self._deliver(unfinished[0])
                     unfinished.pop(0)
         finally:
@@ -192,7 +215,56 @@ class ShardConsumer:
         except core.FailedPrecondition:
             self.dropped.append((lease.epoch, lease.shard_name))
             return
+        if self._equalize == "drop":
+            self._complete(lease)
+            self._held.extend(elements)
+            yield from self._release_held()
+            return
+        yield from self._emit(elements)
+        self._latest = elements or self._latest
+        self._complete(lease)
+
+    def _emit(self, elements: list[T]) -> Iterator[T]:
+        self.per_epoch[self._epoch] = self.per_epoch.get(self._epoch, 0) + len(elements)
         yield from elements
+
+    def _release_held(self, final: Optional[core.EpochProgress] = None) -> Iterator[T]:
+        """drop: yields held elements up to the smallest consumer count."""
+        if not self._held:
+            return
+        progress = final or self._client.epoch_progress(self._job, self._epoch)
+        allowed = progress.floor - self.per_epoch.get(self._epoch, 0)
+        if allowed > 0:
+            out, self._held = self._held[:allowed], self._held[allowed:]
+            yield from self._emit(out)
+
+    def _close_epochs(self, until: int) -> Iterator[T]:
+        """Equalizes and closes every epoch before `until`."""
+        while self._epoch < until:
+            if self._equalize != "none":
+                progress = self._wait_finished(self._epoch)
+                if self._equalize == "drop":
+                    yield from self._release_held(progress)
+                else:
+                    yield from self._pad(progress.ceiling - self.per_epoch.get(self._epoch, 0))
+            self._held = []
+            self._epoch += 1
+
+    def _pad(self, count: int) -> Iterator[T]:
+        if count > 0 and not self._latest:
+            logging.warning("Cannot pad epoch %d: no element seen yet", self._epoch)
+            return
+        for i in range(max(count, 0)):
+            yield from self._emit([self._latest[i % len(self._latest)]])
+
+    def _wait_finished(self, epoch: int) -> core.EpochProgress:
+        while True:
+            progress = self._client.epoch_progress(self._job, epoch)
+            if progress.finished:
+                return progress
+            time.sleep(self._poll_s)
+
+    def _complete(self, lease: core.Lease) -> None:
         try:
             self._client.complete(self._job, self._worker, lease.token)
         except core.FailedPrecondition as e:

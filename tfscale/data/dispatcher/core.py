@@ -41,7 +41,9 @@ from typing import Any, Callable, Optional
 from tfscale.data.dispatcher import policies as policies_lib
 
 __all__ = [
+    "EQUALIZE",
     "AcquireResult",
+    "EpochProgress",
     "AlreadyExists",
     "DispatcherCore",
     "DispatcherError",
@@ -50,11 +52,13 @@ __all__ = [
     "JobSpec",
     "Lease",
     "NotFound",
+    "Registration",
     "ShardSpec",
 ]
 
 Clock = Callable[[], float]
 MAX_SHARDS_PER_CALL = 1024
+EQUALIZE = ("none", "pad", "drop")
 _RETRY_AFTER_S = 0.05
 
 
@@ -97,6 +101,11 @@ class JobSpec:
       num_epochs: how many passes over the shards.
       seed: seeds each epoch's shard permutation.
       lease_timeout_s: a lease not renewed for this long expires.
+      num_consumers: synchronous consumers whose element counts per epoch
+        must be equal (0: no equalization); shard sizes must count elements.
+      equalize: `"none"`, `"pad"` (consumers repeat elements up to the
+        epoch's largest count) or `"drop"` (they hold back elements above
+        the epoch's smallest count, dropping the excess at the epoch's end).
     """
 
     name: str
@@ -105,6 +114,8 @@ class JobSpec:
     num_epochs: int = 1
     seed: int = 0
     lease_timeout_s: float = 30.0
+    num_consumers: int = 0
+    equalize: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,6 +138,31 @@ class Lease:
     token: int
     worker: str
     speculative: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Registration:
+    """What a worker learns when it joins a job."""
+
+    lease_timeout_s: float
+    num_epochs: int
+    num_consumers: int
+    equalize: str
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochProgress:
+    """Committed element counts of an epoch's consumers.
+
+    Attributes:
+      finished: every shard of the epoch is complete.
+      floor: the smallest count (0 until `num_consumers` workers registered).
+      ceiling: the largest count.
+    """
+
+    finished: bool
+    floor: int
+    ceiling: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +205,8 @@ class _Job:
         self.workers: dict[str, _Worker] = {}
         self.leases: dict[int, _ActiveLease] = {}
         self.grants = 0
+        # epoch -> worker -> size of the shards it committed in that epoch
+        self.epoch_counts: dict[int, dict[str, int]] = {}
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
@@ -233,8 +271,8 @@ class DispatcherCore:
             self._commit({"op": "create_job", "spec": spec.to_dict()})
             return True
 
-    def register_worker(self, job: str, worker: str) -> float:
-        """Joins `worker` to `job`; returns the lease timeout in seconds."""
+    def register_worker(self, job: str, worker: str) -> Registration:
+        """Joins `worker` to `job` (again after a restart is fine)."""
         if not worker:
             raise InvalidArgument("worker name must not be empty")
         with self._lock:
@@ -242,7 +280,27 @@ class DispatcherCore:
             if worker not in state.workers:
                 self._commit({"op": "register", "job": job, "worker": worker})
             state.workers[worker].last_seen = self._clock()
-            return state.spec.lease_timeout_s
+            spec = state.spec
+            return Registration(
+                spec.lease_timeout_s, spec.num_epochs, spec.num_consumers, spec.equalize
+            )
+
+    def epoch_progress(self, job: str, epoch: int) -> EpochProgress:
+        """Committed element counts of the consumers in `epoch`."""
+        with self._lock:
+            state = self._job(job)
+            if not 0 <= epoch < state.spec.num_epochs:
+                raise InvalidArgument(
+                    f"epoch must be in [0, {state.spec.num_epochs}). Received: epoch={epoch}"
+                )
+            counts = state.epoch_counts.get(epoch, {})
+            values = [counts.get(w, 0) for w in state.workers]
+            enough = len(values) >= max(state.spec.num_consumers, 1)
+            return EpochProgress(
+                finished=epoch < state.epoch,
+                floor=min(values) if enough else 0,
+                ceiling=max(values, default=0),
+            )
 
     def heartbeat(self, job: str, worker: str) -> list[int]:
         """Renews the worker's leases; returns tokens it has lost since."""
@@ -474,6 +532,8 @@ class DispatcherCore:
             self._apply_complete(state, record["token"], now)
         elif op in ("release", "expire"):
             active = state.leases.pop(record["token"])
+            if active.committed:
+                self._count(state, active.lease, -1)
             shard = active.lease.shard_index
             if shard not in state.done and not state.holders(shard):
                 state.pending.insert(0, shard)
@@ -497,10 +557,18 @@ class DispatcherCore:
 
     def _apply_commit(self, state: _Job, token: int) -> None:
         active = state.leases[token]
+        if active.committed:
+            return
         active.committed = True
+        self._count(state, active.lease, +1)
         for loser in state.holders(active.lease.shard_index):  # the race is decided
             if loser != token:
                 state.workers[state.leases.pop(loser).lease.worker].revoked.add(loser)
+
+    @staticmethod
+    def _count(state: _Job, lease: Lease, sign: int) -> None:
+        counts = state.epoch_counts.setdefault(lease.epoch, {})
+        counts[lease.worker] = counts.get(lease.worker, 0) + sign * lease.size
 
     def _apply_complete(self, state: _Job, token: int, now: float) -> None:
         active = state.leases.pop(token)
@@ -521,6 +589,7 @@ class DispatcherCore:
             jobs.append(
                 {"spec": state.spec.to_dict(), "epoch": state.epoch, "pending": list(state.pending),
                  "done": sorted(state.done), "grants": state.grants,
+                 "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
                  "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
                              for w in state.workers.values()],
                  "leases": [dataclasses.asdict(a.lease) | {"committed": a.committed}
@@ -544,6 +613,7 @@ class DispatcherCore:
             state.pending = list(saved["pending"])
             state.done = set(saved["done"])
             state.grants = saved["grants"]
+            state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
             for w in saved["workers"]:
                 state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"])})
             for saved_lease in saved["leases"]:
@@ -570,6 +640,15 @@ def _validate_spec(spec: JobSpec) -> None:
     if not spec.lease_timeout_s > 0:
         raise InvalidArgument(
             f"lease_timeout_s must be positive. Received: lease_timeout_s={spec.lease_timeout_s}"
+        )
+    if spec.equalize not in EQUALIZE:
+        raise InvalidArgument(
+            f"equalize must be one of {', '.join(EQUALIZE)}. Received: equalize={spec.equalize!r}"
+        )
+    if spec.num_consumers < 0 or (spec.equalize != "none") != (spec.num_consumers > 0):
+        raise InvalidArgument(
+            "equalize needs num_consumers >= 1 and num_consumers needs equalize. Received: "
+            f"num_consumers={spec.num_consumers}, equalize={spec.equalize!r}"
         )
     if spec.policy not in policies_lib.POLICIES:
         raise InvalidArgument(

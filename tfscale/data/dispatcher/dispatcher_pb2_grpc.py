@@ -74,6 +74,11 @@ class ShardDispatcherStub:
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.EpochProgress = channel.unary_unary(
+                '/tfscale.dispatcher.ShardDispatcher/EpochProgress',
+                request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressRequest.SerializeToString,
+                response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/tfscale.dispatcher.ShardDispatcher/Status',
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.StatusRequest.SerializeToString,
@@ -141,6 +146,13 @@ class ShardDispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EpochProgress(self, request, context):
+        """Element counts of the consumers in one epoch, for equalization.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Workers, leases, throughput and imbalance of every job.
         """
@@ -190,6 +202,11 @@ def add_ShardDispatcherServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.FromString,
                     response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'EpochProgress': grpc.unary_unary_rpc_method_handler(
+                    servicer.EpochProgress,
+                    request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressRequest.FromString,
+                    response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -413,6 +430,33 @@ class ShardDispatcher:
             '/tfscale.dispatcher.ShardDispatcher/Release',
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.SerializeToString,
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EpochProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tfscale.dispatcher.ShardDispatcher/EpochProgress',
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressRequest.SerializeToString,
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressResponse.FromString,
             options,
             channel_credentials,
             insecure,

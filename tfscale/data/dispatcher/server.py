@@ -99,8 +99,23 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
 
     def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: Any) -> pb.RegisterWorkerResponse:
         with _status_codes(context):
-            timeout = self._core.register_worker(request.job, request.worker)
-            return pb.RegisterWorkerResponse(heartbeat_interval_s=timeout / 4, lease_timeout_s=timeout)
+            joined = self._core.register_worker(request.job, request.worker)
+            return pb.RegisterWorkerResponse(
+                heartbeat_interval_s=joined.lease_timeout_s / 4,
+                lease_timeout_s=joined.lease_timeout_s,
+                num_epochs=joined.num_epochs,
+                num_consumers=joined.num_consumers,
+                equalize=joined.equalize,
+            )
+
+    def EpochProgress(
+        self, request: pb.EpochProgressRequest, context: Any
+    ) -> pb.EpochProgressResponse:
+        with _status_codes(context):
+            progress = self._core.epoch_progress(request.job, request.epoch)
+            return pb.EpochProgressResponse(
+                finished=progress.finished, floor=progress.floor, ceiling=progress.ceiling
+            )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         with _status_codes(context):

@@ -24,6 +24,8 @@ def job_spec_to_proto(spec: core.JobSpec) -> pb.JobSpec:
         num_epochs=spec.num_epochs,
         seed=spec.seed,
         lease_timeout_s=spec.lease_timeout_s,
+        num_consumers=spec.num_consumers,
+        equalize=spec.equalize,
     )
 
 
@@ -35,6 +37,8 @@ def job_spec_from_proto(message: pb.JobSpec) -> core.JobSpec:
         num_epochs=message.num_epochs,
         seed=message.seed,
         lease_timeout_s=message.lease_timeout_s,
+        num_consumers=message.num_consumers,
+        equalize=message.equalize or "none",
     )
 
 

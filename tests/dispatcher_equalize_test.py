@@ -1,0 +1,104 @@
+"""Equal element counts per epoch for synchronous consumers (pad / drop)."""
+
+import collections
+import threading
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import shards
+
+SIZES = [5, 17, 3, 11, 8, 2, 13, 7, 9, 4, 6, 15]
+NUM_EPOCHS = 2
+
+
+def _shards():
+    specs, start = [], 0
+    for size in SIZES:
+        specs.append(core.ShardSpec(f"range:{start}:{start + size}", size))
+        start += size
+    return tuple(specs)
+
+
+def _run(equalize, num_consumers=3, policy="least_loaded"):
+    """Three consumer threads of different speeds; returns (consumers, elements)."""
+    spec = core.JobSpec(
+        "eq", _shards(), policy, NUM_EPOCHS, lease_timeout_s=30,
+        num_consumers=num_consumers if equalize != "none" else 0, equalize=equalize,
+    )
+    with server_lib.server_context() as server:
+        client_lib.DispatcherClient(server.target).create_job(spec)
+        consumers, elements, threads = [], [], []
+        for i, delay in enumerate((0.0005, 0.002, 0.004)):
+
+            def read(name, delay=delay):
+                for element in shards.read(name):
+                    time.sleep(delay)
+                    yield element
+
+            client = client_lib.DispatcherClient(server.target)
+            consumers.append(client_lib.ShardConsumer(client, "eq", f"w{i}", read, max_shards=1))
+            elements.append([])
+            threads.append(
+                threading.Thread(target=lambda c=consumers[-1], out=elements[-1]: out.extend(c))
+            )
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        progress = [server.core.epoch_progress("eq", e) for e in range(NUM_EPOCHS)]
+    return consumers, elements, progress
+
+
+class EqualizeTest(parameterized.TestCase):
+    def test_none_delivers_each_element_once_per_epoch(self):
+        consumers, elements, _ = _run("none")
+        counts = collections.Counter(e for out in elements for e in out)
+        self.assertEqual(set(counts), set(range(sum(SIZES))))
+        self.assertEqual(set(counts.values()), {NUM_EPOCHS})
+        self.assertEqual(
+            [sum(c.per_epoch[e] for c in consumers) for e in range(NUM_EPOCHS)],
+            [sum(SIZES)] * NUM_EPOCHS,
+        )
+
+    def test_drop_gives_every_consumer_the_smallest_count(self):
+        consumers, elements, progress = _run("drop")
+        # 100 elements cannot split evenly in 3: the raw counts differ.
+        self.assertTrue(all(p.ceiling > p.floor for p in progress))
+        for epoch in range(NUM_EPOCHS):
+            counts = {c.per_epoch[epoch] for c in consumers}
+            self.assertEqual(counts, {progress[epoch].floor}, f"epoch {epoch}")
+            self.assertGreater(progress[epoch].floor, 0)
+        counts = collections.Counter(e for out in elements for e in out)
+        self.assertLessEqual(max(counts.values()), NUM_EPOCHS)  # nothing repeated
+        self.assertEqual(sum(counts.values()), 3 * sum(p.floor for p in progress))
+
+    def test_pad_gives_every_consumer_the_largest_count(self):
+        consumers, elements, progress = _run("pad")
+        self.assertTrue(all(p.ceiling > p.floor for p in progress))
+        for epoch in range(NUM_EPOCHS):
+            counts = {c.per_epoch[epoch] for c in consumers}
+            self.assertEqual(counts, {progress[epoch].ceiling}, f"epoch {epoch}")
+        counts = collections.Counter(e for out in elements for e in out)
+        self.assertEqual(set(counts), set(range(sum(SIZES))))
+        self.assertGreaterEqual(min(counts.values()), NUM_EPOCHS)  # nothing missing
+        padding = 3 * sum(p.ceiling for p in progress) - NUM_EPOCHS * sum(SIZES)
+        self.assertEqual(sum(counts.values()) - NUM_EPOCHS * sum(SIZES), padding)
+
+    @parameterized.parameters(
+        dict(num_consumers=0, equalize="pad"),
+        dict(num_consumers=2, equalize="none"),
+        dict(num_consumers=2, equalize="trim"),
+    )
+    def test_inconsistent_options_are_invalid(self, num_consumers, equalize):
+        spec = core.JobSpec("eq", _shards(), num_consumers=num_consumers, equalize=equalize)
+        with self.assertRaisesRegex(core.InvalidArgument, "equalize"):
+            core.DispatcherCore().create_job(spec)
+
+
+if __name__ == "__main__":
+    absltest.main()
