@@ -180,6 +180,16 @@ class LeaseTest(absltest.TestCase):
         dispatcher.complete("job", "w0", lease.token)
         self.assertTrue(dispatcher.jobs()[0]["finished"])
 
+    def test_registering_again_ends_the_previous_registrations_leases(self):
+        dispatcher, _ = _core(_spec(num_shards=2), workers=("w0",))
+        old = dispatcher.acquire("job", "w0", 1).leases[0]
+        dispatcher.commit("job", "w0", old.token)
+        dispatcher.register_worker("job", "w0")  # the process restarted
+        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+            dispatcher.complete("job", "w0", old.token)
+        (new,) = dispatcher.acquire("job", "w0", 1).leases
+        self.assertEqual(new.shard_index, old.shard_index)
+
     def test_release_puts_shard_back_first(self):
         dispatcher, _ = _core(_spec(num_shards=3), workers=("w0",))
         leases = dispatcher.acquire("job", "w0", 2).leases

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -14,6 +16,7 @@ testutil.setup_devices()
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from tfscale.data.dispatcher import server as server_lib  # noqa: E402
 from tfscale.train import callbacks  # noqa: E402
 from tfscale.train import config as config_lib  # noqa: E402
 from tfscale.train import lib  # noqa: E402
@@ -84,6 +87,49 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertNotIn("ran out of data", result.stderr)
         resumed = _metrics(workdir)
         self.assertEqual((resumed["resumed_from_epoch"], resumed["epochs_run"]), (1, 1))
+
+    def test_kill_9_mid_epoch_with_dispatcher_resumes_from_the_checkpoint_position(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        args = (
+            "--config.data.dispatcher.embedded=True",
+            "--config.data.max_train_examples=24000",  # all 16 shards: 375 steps an epoch
+            "--config.training.epochs=2",
+        )
+        command = [
+            sys.executable, "-m", "tfscale.train", "--config=configs/default.py:smoke",
+            f"--workdir={workdir}", f"--config.data.cache_dir={testutil.cache_dir()}", *args,
+        ]
+        env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+        process = subprocess.Popen(
+            command, cwd=testutil.REPO_ROOT, env=env,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(process.kill)
+        state = os.path.join(workdir, "checkpoints")
+        deadline = time.monotonic() + 240
+        while (callbacks.read_backup_state(state) or {}).get("epoch") != 1:
+            self.assertIsNone(process.poll(), "training ended before it could be killed")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)  # somewhere in epoch 2
+        process.wait()
+        self.assertFalse(os.path.exists(os.path.join(workdir, lib.METRICS_FILE)))
+
+        result = _train(workdir, *args)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        # Without the rewind the dispatcher, already partway into epoch 2,
+        # would run out of shards before the resumed epoch 2 is over.
+        self.assertNotIn("ran out of data", result.stderr)
+        self.assertIn("epoch 2: ", result.stderr)
+        self.assertRegex(result.stderr, r"epoch 2: .* over 375 steps")
+        metrics = _metrics(workdir)
+        self.assertEqual((metrics["resumed_from_epoch"], metrics["epochs_run"]), (1, 1))
+        with server_lib.server_context(
+            server_lib.ServerConfig(work_dir=os.path.join(workdir, "dispatcher"))
+        ) as server:
+            (job,) = server.core.jobs()
+        self.assertTrue(job["finished"])
+        self.assertEqual(job["epoch"], 2)
 
     def test_external_dispatcher(self):
         server = subprocess.Popen(

@@ -25,7 +25,7 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -125,6 +125,14 @@ class BackupAndRestore(keras.callbacks.Callback):
     `backup_dir`, and checkpoints are kept after training, so a re-run on the
     same directory continues where the last one stopped.
 
+    Args:
+      backup_dir: where the checkpoints go (on the chief).
+      is_chief: whether this worker writes to `backup_dir`.
+      max_to_keep: epoch checkpoints kept.
+      extra_state: called at each checkpoint; its JSON-able result is saved
+        with it (under `"extra"` in `read_backup_state`), e.g. the input
+        position of a dispatched dataset.
+
     Attributes:
       restored_epoch: the epoch count restored at the start of the last
         `fit` (0 for a fresh start).
@@ -138,7 +146,13 @@ class BackupAndRestore(keras.callbacks.Callback):
     ```
     """
 
-    def __init__(self, backup_dir: str, is_chief: bool = True, max_to_keep: int = 2):
+    def __init__(
+        self,
+        backup_dir: str,
+        is_chief: bool = True,
+        max_to_keep: int = 2,
+        extra_state: Optional[Callable[[], dict[str, Any]]] = None,
+    ):
         super().__init__()
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1. Received: max_to_keep={max_to_keep}")
@@ -146,6 +160,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.is_chief = is_chief
         self.max_to_keep = max_to_keep
         self.restored_epoch = 0
+        self._extra_state = extra_state
         self._write_dir = backup_dir if is_chief else None
 
     def on_train_begin(self, logs: Logs = None) -> None:
@@ -169,10 +184,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         self.model.save_weights(os.path.join(self._write_dir, name), overwrite=True)
         previous = read_backup_state(self._write_dir)
         kept = ((previous or {}).get("kept", []) + [name])[-self.max_to_keep :]
-        files.write_json_atomic(
-            os.path.join(self._write_dir, _STATE_FILE),
-            {"epoch": epoch + 1, "weights": name, "kept": kept},
-        )
+        state = {"epoch": epoch + 1, "weights": name, "kept": kept}
+        if self._extra_state is not None:
+            state["extra"] = self._extra_state()
+        files.write_json_atomic(os.path.join(self._write_dir, _STATE_FILE), state)
         for old in (previous or {}).get("kept", []):
             if old not in kept:
                 _remove(os.path.join(self._write_dir, old))
@@ -203,7 +218,8 @@ def read_backup_state(backup_dir: str) -> Optional[dict[str, Any]]:
     """The state `BackupAndRestore` left in `backup_dir`, or `None`.
 
     Returns:
-      `{"epoch": completed epochs, "weights": file name, "kept": [...]}`.
+      `{"epoch": completed epochs, "weights": file name, "kept": [...]}`,
+      plus `"extra"` when the callback had `extra_state`.
     """
     path = os.path.join(backup_dir, _STATE_FILE)
     if not os.path.exists(path):

@@ -6,6 +6,14 @@ to `workdir/dispatcher`), the train split's shard files are leased to this
 worker one by one instead of being read in full; the job is created from the
 split (creating it again is a no-op, so every worker may do it).
 
+Dispatched input keeps the dispatcher's order (each epoch's seeded shard
+permutation, each shard shuffled on read) instead of a local shuffle buffer,
+so the elements training consumed are a prefix of what the dispatcher
+delivered: `TrainInput.position(consumed)` is saved with each checkpoint,
+and a single-worker run resuming from a checkpoint first rewinds the job to
+it, so the shards consumed by steps lost in a crash are read again, and the
+others are not.
+
 Example:
 
 ```python
@@ -47,7 +55,8 @@ class TrainInput:
     """Attributes: dataset (unbatched, long enough for every epoch),
     steps_per_epoch, image_shape, num_classes, shard_policy (how
     `distribute_dataset` splits it among workers; OFF when dispatched),
-    dispatcher (the address used, or None)."""
+    dispatcher (the address used, or None), dispatched (the
+    `DispatchedInput`, for its position, or None)."""
 
     dataset: tf.data.Dataset
     steps_per_epoch: int
@@ -55,16 +64,37 @@ class TrainInput:
     num_classes: int
     shard_policy: _ShardPolicy = _ShardPolicy.AUTO
     dispatcher: Optional[str] = None
+    dispatched: Optional[dispatched.DispatchedInput] = None
+
+    def position(self, consumed: int) -> Optional[dict[str, Any]]:
+        """The dispatched input position after `consumed` elements, as JSON."""
+        if self.dispatched is None:
+            return None
+        return self.dispatched.position(consumed).to_dict()
 
 
 def train_input(
-    config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    stack: contextlib.ExitStack,
+    resume_position: Optional[dict[str, Any]] = None,
+    single_worker: bool = True,
 ) -> TrainInput:
-    """The train split, shuffled; an embedded dispatcher is stopped by `stack`."""
+    """The train split, shuffled; an embedded dispatcher is stopped by `stack`.
+
+    Args:
+      config: the training config.
+      workdir: the run's workdir (an embedded dispatcher journals there).
+      stack: owns the embedded dispatcher.
+      resume_position: the dispatched input position saved with the
+        checkpoint being resumed (None: from the start).
+      single_worker: whether this is the job's only consumer (then the job
+        is rewound to `resume_position`).
+    """
     split = _load(config, config.data.train_split)
     options = config.data.dispatcher
     if options.address or options.embedded:
-        return _dispatched(config, split, workdir, stack)
+        return _dispatched(config, split, workdir, stack, resume_position, single_worker)
     dataset, count = _limit(split, config.data.max_train_examples)
     steps = _steps(config, count)
     return TrainInput(
@@ -84,6 +114,8 @@ def _dispatched(
     split: sources.SplitData,
     workdir: str,
     stack: contextlib.ExitStack,
+    resume_position: Optional[dict[str, Any]],
+    single_worker: bool,
 ) -> TrainInput:
     options = config.data.dispatcher
     shards, count = _shards(config, split)
@@ -107,22 +139,28 @@ def _dispatched(
         client.create_job(spec)
     finally:
         client.close()
-    read = _file_element if split.files else _tfds_element
-    dataset = dispatched.dispatched_dataset(
+    source = dispatched.DispatchedInput(
         address,
         options.job,
         shards_lib.read,
         output_signature=_signature(split) if split.files else _tfds_signature(split),
         max_shards=options.max_shards,
+        shuffle_seed=config.seed,
         auth_token=token,
-    ).map(read, num_parallel_calls=tf.data.AUTOTUNE)
+    )
+    if single_worker:
+        position = core.InputPosition.from_dict(resume_position or core.InputPosition().to_dict())
+        source.rewind(position)
+    read = _file_element if split.files else _tfds_element
+    dataset = source.dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return TrainInput(
-        _shuffle(config, dataset),
+        dataset,
         _steps(config, count),
         split.image_shape,
         split.num_classes,
         _ShardPolicy.OFF,
         address,
+        source if single_worker else None,
     )
 
 

@@ -66,8 +66,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dist = _distribution(config)
     global_batch = config.training.global_batch_size
     dist.per_replica_batch_size(global_batch)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    resume = callbacks_lib.read_backup_state(checkpoints) or {}
     with contextlib.ExitStack() as stack:
-        train = inputs.train_input(config, workdir, stack)
+        train = inputs.train_input(
+            config,
+            workdir,
+            stack,
+            resume_position=resume.get("extra", {}).get("input_position"),
+            single_worker=dist.num_workers == 1,
+        )
         metrics = _fit(config, workdir, dist, train)
     metrics["wall_time_s"] = time.perf_counter() - start
     if dist.is_chief:
@@ -103,10 +111,12 @@ def _fit(
     throughput = callbacks_lib.Throughput(
         global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
     )
+    consumed = _ConsumedElements(global_batch // dist.num_workers)
     backup = callbacks_lib.BackupAndRestore(
         os.path.join(workdir, "checkpoints"),
         is_chief=dist.is_chief,
         max_to_keep=config.training.checkpoints_to_keep,
+        extra_state=lambda: {"input_position": train.position(consumed.count)},
     )
     tensorboard = callbacks_lib.TensorBoard(
         os.path.join(workdir, "tensorboard"), is_chief=dist.is_chief
@@ -115,7 +125,7 @@ def _fit(
         dist.distribute_dataset(train.dataset, global_batch, shard_policy=train.shard_policy),
         epochs=config.training.epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=[backup, throughput, tensorboard],
+        callbacks=[backup, consumed, throughput, tensorboard],
         shuffle=False,  # The input pipeline shuffles.
         verbose=config.training.verbose,
     )
@@ -129,6 +139,25 @@ def _fit(
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
     return metrics
+
+
+class _ConsumedElements(keras.callbacks.Callback):
+    """Counts the input elements this worker's training steps consumed in this fit.
+
+    Runs after `BackupAndRestore` restored the optimizer's step counter.
+    """
+
+    def __init__(self, per_worker_batch: int):
+        super().__init__()
+        self._per_worker_batch = per_worker_batch
+        self._start = 0
+
+    def on_train_begin(self, logs: Any = None) -> None:
+        self._start = int(self.model.optimizer.iterations.numpy())
+
+    @property
+    def count(self) -> int:
+        return (int(self.model.optimizer.iterations.numpy()) - self._start) * self._per_worker_batch
 
 
 def _distribution(config: ml_collections.ConfigDict) -> tfscale.Distribution:

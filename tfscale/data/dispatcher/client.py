@@ -21,6 +21,7 @@ for element in consumer:
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
@@ -101,6 +102,9 @@ class DispatcherClient:
     def commit(self, job: str, worker: str, token: int) -> None:
         self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
 
+    def rewind(self, job: str, worker: str, position: core.InputPosition) -> None:
+        self._call("Rewind", wire.position_to_proto(job, worker, position))
+
     def epoch_progress(self, job: str, epoch: int) -> core.EpochProgress:
         response = self._call("EpochProgress", pb.EpochProgressRequest(job=job, epoch=epoch))
         return core.EpochProgress(response.finished, response.floor, response.ceiling)
@@ -152,6 +156,12 @@ class ShardConsumer:
     ends; its shards are completed on commit, so a crash loses the held-back
     elements of its current epoch).
 
+    With `shuffle_seed`, each shard's elements are shuffled, the same way
+    every time the shard is read in the same epoch, so that a shard resumed
+    partway (after a `rewind`) skips exactly the elements consumed before.
+    `position(consumed)` tells where training stands once it has consumed
+    that many of the elements yielded, for saving with a checkpoint.
+
     Attributes:
       delivered: (epoch, shard name) of each shard completed, in order.
       dropped: the same for shards read but not handed on (lost races).
@@ -166,6 +176,7 @@ class ShardConsumer:
         read_fn: Callable[[str], Iterable[T]],
         max_shards: int = 2,
         poll_s: float = 0.02,
+        shuffle_seed: Optional[int] = None,
     ):
         self._client = client
         self._job = job
@@ -173,6 +184,11 @@ class ShardConsumer:
         self._read_fn = read_fn
         self._max_shards = max_shards
         self._poll_s = poll_s
+        self._shuffle_seed = shuffle_seed
+        # (epoch, shard index or None for padding, first offset, count) per
+        # run of yielded elements, in order: what `position` walks.
+        self._log: list[tuple[int, Optional[int], int, int]] = []
+        self._equalize = "none"
         self.delivered: list[tuple[int, str]] = []
         self.dropped: list[tuple[int, str]] = []
         self.per_epoch: dict[int, int] = {}
@@ -208,8 +224,51 @@ class ShardConsumer:
             stop.set()
             self._give_back(unfinished)
 
-    def _deliver(self, lease: core.Lease) -> Iterator[T]:
+    def position(
+        self, consumed: int, base: core.InputPosition = core.InputPosition()
+    ) -> core.InputPosition:
+        """The input position after the first `consumed` yielded elements.
+
+        Args:
+          consumed: elements of this iterator that training consumed.
+          base: the position this iterator started from (after a rewind).
+
+        Raises:
+          ValueError: with `equalize="drop"` (held-back elements make the
+            stream's order differ from the shards'), or for more elements
+            than were yielded.
+        """
+        if self._equalize == "drop":
+            raise ValueError("Input positions are not tracked with equalize='drop'")
+        epoch, done, partial = base.epoch, set(base.done), base.partial
+        remaining = consumed
+        for entry_epoch, shard, start, count in list(self._log):
+            if remaining <= 0:
+                break
+            take = min(count, remaining)
+            remaining -= take
+            if shard is None:  # padding
+                continue
+            if entry_epoch != epoch:
+                epoch, done, partial = entry_epoch, set(), None
+            if take == count:
+                done.add(shard)
+                partial = None if partial and partial[0] == shard else partial
+            else:
+                partial = (shard, start + take)
+        if remaining > 0:
+            raise ValueError(f"consumed={consumed} is more than the elements yielded")
+        return core.InputPosition(epoch, tuple(sorted(done)), partial)
+
+    def _read(self, lease: core.Lease) -> list[T]:
         elements = list(self._read_fn(lease.shard_name))
+        if self._shuffle_seed is not None:
+            key = f"{self._shuffle_seed}:{lease.epoch}:{lease.shard_name}"
+            random.Random(key).shuffle(elements)
+        return elements[lease.offset:]
+
+    def _deliver(self, lease: core.Lease) -> Iterator[T]:
+        elements = self._read(lease)
         try:
             self._client.commit(self._job, self._worker, lease.token)
         except core.FailedPrecondition:
@@ -220,6 +279,7 @@ class ShardConsumer:
             self._held.extend(elements)
             yield from self._release_held()
             return
+        self._log.append((lease.epoch, lease.shard_index, lease.offset, len(elements)))
         yield from self._emit(elements)
         self._latest = elements or self._latest
         self._complete(lease)
@@ -254,6 +314,8 @@ class ShardConsumer:
         if count > 0 and not self._latest:
             logging.warning("Cannot pad epoch %d: no element seen yet", self._epoch)
             return
+        if count > 0:
+            self._log.append((self._epoch, None, 0, count))
         for i in range(max(count, 0)):
             yield from self._emit([self._latest[i % len(self._latest)]])
 

@@ -48,6 +48,7 @@ __all__ = [
     "DispatcherCore",
     "DispatcherError",
     "FailedPrecondition",
+    "InputPosition",
     "InvalidArgument",
     "JobSpec",
     "Lease",
@@ -138,6 +139,31 @@ class Lease:
     token: int
     worker: str
     speculative: bool = False
+    offset: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPosition:
+    """Where a consumer's training stands in a job's input.
+
+    Attributes:
+      epoch: the epoch being consumed.
+      done: shards of that epoch consumed in full.
+      partial: `(shard, elements consumed)` of a shard consumed in part.
+    """
+
+    epoch: int = 0
+    done: tuple[int, ...] = ()
+    partial: Optional[tuple[int, int]] = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "done": list(self.done),
+                "partial": list(self.partial) if self.partial else None}
+
+    @classmethod
+    def from_dict(cls, value: dict[str, Any]) -> "InputPosition":
+        partial = value.get("partial")
+        return cls(value["epoch"], tuple(value["done"]), tuple(partial) if partial else None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,6 +242,7 @@ class _Job:
         self.order = {shard: rank for rank, shard in enumerate(order)}
         self.pending = order if epoch < self.spec.num_epochs else []
         self.done: set[int] = set()
+        self.offsets: dict[int, int] = {}  # shard -> elements to skip (after a rewind)
 
     @property
     def finished(self) -> bool:
@@ -272,12 +299,18 @@ class DispatcherCore:
             return True
 
     def register_worker(self, job: str, worker: str) -> Registration:
-        """Joins `worker` to `job` (again after a restart is fine)."""
+        """Joins `worker` to `job`, ending the leases of its previous registration.
+
+        A worker registers again when its process restarts (or opens a new
+        iterator): the shards the old one held go back to the pending ones,
+        so they are not kept alive by the new one's heartbeats.
+        """
         if not worker:
             raise InvalidArgument("worker name must not be empty")
         with self._lock:
             state = self._job(job)
-            if worker not in state.workers:
+            held = [t for t, a in state.leases.items() if a.lease.worker == worker]
+            if worker not in state.workers or held:
                 self._commit({"op": "register", "job": job, "worker": worker})
             state.workers[worker].last_seen = self._clock()
             spec = state.spec
@@ -368,6 +401,27 @@ class DispatcherCore:
         with self._lock:
             self._live_lease(job, worker, token)
             self._commit({"op": "release", "job": job, "token": token})
+
+    def rewind(self, job: str, worker: str, position: InputPosition) -> None:
+        """Moves a single-consumer job back to a training checkpoint's position.
+
+        Shards the worker consumed after the checkpoint (lost with the steps
+        that consumed them) become pending again; a partly consumed shard is
+        leased next with the consumed elements skipped; every lease ends.
+
+        Raises:
+          InvalidArgument: for a position outside the job.
+          FailedPrecondition: if another worker consumes this job too.
+        """
+        with self._lock:
+            state, _ = self._registered(job, worker)
+            others = sorted(set(state.workers) - {worker})
+            if others:
+                raise FailedPrecondition(
+                    f"Rewind needs a single-consumer job; {job!r} also has {others}"
+                )
+            _validate_position(state.spec, position)
+            self._commit({"op": "rewind", "job": job, "position": position.to_dict()})
 
     def expire_all(self) -> None:
         """Expires overdue leases of every job (the server calls it periodically)."""
@@ -522,7 +576,9 @@ class DispatcherCore:
             if finished:
                 state.start_epoch(state.epoch)
         elif op == "register":
-            state.workers[record["worker"]] = _Worker(record["worker"], now)
+            self._apply_register(state, record["worker"], now)
+        elif op == "rewind":
+            self._apply_rewind(state, InputPosition.from_dict(record["position"]))
         elif op == "grant":
             self._apply_grant(state, record, now)
         elif op == "commit":
@@ -531,23 +587,50 @@ class DispatcherCore:
             self._apply_commit(state, record["token"])
             self._apply_complete(state, record["token"], now)
         elif op in ("release", "expire"):
-            active = state.leases.pop(record["token"])
-            if active.committed:
-                self._count(state, active.lease, -1)
-            shard = active.lease.shard_index
-            if shard not in state.done and not state.holders(shard):
-                state.pending.insert(0, shard)
-            if op == "expire":
-                state.workers[active.lease.worker].revoked.add(record["token"])
+            self._end_lease(state, record["token"], revoke=op == "expire")
         else:
             raise ValueError(f"Unknown journal record op {op!r}")
+
+    def _apply_register(self, state: _Job, worker: str, now: float) -> None:
+        if worker not in state.workers:
+            state.workers[worker] = _Worker(worker, now)
+            return
+        for token in [t for t, a in state.leases.items() if a.lease.worker == worker]:
+            self._end_lease(state, token, revoke=True)
+
+    def _end_lease(self, state: _Job, token: int, revoke: bool) -> None:
+        """Ends a lease unfinished: its shard is pending again unless held or done."""
+        active = state.leases.pop(token)
+        if active.committed:
+            self._count(state, active.lease, -1)
+        shard = active.lease.shard_index
+        if shard not in state.done and not state.holders(shard):
+            state.pending.insert(0, shard)
+        if revoke:
+            state.workers[active.lease.worker].revoked.add(token)
+
+    def _apply_rewind(self, state: _Job, position: InputPosition) -> None:
+        for token, active in state.leases.items():
+            state.workers[active.lease.worker].revoked.add(token)
+        state.leases.clear()
+        state.epoch_counts = {e: c for e, c in state.epoch_counts.items() if e < position.epoch}
+        state.start_epoch(position.epoch)
+        state.done = set(position.done)
+        state.pending = [s for s in state.pending if s not in state.done]
+        if position.partial:
+            shard, offset = position.partial
+            state.pending.remove(shard)
+            state.pending.insert(0, shard)
+            state.offsets[shard] = offset
+        if len(state.done) == len(state.spec.shards):
+            state.start_epoch(position.epoch + 1)
 
     def _apply_grant(self, state: _Job, record: dict[str, Any], now: float) -> None:
         shard = record["shard"]
         spec = state.spec.shards[shard]
         lease = Lease(
             state.spec.name, record["epoch"], shard, spec.name, spec.size, record["token"],
-            record["worker"], record["speculative"],
+            record["worker"], record["speculative"], state.offsets.get(shard, 0),
         )
         if not record["speculative"]:
             state.pending.remove(shard)
@@ -578,6 +661,7 @@ class DispatcherCore:
         record.completed_size += lease.size
         record.busy_s += max(now - active.granted_at, 1e-6)
         state.done.add(lease.shard_index)
+        state.offsets.pop(lease.shard_index, None)
         if len(state.done) == len(state.spec.shards) and not state.leases:
             state.start_epoch(state.epoch + 1)
 
@@ -590,6 +674,7 @@ class DispatcherCore:
                 {"spec": state.spec.to_dict(), "epoch": state.epoch, "pending": list(state.pending),
                  "done": sorted(state.done), "grants": state.grants,
                  "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
+                 "offsets": {str(k): v for k, v in state.offsets.items()},
                  "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
                              for w in state.workers.values()],
                  "leases": [dataclasses.asdict(a.lease) | {"committed": a.committed}
@@ -614,6 +699,7 @@ class DispatcherCore:
             state.done = set(saved["done"])
             state.grants = saved["grants"]
             state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
+            state.offsets = {int(k): v for k, v in saved["offsets"].items()}
             for w in saved["workers"]:
                 state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"])})
             for saved_lease in saved["leases"]:
@@ -623,6 +709,24 @@ class DispatcherCore:
                     lease, now, now + state.spec.lease_timeout_s, committed
                 )
             self._jobs[state.spec.name] = state
+
+
+def _validate_position(spec: JobSpec, position: InputPosition) -> None:
+    shards = range(len(spec.shards))
+    bad = (
+        not 0 <= position.epoch < spec.num_epochs
+        or not set(position.done) <= set(shards)
+        or (position.partial is not None and (
+            position.partial[0] not in shards
+            or position.partial[0] in position.done
+            or not 0 <= position.partial[1] < max(spec.shards[position.partial[0]].size, 1)
+        ))
+    )
+    if bad:
+        raise InvalidArgument(
+            f"Input position {position} is outside job {spec.name!r} "
+            f"({len(spec.shards)} shards, {spec.num_epochs} epochs)"
+        )
 
 
 def _validate_spec(spec: JobSpec) -> None:

@@ -74,6 +74,11 @@ class ShardDispatcherStub:
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Rewind = channel.unary_unary(
+                '/tfscale.dispatcher.ShardDispatcher/Rewind',
+                request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindRequest.SerializeToString,
+                response_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindResponse.FromString,
+                _registered_method=True)
         self.EpochProgress = channel.unary_unary(
                 '/tfscale.dispatcher.ShardDispatcher/EpochProgress',
                 request_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.EpochProgressRequest.SerializeToString,
@@ -146,6 +151,14 @@ class ShardDispatcherServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rewind(self, request, context):
+        """Moves a single-consumer job back to a training checkpoint's input
+        position: shards consumed after it become pending again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def EpochProgress(self, request, context):
         """Element counts of the consumers in one epoch, for equalization.
         """
@@ -202,6 +215,11 @@ def add_ShardDispatcherServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.FromString,
                     response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Rewind': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rewind,
+                    request_deserializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindRequest.FromString,
+                    response_serializer=tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindResponse.SerializeToString,
             ),
             'EpochProgress': grpc.unary_unary_rpc_method_handler(
                     servicer.EpochProgress,
@@ -430,6 +448,33 @@ class ShardDispatcher:
             '/tfscale.dispatcher.ShardDispatcher/Release',
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseRequest.SerializeToString,
             tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rewind(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tfscale.dispatcher.ShardDispatcher/Rewind',
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindRequest.SerializeToString,
+            tfscale_dot_data_dot_dispatcher_dot_dispatcher__pb2.RewindResponse.FromString,
             options,
             channel_credentials,
             insecure,

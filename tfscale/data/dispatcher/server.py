@@ -108,6 +108,12 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
                 equalize=joined.equalize,
             )
 
+    def Rewind(self, request: pb.RewindRequest, context: Any) -> pb.RewindResponse:
+        with _status_codes(context):
+            position = wire.position_from_proto(request)
+            self._core.rewind(request.job, request.worker, position)
+            return pb.RewindResponse()
+
     def EpochProgress(
         self, request: pb.EpochProgressRequest, context: Any
     ) -> pb.EpochProgressResponse:

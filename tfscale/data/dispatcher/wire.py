@@ -12,6 +12,8 @@ __all__ = [
     "job_spec_to_proto",
     "lease_from_proto",
     "lease_to_proto",
+    "position_from_proto",
+    "position_to_proto",
     "status_to_proto",
 ]
 
@@ -51,6 +53,7 @@ def lease_to_proto(lease: core.Lease) -> pb.Lease:
         size=lease.size,
         token=lease.token,
         speculative=lease.speculative,
+        offset=lease.offset,
     )
 
 
@@ -64,6 +67,22 @@ def lease_from_proto(message: pb.Lease, worker: str) -> core.Lease:
         token=message.token,
         worker=worker,
         speculative=message.speculative,
+        offset=message.offset,
+    )
+
+
+def position_from_proto(message: pb.RewindRequest) -> core.InputPosition:
+    partial = None
+    if message.partial_shard >= 0:
+        partial = (message.partial_shard, message.partial_offset)
+    return core.InputPosition(message.epoch, tuple(message.done), partial)
+
+
+def position_to_proto(job: str, worker: str, position: core.InputPosition) -> pb.RewindRequest:
+    shard, offset = position.partial or (-1, 0)
+    return pb.RewindRequest(
+        job=job, worker=worker, epoch=position.epoch, done=list(position.done),
+        partial_shard=shard, partial_offset=offset,
     )
 
 
