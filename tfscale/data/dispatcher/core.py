@@ -228,6 +228,8 @@ class _Job:
     def __init__(self, spec: JobSpec):
         self.spec = spec
         self.policy = policies_lib.make_policy(spec.policy)
+        self.names = tuple(s.name for s in spec.shards)
+        self.sizes = tuple(s.size for s in spec.shards)
         self.workers: dict[str, _Worker] = {}
         self.leases: dict[int, _ActiveLease] = {}
         self.grants = 0
@@ -508,10 +510,10 @@ class DispatcherCore:
         return policies_lib.PolicyView(
             worker=worker,
             live_workers=self._live_workers(state, now),
-            pending=tuple(state.pending),
+            pending=state.pending,
             order=state.order,
-            names={i: s.name for i, s in enumerate(state.spec.shards)},
-            sizes={i: s.size for i, s in enumerate(state.spec.shards)},
+            names=state.names,
+            sizes=state.sizes,
             outstanding=outstanding,
             throughput={w.name: w.throughput for w in state.workers.values()},
             in_flight=tuple(
@@ -525,9 +527,9 @@ class DispatcherCore:
     def _checked_grants(
         self, state: _Job, worker: str, selection: policies_lib.Selection, max_shards: int
     ) -> list[tuple[int, bool]]:
-        pending = set(state.pending)
         shards = list(dict.fromkeys(selection.shards))
-        if len(shards) > max_shards or not pending.issuperset(shards):
+        taken = {a.lease.shard_index for a in state.leases.values()} | state.done
+        if len(shards) > max_shards or any(s in taken or s not in state.order for s in shards):
             raise RuntimeError(f"Policy {state.spec.policy!r} returned an invalid selection {selection}")
         backups = []
         for shard in dict.fromkeys(selection.backups):

@@ -40,6 +40,7 @@ import statistics
 from typing import Mapping
 from typing import Optional
 from typing import Sequence
+from typing import Union
 
 __all__ = [
     "POLICIES",
@@ -84,10 +85,13 @@ class PolicyView:
     Attributes:
       worker: the requesting worker's name.
       live_workers: live worker names, in registration order.
-      pending: shards neither leased nor done this epoch, in the epoch's
-        (seeded, permuted) order.
+      pending: shards neither leased nor done this epoch: shards given back
+        (released, expired) first, then the epoch's (seeded, permuted) order.
+        Read-only; policies should look at a bounded prefix where they can,
+        as it may hold a whole epoch's shards.
       order: shard index -> its rank in this epoch's permutation (all shards).
-      names: shard index -> shard name (stable across epochs and restarts).
+      names: shard index -> shard name (stable across epochs and restarts);
+        the same object for the job's lifetime.
       sizes: shard index -> size (elements or bytes; the load unit).
       outstanding: worker -> total size of the shards it holds leases on.
       throughput: worker -> measured size units per second (0.0: unknown).
@@ -98,10 +102,10 @@ class PolicyView:
 
     worker: str
     live_workers: tuple[str, ...]
-    pending: tuple[int, ...]
+    pending: Sequence[int]
     order: Mapping[int, int]
-    names: Mapping[int, str]
-    sizes: Mapping[int, int]
+    names: Union[Sequence[str], Mapping[int, str]]
+    sizes: Union[Sequence[int], Mapping[int, int]]
     outstanding: Mapping[str, int]
     throughput: Mapping[str, float]
     in_flight: tuple[InFlight, ...]
@@ -138,6 +142,16 @@ class Policy(abc.ABC):
 def _check_max_shards(max_shards: int) -> None:
     if max_shards < 0:
         raise ValueError(f"max_shards must be >= 0. Received: max_shards={max_shards}")
+
+
+# Size-ordered policies pick among this many pending shards at the head of the
+# (random) permutation: a bounded random sample, so a request costs the same
+# for a hundred shards or a million.
+WINDOW = 256
+
+
+def _window(view: PolicyView, max_shards: int) -> Sequence[ShardIndex]:
+    return view.pending[: max(WINDOW, 8 * max_shards)]
 
 
 def _by_rank(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
@@ -178,10 +192,12 @@ class RoundRobin(Policy):
         _check_max_shards(max_shards)
         own = []
         others = []
-        for shard in _by_rank(view, view.pending):
+        for shard in view.pending:  # already in permutation order
+            if len(own) >= max_shards:
+                break
             if self._owner(view, shard) == view.worker:
                 own.append(shard)
-            else:
+            elif len(others) < max_shards:
                 others.append(shard)
         return Selection(shards=tuple((own + others)[:max_shards]))
 
@@ -219,9 +235,10 @@ class LeastLoaded(Policy):
         if not view.pending:
             return Selection()
         load = view.outstanding.get(view.worker, 0)
-        limit = self._load_limit(view)
+        candidates = _window(view, max_shards)
+        limit = self._load_limit(view, candidates)
         granted = []
-        for shard in _largest_first(view, view.pending):
+        for shard in _largest_first(view, candidates):
             if len(granted) >= max_shards:
                 break
             size = view.sizes[shard]
@@ -233,13 +250,13 @@ class LeastLoaded(Policy):
         return Selection(shards=tuple(granted))
 
     @staticmethod
-    def _load_limit(view: PolicyView) -> Optional[int]:
+    def _load_limit(view: PolicyView, candidates: Sequence[ShardIndex]) -> Optional[int]:
         """The most load the requester may hold; None when it is the only live worker."""
         others = [w for w in view.live_workers if w != view.worker]
         if not others:
             return None
         least = min(view.outstanding.get(w, 0) for w in others)
-        return least + max(view.sizes[shard] for shard in view.pending)
+        return least + max(view.sizes[shard] for shard in candidates)
 
 
 def _score(shard_name: str, worker: WorkerName) -> int:
@@ -281,6 +298,9 @@ class ConsistentHash(Policy):
         self._load_factor = float(load_factor)
         self._cache_key: Optional[tuple[tuple[str, ...], tuple[WorkerName, ...]]] = None
         self._cache: Assignment = {}
+        # (id of view.names, workers) -> owner of each shard index
+        self._view_key: Optional[tuple[int, int, tuple[WorkerName, ...]]] = None
+        self._view_owners: list[WorkerName] = []
 
     @property
     def load_factor(self) -> float:
@@ -312,10 +332,24 @@ class ConsistentHash(Policy):
         _check_max_shards(max_shards)
         if not view.pending or view.worker not in view.live_workers:
             return Selection()
-        names = tuple(view.names[shard] for shard in sorted(view.names))
-        owners = self._owners(names, view.live_workers)
-        own = [s for s in view.pending if owners[view.names[s]] == view.worker]
-        return Selection(shards=tuple(_by_rank(view, own)[:max_shards]))
+        owners = self._shard_owners(view)
+        own = []
+        for shard in view.pending:  # already in permutation order
+            if len(own) >= max_shards:
+                break
+            if owners[shard] == view.worker:
+                own.append(shard)
+        return Selection(shards=tuple(own))
+
+    def _shard_owners(self, view: PolicyView) -> list[WorkerName]:
+        """Owner by shard index, recomputed only when the workers change."""
+        key = (id(view.names), len(view.names), tuple(view.live_workers))
+        if key != self._view_key:
+            names = [view.names[shard] for shard in range(len(view.names))]
+            owners = self._owners(names, view.live_workers)
+            self._view_owners = [owners[name] for name in names]
+            self._view_key = key
+        return self._view_owners
 
     def _owners(self, shard_names: Sequence[str], workers: Sequence[WorkerName]) -> Assignment:
         """Like `assignment`, but returns the cached dict itself."""
@@ -427,7 +461,7 @@ class Adaptive(Policy):
             count = max_shards
             large_first = True
         order = _largest_first if large_first else _smallest_first
-        return tuple(order(view, view.pending)[: min(count, max_shards)])
+        return tuple(order(view, _window(view, max_shards))[: min(count, max_shards)])
 
     def _backup(self, view: PolicyView) -> Optional[ShardIndex]:
         own = view.throughput.get(view.worker, 0.0)
