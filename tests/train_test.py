@@ -16,6 +16,7 @@ testutil.setup_devices()
 
 import tensorflow_datasets as tfds  # noqa: E402
 
+from tfscale.data import synthetic  # noqa: E402
 from tfscale.data.dispatcher import server as server_lib  # noqa: E402
 from tfscale.train import callbacks  # noqa: E402
 from tfscale.train import config as config_lib  # noqa: E402
@@ -131,9 +132,12 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertTrue(job["finished"])
         self.assertEqual(job["epoch"], 2)
 
-    def test_external_dispatcher(self):
+    def test_external_dispatcher_job_made_by_the_cli(self):
+        files = synthetic.ensure_shards(testutil.cache_dir(), "train")
+        pattern = os.path.join(os.path.dirname(files[0]), "*.tfrecord-*")
         server = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve", f"--shards={pattern}",
+             "--job=train", "--policy=least_loaded"],
             cwd=testutil.REPO_ROOT,
             env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
             stdout=subprocess.PIPE,
@@ -149,7 +153,8 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertEqual(_metrics(workdir)["dispatcher"], address)
         status = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
-        self.assertIn("job train [adaptive]: epoch 1/1 finished", status.stdout)
+        self.assertIn("job train [least_loaded]: epoch 1/1", status.stdout)
+        self.assertIn("shards 16:", status.stdout)
 
     def test_one_device_override(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")

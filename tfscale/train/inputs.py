@@ -4,7 +4,8 @@ With `config.data.dispatcher.address` (an external `tfscale-dispatcher`) or
 `config.data.dispatcher.embedded=True` (an in-process dispatcher journaling
 to `workdir/dispatcher`), the train split's shard files are leased to this
 worker one by one instead of being read in full; the job is created from the
-split (creating it again is a no-op, so every worker may do it).
+split unless the dispatcher has a job of that name already (e.g. one
+`tfscale-dispatcher serve --shards=...` created), which is then used as is.
 
 Dispatched input keeps the dispatcher's order (each epoch's seeded shard
 permutation, each shard shuffled on read) instead of a local shuffle buffer,
@@ -33,6 +34,7 @@ from typing import Any, Optional
 
 import ml_collections
 import tensorflow as tf
+from absl import logging
 
 from tfscale.data import dispatched
 from tfscale.data import sources
@@ -136,7 +138,10 @@ def _dispatched(
     )
     client = client_lib.DispatcherClient(address, auth_token=token)
     try:
-        client.create_job(spec)
+        if options.job in [job.name for job in client.list_jobs()]:
+            logging.info("Using the existing dispatcher job %r at %s", options.job, address)
+        else:
+            client.create_job(spec)
     finally:
         client.close()
     source = dispatched.DispatchedInput(

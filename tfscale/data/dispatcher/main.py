@@ -5,7 +5,8 @@ Usage:
 ```
 tfscale-dispatcher serve --port=0 --work_dir=/tmp/dispatcher --policy=adaptive \\
     --shards='/data/train-*.tfrecord' [--job=train --num_epochs=3 --seed=0 \\
-    --lease_timeout_s=30 --auth_token_file=TOKEN --tls_cert_file=C --tls_key_file=K]
+    --lease_timeout_s=30 --num_consumers=N --equalize=pad|drop \
+    --auth_token_file=TOKEN --tls_cert_file=C --tls_key_file=K]
 tfscale-dispatcher status --address=127.0.0.1:40123 [--auth_token_file=TOKEN]
 ```
 
@@ -39,6 +40,12 @@ _JOB = flags.DEFINE_string("job", "default", "Job name.")
 _NUM_EPOCHS = flags.DEFINE_integer("num_epochs", 1, "Passes over the shards.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the per-epoch shard permutation.")
 _LEASE_TIMEOUT_S = flags.DEFINE_float("lease_timeout_s", 30.0, "Lease timeout in seconds.")
+_NUM_CONSUMERS = flags.DEFINE_integer(
+    "num_consumers", 0, "Synchronous consumers to equalize (with --equalize)."
+)
+_EQUALIZE = flags.DEFINE_enum(
+    "equalize", "none", list(core.EQUALIZE), "Equal element counts per epoch: pad or drop."
+)
 _AUTH_TOKEN_FILE = flags.DEFINE_string("auth_token_file", None, "File holding the auth token.")
 _TLS_CERT_FILE = flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain (serve).")
 _TLS_KEY_FILE = flags.DEFINE_string("tls_key_file", None, "PEM private key (serve).")
@@ -71,13 +78,18 @@ def serve() -> None:
     if _SHARDS.value:
         spec = core.JobSpec(
             name=_JOB.value,
-            shards=tuple(shards_lib.expand(_SHARDS.value)),
+            shards=tuple(shards_lib.expand(_SHARDS.value, count_elements=_EQUALIZE.value != "none")),
             policy=_POLICY.value,
             num_epochs=_NUM_EPOCHS.value,
             seed=_SEED.value,
             lease_timeout_s=_LEASE_TIMEOUT_S.value,
+            num_consumers=_NUM_CONSUMERS.value,
+            equalize=_EQUALIZE.value,
         )
-        server.core.create_job(spec)
+        try:
+            server.core.create_job(spec)
+        except core.DispatcherError as e:
+            raise app.UsageError(str(e)) from None
     server.start()
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     print(f"tfscale-dispatcher listening on {server.target}", flush=True)

@@ -30,8 +30,13 @@ __all__ = [
 ]
 
 
-def expand(spec: str) -> list[core.ShardSpec]:
+def expand(spec: str, count_elements: bool = False) -> list[core.ShardSpec]:
     """Shards of a spec: a file glob, `range:N:K` or `tfds:NAME:SPLIT:N`.
+
+    Args:
+      spec: the spec.
+      count_elements: size file shards by their record count (read once)
+        rather than their bytes; equalization needs element counts.
 
     Raises:
       ValueError: for a malformed spec or a glob matching no file.
@@ -54,6 +59,8 @@ def expand(spec: str) -> list[core.ShardSpec]:
     files = sorted(tf.io.gfile.glob(spec))
     if not files:
         raise ValueError(f"No file matches the shard glob {spec!r}")
+    if count_elements:
+        return [core.ShardSpec(f, sum(1 for _ in tf.data.TFRecordDataset([f]))) for f in files]
     return [core.ShardSpec(f, os.path.getsize(f)) for f in files]
 
 
