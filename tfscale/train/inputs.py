@@ -121,6 +121,7 @@ def _dispatched(
 ) -> TrainInput:
     options = config.data.dispatcher
     shards, count = _shards(config, split)
+    steps = _steps(config, count)  # before anything starts or is written
     address = options.address
     token = _read_token(options.auth_token_file)
     if options.embedded:
@@ -160,7 +161,7 @@ def _dispatched(
     dataset = source.dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return TrainInput(
         dataset,
-        _steps(config, count),
+        steps,
         split.image_shape,
         split.num_classes,
         _ShardPolicy.OFF,

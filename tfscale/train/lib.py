@@ -40,11 +40,13 @@ from tfscale.train import models
 from tfscale.train import schedules
 
 __all__ = [
+    "CHECKPOINTS_DIR",
     "METRICS_FILE",
     "run",
 ]
 
 METRICS_FILE = "metrics.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -66,8 +68,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dist = _distribution(config)
     global_batch = config.training.global_batch_size
     dist.per_replica_batch_size(global_batch)
-    checkpoints = os.path.join(workdir, "checkpoints")
-    resume = callbacks_lib.read_backup_state(checkpoints) or {}
+    resume = callbacks_lib.read_backup_state(os.path.join(workdir, CHECKPOINTS_DIR)) or {}
     with contextlib.ExitStack() as stack:
         train = inputs.train_input(
             config,
@@ -113,7 +114,7 @@ def _fit(
     )
     consumed = _ConsumedElements(global_batch // dist.num_workers)
     backup = callbacks_lib.BackupAndRestore(
-        os.path.join(workdir, "checkpoints"),
+        os.path.join(workdir, CHECKPOINTS_DIR),
         is_chief=dist.is_chief,
         max_to_keep=config.training.checkpoints_to_keep,
         extra_state=lambda: {"input_position": train.position(consumed.count)},
