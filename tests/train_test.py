@@ -221,6 +221,23 @@ class RunTest(parameterized.TestCase):
         self.assertEqual(metrics["eval"]["examples"], 128)
         self.assertEqual(_metrics(workdir)["eval"], metrics["eval"])
 
+    def test_tfds_source_through_an_embedded_dispatcher(self):
+        config = self._config()
+        config.data.source = "tfds:mnist"
+        config.data.max_train_examples = None
+        config.data.max_eval_examples = None
+        config.data.dispatcher.embedded = True
+        config.data.dispatcher.tfds_shards = 4
+        config.training.epochs = 1
+        config.distribution.devices = "2"
+        workdir = self.create_tempdir().full_path
+        with tfds.testing.mock_data(num_examples=128):
+            metrics = lib.run(config, workdir)
+        self.assertRegex(metrics["dispatcher"], r"^127\.0\.0\.1:\d+$")
+        self.assertEqual(metrics["history"][0]["epoch"], 1)
+        state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
+        self.assertIn("input_position", state["extra"])
+
     @parameterized.parameters(
         dict(field=("training", "verbose"), value=3, message="config.training.verbose must be 0, 1 or 2"),
         dict(field=("optimizer", "learning_rate"), value=-1.0, message="optimizer.learning_rate must be a positive number"),
