@@ -155,6 +155,14 @@ class TrainBinaryTest(absltest.TestCase):
         status = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
         self.assertIn("job train [least_loaded]: epoch 1/1", status.stdout)
         self.assertIn("shards 16:", status.stdout)
+        result = _train(
+            workdir + "2", f"--config.data.dispatcher.address={address}", "--config.training.epochs=3"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(
+            "Dispatcher job 'train' at {} has 1 epoch(s); config.training.epochs=3 needs as many".format(address),
+            result.stderr,
+        )
 
     def test_one_device_override(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")

@@ -4,8 +4,9 @@ With `config.data.dispatcher.address` (an external `tfscale-dispatcher`) or
 `config.data.dispatcher.embedded=True` (an in-process dispatcher journaling
 to `workdir/dispatcher`), the train split's shard files are leased to this
 worker one by one instead of being read in full; the job is created from the
-split unless the dispatcher has a job of that name already (e.g. one
-`tfscale-dispatcher serve --shards=...` created), which is then used as is.
+split; an existing job of that name is extended if only its epoch count is
+lower, and used as it is if it differs otherwise (e.g. one that
+`tfscale-dispatcher serve --shards=...` created).
 
 Dispatched input keeps the dispatcher's order (each epoch's seeded shard
 permutation, each shard shuffled on read) instead of a local shuffle buffer,
@@ -139,10 +140,16 @@ def _dispatched(
     )
     client = client_lib.DispatcherClient(address, auth_token=token)
     try:
-        if options.job in [job.name for job in client.list_jobs()]:
-            logging.info("Using the existing dispatcher job %r at %s", options.job, address)
-        else:
-            client.create_job(spec)
+        client.create_job(spec)  # no-op if it exists; more epochs extend it
+    except core.AlreadyExists:
+        (job,) = [j for j in client.list_jobs() if j.name == options.job]
+        if job.num_epochs < config.training.epochs:
+            raise ValueError(
+                f"Dispatcher job {options.job!r} at {address} has {job.num_epochs} epoch(s); "
+                f"config.training.epochs={config.training.epochs} needs as many "
+                f"(tfscale-dispatcher serve --num_epochs={config.training.epochs})"
+            ) from None
+        logging.info("Using the existing dispatcher job %r at %s", options.job, address)
     finally:
         client.close()
     source = dispatched.DispatchedInput(
