@@ -172,6 +172,23 @@ class StatusCommandTest(absltest.TestCase):
         self.assertIn("job audit [round_robin]: epoch 1/2", result.stdout)
         self.assertRegex(result.stdout, r"audit\s+w0\s+yes\s+0\s+0\s+2\s+20")
 
+    def test_auth_token_file(self):
+        tmp = self.create_tempdir().full_path
+        token = os.path.join(tmp, "token")
+        with open(token, "w") as f:
+            f.write("s3cret\n")
+        dispatcher = Dispatcher(tmp, *_serve_flags(), f"--auth_token_file={token}")
+        self.addCleanup(dispatcher.stop)
+        denied = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={dispatcher.address}")
+        self.assertNotEqual(denied.returncode, 0)
+        self.assertIn("UNAUTHENTICATED", denied.stderr)
+        allowed = testutil.run_module(
+            "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}",
+            f"--auth_token_file={token}",
+        )
+        self.assertEqual(allowed.returncode, 0, allowed.stderr[-2000:])
+        self.assertIn("job audit [round_robin]", allowed.stdout)
+
     def test_serve_rejects_bad_shards(self):
         result = testutil.run_module(
             "tfscale.data.dispatcher", "serve", "--shards=/nonexistent/*.tfrecord"

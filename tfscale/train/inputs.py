@@ -124,7 +124,7 @@ def _dispatched(
     shards, count = _shards(config, split)
     steps = _steps(config, count)  # before anything starts or is written
     address = options.address
-    token = _read_token(options.auth_token_file)
+    token = client_lib.read_token_file(options.auth_token_file)
     if options.embedded:
         server_config = server_lib.ServerConfig(
             work_dir=os.path.join(workdir, "dispatcher"), auth_token=token
@@ -212,13 +212,6 @@ def _file_element(element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _tfds_element(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     return tf.cast(image, tf.float32) / 255.0, label
-
-
-def _read_token(path: Optional[str]) -> Optional[str]:
-    if not path:
-        return None
-    with open(path) as f:
-        return f.read().strip() or None
 
 
 def _load(config: ml_collections.ConfigDict, split: str) -> sources.SplitData:

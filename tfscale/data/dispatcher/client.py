@@ -38,6 +38,7 @@ from tfscale.data.dispatcher import wire
 __all__ = [
     "DispatcherClient",
     "ShardConsumer",
+    "read_token_file",
 ]
 
 T = TypeVar("T")
@@ -47,6 +48,21 @@ _ERRORS = {
     grpc.StatusCode.FAILED_PRECONDITION: core.FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: core.AlreadyExists,
 }
+
+
+def read_token_file(path: Optional[str]) -> Optional[str]:
+    """The auth token stored in `path` (None for no path).
+
+    Raises:
+      ValueError: if the file is empty.
+    """
+    if not path:
+        return None
+    with open(path) as f:
+        token = f.read().strip()
+    if not token:
+        raise ValueError(f"The auth token file {path} is empty")
+    return token
 
 
 class DispatcherClient:

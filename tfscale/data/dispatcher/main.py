@@ -131,13 +131,10 @@ def _client() -> client_lib.DispatcherClient:
 
 
 def _read_token() -> Optional[str]:
-    if not _AUTH_TOKEN_FILE.value:
-        return None
-    with open(_AUTH_TOKEN_FILE.value) as f:
-        token = f.read().strip()
-    if not token:
-        raise app.UsageError(f"--auth_token_file={_AUTH_TOKEN_FILE.value} is empty")
-    return token
+    try:
+        return client_lib.read_token_file(_AUTH_TOKEN_FILE.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def run_main() -> None:
