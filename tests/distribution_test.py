@@ -16,11 +16,15 @@ import tfscale  # noqa: E402
 
 class FactoryTest(parameterized.TestCase):
     def test_kinds(self):
-        self.assertEqual(tfscale.kinds(), ("default", "mirrored", "one_device"))
+        self.assertEqual(
+            tfscale.kinds(), ("default", "mirrored", "multi_worker_mirrored", "one_device")
+        )
 
     def test_unknown_kind_lists_valid_kinds(self):
         with self.assertRaisesRegex(
-            ValueError, r"Unknown distribution kind 'mirorred'. Valid kinds: default, mirrored, one_device"
+            ValueError,
+            r"Unknown distribution kind 'mirorred'. Valid kinds: default, mirrored, "
+            r"multi_worker_mirrored, one_device",
         ):
             tfscale.distribution("mirorred")
 
@@ -31,6 +35,17 @@ class FactoryTest(parameterized.TestCase):
             r"Valid options: devices, all_reduce",
         ):
             tfscale.distribution("mirrored", device="/cpu:0")
+
+    @parameterized.parameters(
+        dict(options=dict(communication="mpi"), match=r"communication must be one of auto, ring, nccl"),
+        dict(options=dict(task_index=1), match=r"task_index goes with an explicit host list"),
+        dict(options=dict(cluster="h1:1,h2:2"), match=r"An explicit host list needs task_index"),
+        dict(options=dict(cluster="h1:1,h2:2", task_index=2), match=r"task_index must be in \[0, 2\)"),
+        dict(options=dict(cluster="slurm"), match=r"cluster='slurm', but its environment"),
+    )
+    def test_bad_multi_worker_options(self, options, match):
+        with self.assertRaisesRegex(ValueError, match):
+            tfscale.distribution("multi_worker_mirrored", **options)
 
     def test_default_takes_no_options(self):
         with self.assertRaisesRegex(ValueError, r"Valid options: \(none\)"):

@@ -179,7 +179,7 @@ class TrainBinaryTest(absltest.TestCase):
     def test_bad_values_fail_clearly_and_write_nothing(self):
         cases = [
             ("--config.training.epochs=0", "config.training.epochs must be a positive int. Received: training.epochs=0"),
-            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, mirrored, one_device"),
+            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, mirrored, multi_worker_mirrored, one_device"),
             ("--config.distribution.all_reduce=ring", "all_reduce must be one of auto, nccl, hierarchical_copy, reduce_to_one"),
             ("--config.distribution.device=/cpu:0", "Unknown option(s) device for distribution kind 'mirrored'"),
             ("--config.training.global_batch_size=63", "global_batch_size must be a positive multiple of the 2 replica(s)"),

@@ -37,7 +37,7 @@ def configure_devices(
     virtual_cpus: Optional[int] = None,
     virtual_gpus_per_gpu: Optional[int] = None,
     gpu_memory_limit_mb: Optional[int] = None,
-) -> list[str]:
+) -> None:
     """Splits the physical devices into logical ones.
 
     Calling it again with the same arguments is a no-op, so every entry point
@@ -51,8 +51,8 @@ def configure_devices(
       gpu_memory_limit_mb: memory of each logical GPU in MiB. Alone, it caps
         every physical GPU at one logical device of that size.
 
-    Returns:
-      The names of the logical devices now visible.
+    It does not initialize TensorFlow (so a multi-worker strategy can still
+    be created after it); `local_devices()` does.
 
     Raises:
       ValueError: for a count below 1 or a GPU split without a memory limit.
@@ -91,7 +91,6 @@ def configure_devices(
             raise DevicesAlreadyInitializedError(
                 _late_message(virtual_cpus, virtual_gpus_per_gpu, gpu_memory_limit_mb)
             ) from None
-    return local_devices()
 
 
 def local_devices(device_type: Optional[str] = None) -> list[str]:

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Mapping, Union
 import tensorflow as tf
 
 from tfscale.strategies import local
+from tfscale.strategies import multi_worker
 
 __all__ = [
     "Distribution",
@@ -202,6 +203,9 @@ _KINDS: dict[str, Callable[..., Distribution]] = {
     "default": _strategy_kind("default", local.default),
     "one_device": _strategy_kind("one_device", local.one_device),
     "mirrored": _strategy_kind("mirrored", local.mirrored),
+    "multi_worker_mirrored": _strategy_kind(
+        "multi_worker_mirrored", multi_worker.multi_worker_mirrored
+    ),
 }
 
 
@@ -215,7 +219,9 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
 
     Args:
       kind: one of `kinds()`: `"default"`, `"one_device"` (option `device`),
-        `"mirrored"` (options `devices`, `all_reduce`).
+        `"mirrored"` (options `devices`, `all_reduce`),
+        `"multi_worker_mirrored"` (options `communication`, `cluster`,
+        `task_index`).
       **options: options of that kind.
 
     Returns:

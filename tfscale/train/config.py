@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
             "device": config_dict.placeholder(str),
             "devices": config_dict.placeholder(str),
             "all_reduce": config_dict.placeholder(str),
+            "communication": config_dict.placeholder(str),
+            "cluster": config_dict.placeholder(str),
+            "task_index": config_dict.placeholder(int),
         }
     )
     config.data = ml_collections.ConfigDict(
