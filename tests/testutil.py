@@ -20,8 +20,9 @@ _CACHE_DIR: list[str] = []
 
 
 def setup_devices() -> None:
-    """Splits the CPU into NUM_CPUS logical devices."""
+    """Splits the CPU into NUM_CPUS logical devices and initializes TensorFlow."""
     tfscale.configure_devices(virtual_cpus=NUM_CPUS)
+    tfscale.local_devices()
 
 
 def cache_dir() -> str:

@@ -19,9 +19,6 @@ from __future__ import annotations
 import os
 from typing import Any, Iterator
 
-import tensorflow as tf
-
-from tfscale.data import records
 from tfscale.data.dispatcher import core
 
 __all__ = [
@@ -56,6 +53,8 @@ def expand(spec: str, count_elements: bool = False) -> list[core.ShardSpec]:
         return [
             core.ShardSpec(f"tfds:{name}:{split}[{a}%:{b}%]", b - a) for a, b in zip(edges, edges[1:])
         ]
+    import tensorflow as tf  # Only file shards need TensorFlow.
+
     files = sorted(tf.io.gfile.glob(spec))
     if not files:
         raise ValueError(f"No file matches the shard glob {spec!r}")
@@ -76,6 +75,10 @@ def read(name: str) -> Iterator[Any]:
         _, dataset, split = name.split(":", 2)
         yield from tfds.as_numpy(tfds.load(dataset, split=split, as_supervised=True))
         return
+    import tensorflow as tf  # Only file shards need TensorFlow.
+
+    from tfscale.data import records
+
     parse = records.parse_fn((28, 28, 1))
     for serialized in tf.data.TFRecordDataset([name]):
         element = parse(serialized)

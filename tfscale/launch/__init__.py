@@ -1,0 +1,1 @@
+"""`tfscale-launch`: start and supervise multi-worker runs."""

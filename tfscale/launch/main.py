@@ -1,0 +1,70 @@
+"""`tfscale-launch`: a torchrun-style launcher for multi-worker TensorFlow runs.
+
+Usage:
+
+```
+tfscale-launch --nproc_per_node=2 [--max_restarts=3] -- \\
+    tfscale-train --config=configs/default.py --workdir=/tmp/run \\
+    --config.distribution.kind=multi_worker_mirrored
+tfscale-launch --nnodes=2 --node_rank=0 --node_hosts=10.0.0.1,10.0.0.2 \\
+    --nproc_per_node=1 --master_port=29500 -- CMD ...
+```
+
+Each worker gets its TF_CONFIG (plus TFSCALE_RANK, TFSCALE_LOCAL_RANK,
+TFSCALE_WORLD_SIZE, TFSCALE_RESTART); its output lines are prefixed with
+`[rank]`. A failed worker stops and restarts the whole group, up to
+`--max_restarts` times; the exit code is non-zero when it still fails.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from absl import app
+from absl import flags
+
+from tfscale.launch import local
+
+_NPROC = flags.DEFINE_integer("nproc_per_node", 1, "Worker processes on this node.")
+_NNODES = flags.DEFINE_integer("nnodes", 1, "Nodes taking part.")
+_NODE_RANK = flags.DEFINE_integer("node_rank", 0, "This node's index.")
+_NODE_HOSTS = flags.DEFINE_list("node_hosts", [], "Every node's host, by rank (nnodes > 1).")
+_MASTER_ADDR = flags.DEFINE_string(
+    "master_addr", None, "Host of node 0; with --nnodes=1 the workers still use loopback."
+)
+_MASTER_PORT = flags.DEFINE_integer("master_port", 29500, "First worker port on each node.")
+_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 0, "Group restarts after failures.")
+
+
+def main(argv: Sequence[str]) -> None:
+    command = list(argv[1:])
+    if not command:
+        raise app.UsageError("Give the worker command after `--`, e.g. -- tfscale-train ...")
+    hosts = tuple(_NODE_HOSTS.value)
+    if _NNODES.value > 1 and not hosts and _MASTER_ADDR.value:
+        raise app.UsageError(
+            f"--nnodes={_NNODES.value} needs --node_hosts (every node's host, by rank); "
+            "--master_addr alone does not say where the other workers listen"
+        )
+    try:
+        config = local.LaunchConfig(
+            nproc_per_node=_NPROC.value,
+            nnodes=_NNODES.value,
+            node_rank=_NODE_RANK.value,
+            node_hosts=hosts,
+            master_port=_MASTER_PORT.value,
+            max_restarts=_MAX_RESTARTS.value,
+        )
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
+    sys.exit(local.launch(config, command))
+
+
+def run_main() -> None:
+    """Console-script entry point."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run_main()
