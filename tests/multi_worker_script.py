@@ -60,5 +60,31 @@ def main(mode, initial_npz, out_npz):
     print("OK", f"accuracy={logs['accuracy']:.4f}", f"predict={predictions.shape}", flush=True)
 
 
+def train_mirrored_reference(initial, out_npz):
+    """The same training with `mirrored` over 2 logical CPUs in this process."""
+    import keras
+    import tensorflow as tf
+
+    import tfscale
+    from tfscale.data import synthetic
+    from tfscale.train import models
+
+    dist = tfscale.distribution("mirrored", devices=2)
+    images, labels = synthetic.generate(STEPS * GLOBAL_BATCH, seed=7)
+    data = tf.data.Dataset.from_tensor_slices((images[..., None].astype("float32") / 255.0, labels))
+    with dist.scope():
+        model = models.build("lenet", (28, 28, 1), 10)
+        model.set_weights(initial)
+        model.compile(
+            optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9), loss=models.loss("lenet")
+        )
+    model.fit(
+        dist.distribute_dataset(data, GLOBAL_BATCH),
+        epochs=1, steps_per_epoch=STEPS, shuffle=False, verbose=0,
+    )
+    np.savez(out_npz, *model.get_weights())
+    return model.get_weights()
+
+
 if __name__ == "__main__":
     main(*sys.argv[1:])

@@ -129,9 +129,10 @@ class BackupAndRestore(keras.callbacks.Callback):
       backup_dir: where the checkpoints go (on the chief).
       is_chief: whether this worker writes to `backup_dir`.
       max_to_keep: epoch checkpoints kept.
-      extra_state: called at each checkpoint; its JSON-able result is saved
-        with it (under `"extra"` in `read_backup_state`), e.g. the input
-        position of a dispatched dataset.
+      extra_state: called at each checkpoint with the epoch count and the
+        epoch's logs; its JSON-able result is saved with the checkpoint
+        (under `"extra"` in `read_backup_state`), e.g. the input position of
+        a dispatched dataset or the history of the epochs so far.
 
     Attributes:
       restored_epoch: the epoch count restored at the start of the last
@@ -151,7 +152,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         backup_dir: str,
         is_chief: bool = True,
         max_to_keep: int = 2,
-        extra_state: Optional[Callable[[], dict[str, Any]]] = None,
+        extra_state: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None,
     ):
         super().__init__()
         if max_to_keep < 1:
@@ -186,7 +187,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         kept = ((previous or {}).get("kept", []) + [name])[-self.max_to_keep :]
         state = {"epoch": epoch + 1, "weights": name, "kept": kept}
         if self._extra_state is not None:
-            state["extra"] = self._extra_state()
+            state["extra"] = self._extra_state(epoch + 1, dict(logs or {}))
         files.write_json_atomic(os.path.join(self._write_dir, _STATE_FILE), state)
         for old in (previous or {}).get("kept", []):
             if old not in kept:

@@ -7,7 +7,6 @@ import os
 from typing import Any
 
 __all__ = [
-    "read_json",
     "write_json_atomic",
 ]
 
@@ -29,11 +28,3 @@ def write_json_atomic(path: str, value: Any) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
-def read_json(path: str) -> Any:
-    """The JSON value in `path`, or `{}` if there is no such file."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}

@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             resume_position=resume.get("extra", {}).get("input_position"),
             single_worker=dist.num_workers == 1,
         )
-        metrics = _fit(config, workdir, dist, train)
+        metrics = _fit(config, workdir, dist, train, resume)
     metrics["wall_time_s"] = time.perf_counter() - start
     if dist.is_chief:
         files.write_json_atomic(os.path.join(workdir, METRICS_FILE), metrics)
@@ -90,8 +90,12 @@ def _fit(
     workdir: str,
     dist: tfscale.Distribution,
     train: inputs.TrainInput,
+    resume: dict[str, Any],
 ) -> dict[str, Any]:
-    """Builds, trains and evaluates the model; returns the metrics."""
+    """Builds, trains and evaluates the model; returns the metrics.
+
+    `resume` is the checkpoint state being resumed (`{}` for a fresh run).
+    """
     global_batch = config.training.global_batch_size
     steps_per_epoch = train.steps_per_epoch
     evaluation, eval_steps = inputs.eval_input(config)
@@ -113,11 +117,18 @@ def _fit(
         global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
     )
     consumed = _ConsumedElements(global_batch // dist.num_workers)
+    epochs = list(resume.get("extra", {}).get("history", []))
+
+    def checkpoint_extra(epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
+        del epochs[epoch - 1 :]  # a resumed epoch replaces what a crash left
+        epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+        return {"input_position": train.position(consumed.count), "history": list(epochs)}
+
     backup = callbacks_lib.BackupAndRestore(
         os.path.join(workdir, CHECKPOINTS_DIR),
         is_chief=dist.is_chief,
         max_to_keep=config.training.checkpoints_to_keep,
-        extra_state=lambda: {"input_position": train.position(consumed.count)},
+        extra_state=checkpoint_extra,
     )
     tensorboard = callbacks_lib.TensorBoard(
         os.path.join(workdir, "tensorboard"), is_chief=dist.is_chief
@@ -126,7 +137,8 @@ def _fit(
         dist.distribute_dataset(train.dataset, global_batch, shard_policy=train.shard_policy),
         epochs=config.training.epochs,
         steps_per_epoch=steps_per_epoch,
-        callbacks=[backup, consumed, throughput, tensorboard],
+        # Throughput first: its figures join the logs the checkpoint saves.
+        callbacks=[throughput, backup, consumed, tensorboard],
         shuffle=False,  # The input pipeline shuffles.
         verbose=config.training.verbose,
     )
@@ -136,7 +148,7 @@ def _fit(
         return_dict=True,
         verbose=config.training.verbose,
     )
-    metrics = _metrics(config, dist, workdir, backup, throughput, history, eval_logs)
+    metrics = _metrics(config, dist, backup, history, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
     return metrics
@@ -183,20 +195,13 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras
 def _metrics(
     config: ml_collections.ConfigDict,
     dist: tfscale.Distribution,
-    workdir: str,
     backup: callbacks_lib.BackupAndRestore,
-    throughput: callbacks_lib.Throughput,
     history: keras.callbacks.History,
+    epochs: list[dict[str, Any]],
     eval_logs: dict[str, Any],
 ) -> dict[str, Any]:
-    """metrics.json: this run's epochs appended to those of earlier runs."""
-    previous = files.read_json(os.path.join(workdir, METRICS_FILE)) if backup.restored_epoch else {}
-    epochs = [e for e in previous.get("history", []) if e["epoch"] <= backup.restored_epoch]
-    for i, epoch in enumerate(history.epoch):
-        logs = {k: float(v[i]) for k, v in history.history.items() if i < len(v)}
-        epochs.append({"epoch": epoch + 1, **logs})
+    """metrics.json; `epochs` spans every run on the workdir (saved with the checkpoints)."""
     last = epochs[-1] if epochs else {}
-    speed = throughput.epochs[-1] if throughput.epochs else previous.get("throughput", {})
     return {
         "kind": dist.kind,
         "replicas": dist.num_replicas_in_sync,
@@ -211,8 +216,8 @@ def _metrics(
         "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
         "eval": {k: float(v) for k, v in eval_logs.items()},
         "throughput": {
-            "examples_per_sec": speed.get("examples_per_sec"),
-            "step_time_ms": speed.get("step_time_ms"),
+            "examples_per_sec": last.get("examples_per_sec"),
+            "step_time_ms": last.get("step_time_ms"),
         },
         "history": epochs,
     }

@@ -1,0 +1,167 @@
+"""Tests for tfscale-launch: TF_CONFIG per rank, prefixes, restarts, signals, training."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl.testing import absltest
+
+from tests import testutil
+
+testutil.setup_devices()
+
+import keras  # noqa: E402
+
+from tfscale.launch import local  # noqa: E402
+from tfscale.train import callbacks  # noqa: E402
+from tfscale.train import models  # noqa: E402
+
+
+def _children(pid):
+    """Process ids whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(entry)
+    return found
+
+
+def _launch(*args, timeout=600):
+    return testutil.run_module("tfscale.launch", *args, timeout=timeout)
+
+
+class LaunchTest(absltest.TestCase):
+    def test_each_rank_gets_its_tf_config_and_a_prefix(self):
+        result = _launch(
+            "--nproc_per_node=3", "--", sys.executable, "-c",
+            "import json, os; c = json.loads(os.environ['TF_CONFIG']); "
+            "print(c['task']['index'], len(c['cluster']['worker']), os.environ['TFSCALE_WORLD_SIZE'])",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        lines = sorted(l for l in result.stdout.splitlines() if l.startswith("["))
+        self.assertEqual(lines, ["[0] 0 3 3", "[1] 1 3 3", "[2] 2 3 3"])
+
+    def test_failure_restarts_the_group_then_gives_up(self):
+        result = _launch(
+            "--nproc_per_node=2", "--max_restarts=2", "--", sys.executable, "-c",
+            "import os, sys, time; print('attempt', os.environ['TFSCALE_RESTART']); "
+            "sys.exit(7) if os.environ['TFSCALE_RANK'] == '1' else time.sleep(60)",
+        )
+        self.assertEqual(result.returncode, 7)
+        self.assertIn("[tfscale-launch] restarting the worker group (2/2)", result.stdout)
+        self.assertEqual(result.stdout.count("a worker failed with exit code 7"), 3)
+        self.assertIn("[0] attempt 2", result.stdout)
+
+    def test_restart_then_success(self):
+        marker = os.path.join(self.create_tempdir().full_path, "failed-once")
+        result = _launch(
+            "--nproc_per_node=2", "--max_restarts=1", "--", sys.executable, "-c",
+            f"import os, sys; m = {marker!r}\n"
+            "if os.environ['TFSCALE_RANK'] == '0' and not os.path.exists(m):\n"
+            "    open(m, 'w').close(); sys.exit(1)\n"
+            "print('done')",
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-2000:])
+        self.assertIn("[0] done", result.stdout)
+
+    def test_sigterm_is_forwarded(self):
+        tmp = self.create_tempdir().full_path
+        worker = (
+            "import os, signal, sys, time\n"
+            f"def stop(*_): open(os.path.join({tmp!r}, os.environ['TFSCALE_RANK']), 'w').close(); sys.exit(0)\n"
+            "signal.signal(signal.SIGTERM, stop); print('ready', flush=True); time.sleep(60)"
+        )
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--", sys.executable, "-c", worker],
+            cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        for _ in range(2):
+            self.assertIn("ready", launcher.stdout.readline())
+        launcher.send_signal(signal.SIGTERM)
+        self.assertEqual(launcher.wait(timeout=30), 0)
+        self.assertEqual(sorted(os.listdir(tmp)), ["0", "1"])
+
+    def test_bad_arguments(self):
+        result = _launch("--nnodes=2", "--node_rank=0", "--", "true")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("nnodes=2 needs one host per node in node_hosts", result.stderr)
+        result = _launch("--nproc_per_node=2")
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("Give the worker command after `--`", result.stderr)
+
+    def test_multi_node_addresses(self):
+        config = local.LaunchConfig(
+            nproc_per_node=2, nnodes=2, node_rank=1, node_hosts=("a", "b"), master_port=4000
+        )
+        self.assertEqual(local.worker_addresses(config), ["a:4000", "a:4001", "b:4000", "b:4001"])
+
+
+class LaunchTrainingTest(absltest.TestCase):
+    def test_two_workers_match_mirrored(self):
+        from tests import multi_worker_script as script
+
+        tmp = self.create_tempdir().full_path
+        keras.utils.set_random_seed(3)
+        initial = models.build("lenet", (28, 28, 1), 10).get_weights()
+        initial_npz = os.path.join(tmp, "initial.npz")
+        np.savez(initial_npz, **{f"w{i}": w for i, w in enumerate(initial)})
+        out = os.path.join(tmp, "w.npz")
+        result = _launch(
+            "--nproc_per_node=2", "--", sys.executable,
+            os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py"), "tfscale", initial_npz, out,
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+        self.assertEqual(result.stdout.count("OK accuracy="), 2)
+        reference = os.path.join(tmp, "reference.npz")
+        script.train_mirrored_reference(initial, reference)
+        with np.load(out) as got, np.load(reference) as want:
+            for name in want.files:
+                np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
+
+    def test_kill_9_of_a_worker_restarts_the_group_and_training_completes(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        launcher = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--max_restarts=2", "--",
+             sys.executable, "-m", "tfscale.train", "--config=configs/default.py:smoke",
+             f"--workdir={workdir}", f"--config.data.cache_dir={testutil.cache_dir()}",
+             "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
+             "--config.data.max_train_examples=24000", "--config.training.epochs=3"],
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.addCleanup(launcher.kill)
+        state = os.path.join(workdir, "checkpoints")
+        deadline = time.monotonic() + 300
+        while (callbacks.read_backup_state(state) or {}).get("epoch") != 1:
+            self.assertIsNone(launcher.poll(), "training ended before the kill")
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
+        children = _children(launcher.pid)
+        self.assertLen(children, 2)
+        killed_at = time.monotonic()
+        os.kill(int(children[1]), signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=600)
+        self.assertEqual(launcher.returncode, 0, output[-3000:])
+        self.assertIn("[tfscale-launch] restarting the worker group (1/2)", output)
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            metrics = json.load(f)
+        self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2, 3])
+        self.assertEqual(metrics["resumed_from_epoch"], 1)
+        self.assertEqual(metrics["workers"], 2)
+        print(f"kill to end of run: {time.monotonic() - killed_at:.1f}s")
+
+
+if __name__ == "__main__":
+    absltest.main()
