@@ -8,6 +8,7 @@ tfscale-launch --nproc_per_node=2 [--max_restarts=3] -- \\
     --config.distribution.kind=multi_worker_mirrored
 tfscale-launch --nnodes=2 --node_rank=0 --node_hosts=10.0.0.1,10.0.0.2 \\
     --nproc_per_node=1 --master_port=29500 -- CMD ...
+tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG -- CMD ...   # also tfjob, slurm
 ```
 
 Each worker gets its TF_CONFIG (plus TFSCALE_RANK, TFSCALE_LOCAL_RANK,
@@ -25,6 +26,7 @@ from absl import app
 from absl import flags
 
 from tfscale.launch import local
+from tfscale.launch import manifests
 
 _NPROC = flags.DEFINE_integer("nproc_per_node", 1, "Worker processes on this node.")
 _NNODES = flags.DEFINE_integer("nnodes", 1, "Nodes taking part.")
@@ -35,12 +37,20 @@ _MASTER_ADDR = flags.DEFINE_string(
 )
 _MASTER_PORT = flags.DEFINE_integer("master_port", 29500, "First worker port on each node.")
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 0, "Group restarts after failures.")
+_EMIT = flags.DEFINE_enum(
+    "emit", None, list(manifests.FORMATS), "Print a manifest for --nnodes workers instead of running."
+)
+_IMAGE = flags.DEFINE_string("image", None, "Container image (--emit=kubernetes|tfjob).")
+_NAME = flags.DEFINE_string("name", "tfscale", "Job name in an emitted manifest.")
 
 
 def main(argv: Sequence[str]) -> None:
     command = list(argv[1:])
     if not command:
         raise app.UsageError("Give the worker command after `--`, e.g. -- tfscale-train ...")
+    if _EMIT.value:
+        print(_manifest(command), end="")
+        return
     hosts = tuple(_NODE_HOSTS.value)
     if _NNODES.value > 1 and not hosts and _MASTER_ADDR.value:
         raise app.UsageError(
@@ -59,6 +69,20 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as e:
         raise app.UsageError(str(e)) from None
     sys.exit(local.launch(config, command))
+
+
+def _manifest(command: list[str]) -> str:
+    try:
+        if _EMIT.value == "slurm":
+            return manifests.slurm(
+                _NNODES.value, command, _NPROC.value, name=_NAME.value, port=_MASTER_PORT.value
+            )
+        if _NPROC.value != 1:
+            raise ValueError(f"--emit={_EMIT.value} runs one worker per pod: use --nproc_per_node=1")
+        extra = {"port": _MASTER_PORT.value} if _EMIT.value == "kubernetes" else {}
+        return manifests.emit(_EMIT.value, _NNODES.value, _IMAGE.value, command, name=_NAME.value, **extra)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def run_main() -> None:
