@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,6 +162,40 @@ class LaunchTrainingTest(absltest.TestCase):
         self.assertEqual(metrics["resumed_from_epoch"], 1)
         self.assertEqual(metrics["workers"], 2)
         print(f"kill to end of run: {time.monotonic() - killed_at:.1f}s")
+
+
+class ResizeTest(absltest.TestCase):
+    def test_two_worker_run_resumes_as_one_worker(self):
+        root = self.create_tempdir().full_path
+        workdir = os.path.join(root, "run")
+        train = [
+            "-m", "tfscale.train", "--config=configs/default.py:smoke",
+            f"--config.data.cache_dir={testutil.cache_dir()}",
+            "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
+        ]
+        result = _launch("--nproc_per_node=2", "--", sys.executable, *train, f"--workdir={workdir}",
+                         "--config.training.epochs=1")
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            self.assertEqual(json.load(f)["replicas"], 2)
+        other = os.path.join(root, "run2")
+        shutil.copytree(workdir, other)
+
+        for directory, resize, global_batch in (
+            (workdir, "keep_global_batch", 64),
+            (other, "keep_per_replica_batch", 32),
+        ):
+            result = testutil.run_module(
+                *train[1:], f"--workdir={directory}", "--config.training.epochs=2",
+                f"--config.training.resize={resize}",
+            )
+            self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+            with open(os.path.join(directory, "metrics.json")) as f:
+                metrics = json.load(f)
+            self.assertEqual((metrics["replicas"], metrics["workers"]), (1, 1))
+            self.assertEqual((metrics["resumed_from_epoch"], metrics["epochs_run"]), (1, 1))
+            self.assertEqual(metrics["global_batch_size"], global_batch, resize)
+        self.assertIn("Resumed on 1 replicas (was 2): global batch 64 -> 32", result.stderr)
 
 
 if __name__ == "__main__":

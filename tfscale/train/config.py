@@ -25,6 +25,7 @@ from tfscale.data.dispatcher import policies
 
 __all__ = [
     "OPTIMIZERS",
+    "RESIZE",
     "base_config",
     "apply_variant",
     "set_options",
@@ -33,6 +34,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam")
+RESIZE = ("keep_global_batch", "keep_per_replica_batch")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -105,6 +107,9 @@ def base_config() -> ml_collections.ConfigDict:
             "steps_per_epoch": config_dict.placeholder(int),
             "verbose": 1,
             "checkpoints_to_keep": 2,
+            # On resuming with another replica count: "keep_global_batch" or
+            # "keep_per_replica_batch" (global batch and learning rate rescale).
+            "resize": "keep_global_batch",
         }
     )
     return config
@@ -167,6 +172,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(training.steps_per_epoch, "training.steps_per_epoch", int, lambda v: v > 0, "a positive int")
     _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
     _check(training.checkpoints_to_keep, "training.checkpoints_to_keep", int, lambda v: v > 0, "a positive int")
+    _check(training.resize, "training.resize", str, lambda v: v in RESIZE, f"one of {RESIZE}")
     optimizer = config.optimizer
     _check(optimizer.name, "optimizer.name", str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}")
     _check(optimizer.learning_rate, "optimizer.learning_rate", float, lambda v: v > 0, "a positive number")

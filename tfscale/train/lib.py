@@ -66,9 +66,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_lib.validate(config)
     tfscale.configure_devices(**config_lib.set_options(config.devices))
     dist = _distribution(config)
-    global_batch = config.training.global_batch_size
-    dist.per_replica_batch_size(global_batch)
     resume = callbacks_lib.read_backup_state(os.path.join(workdir, CHECKPOINTS_DIR)) or {}
+    config = _resized(config, dist, resume)
+    dist.per_replica_batch_size(config.training.global_batch_size)
     with contextlib.ExitStack() as stack:
         train = inputs.train_input(
             config,
@@ -122,7 +122,12 @@ def _fit(
     def checkpoint_extra(epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
         del epochs[epoch - 1 :]  # a resumed epoch replaces what a crash left
         epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
-        return {"input_position": train.position(consumed.count), "history": list(epochs)}
+        return {
+            "input_position": train.position(consumed.count),
+            "history": list(epochs),
+            "per_replica_batch": global_batch // dist.num_replicas_in_sync,
+            "replicas": dist.num_replicas_in_sync,
+        }
 
     backup = callbacks_lib.BackupAndRestore(
         os.path.join(workdir, CHECKPOINTS_DIR),
@@ -152,6 +157,32 @@ def _fit(
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
     return metrics
+
+
+def _resized(
+    config: ml_collections.ConfigDict, dist: tfscale.Distribution, resume: dict[str, Any]
+) -> ml_collections.ConfigDict:
+    """The config for a run resumed on another number of replicas.
+
+    `training.resize="keep_global_batch"` keeps the configured global batch
+    (each replica's share changes); `"keep_per_replica_batch"` keeps the
+    checkpointed run's per-replica batch, so the global batch (and with it
+    the scaled learning rate) follows the replica count.
+    """
+    saved = resume.get("extra", {})
+    if config.training.resize != "keep_per_replica_batch" or "per_replica_batch" not in saved:
+        return config
+    global_batch = saved["per_replica_batch"] * dist.num_replicas_in_sync
+    if global_batch != config.training.global_batch_size:
+        logging.info(
+            "Resumed on %d replicas (was %d): global batch %d -> %d, per replica %d",
+            dist.num_replicas_in_sync, saved["replicas"], config.training.global_batch_size,
+            global_batch, saved["per_replica_batch"],
+        )
+    resized = config.copy_and_resolve_references()
+    with resized.unlocked():
+        resized.training.global_batch_size = global_batch
+    return resized
 
 
 class _ConsumedElements(keras.callbacks.Callback):
