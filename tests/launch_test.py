@@ -55,7 +55,7 @@ class LaunchTest(absltest.TestCase):
     def test_failure_restarts_the_group_then_gives_up(self):
         result = _launch(
             "--nproc_per_node=2", "--max_restarts=2", "--", sys.executable, "-c",
-            "import os, sys, time; print('attempt', os.environ['TFSCALE_RESTART']); "
+            "import os, sys, time; print('attempt', os.environ['TFSCALE_RESTART']); time.sleep(1); "
             "sys.exit(7) if os.environ['TFSCALE_RANK'] == '1' else time.sleep(60)",
         )
         self.assertEqual(result.returncode, 7)
@@ -169,6 +169,32 @@ class LaunchTrainingTest(absltest.TestCase):
         self.assertEqual(metrics["resumed_from_epoch"], 1)
         self.assertEqual(metrics["workers"], 2)
         print(f"kill -9 to restored checkpoint: {resumed_at - killed_at:.1f}s")
+
+    def test_two_workers_read_through_the_dispatcher(self):
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
+            cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        )
+        self.addCleanup(server.kill)
+        address = server.stdout.readline().split()[-1]
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _launch(
+            "--nproc_per_node=2", "--", sys.executable, "-m", "tfscale.train",
+            "--config=configs/default.py:smoke", f"--workdir={workdir}",
+            f"--config.data.cache_dir={testutil.cache_dir()}",
+            "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
+            "--config.data.max_train_examples=24000", f"--config.data.dispatcher.address={address}",
+        )
+        self.assertEqual(result.returncode, 0, result.stdout[-3000:])
+        self.assertNotIn("ran out of data", result.stdout)
+        with open(os.path.join(workdir, "metrics.json")) as f:
+            metrics = json.load(f)
+        self.assertEqual((metrics["workers"], metrics["dispatcher"]), (2, address))
+        status = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
+        self.assertIn("job train [adaptive]: epoch 2/2 finished, shards 16:", status.stdout)
+        self.assertRegex(status.stdout, r"train\s+worker-0\s")
+        self.assertRegex(status.stdout, r"train\s+worker-1\s")
 
 
 class ResizeTest(absltest.TestCase):

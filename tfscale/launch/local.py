@@ -137,6 +137,9 @@ def _start(
             TFSCALE_WORLD_SIZE=str(len(workers)),
             TFSCALE_RESTART=str(attempt),
         )
+        # Lines reach the prefixer as they are printed, and none is lost in
+        # a buffer when a failed group is stopped.
+        env.setdefault("PYTHONUNBUFFERED", "1")
         process = subprocess.Popen(
             list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             bufsize=1,

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
                 "lease_timeout_s": 30.0,
                 "auth_token_file": config_dict.placeholder(str),
                 "tfds_shards": 16,
+                # Several synchronous workers get equal element counts per
+                # epoch: "pad" (never short of a step) or "drop".
+                "equalize": "pad",
             },
         }
     )
@@ -201,6 +204,7 @@ def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
     _check(options.lease_timeout_s, "data.dispatcher.lease_timeout_s", float, lambda v: v > 0,
            "a positive number")
     _check(options.tfds_shards, "data.dispatcher.tfds_shards", int, lambda v: 1 <= v <= 100, "in [1, 100]")
+    _check(options.equalize, "data.dispatcher.equalize", str, lambda v: v in ("drop", "pad"), "drop or pad")
 
 
 def _check(value: Any, name: str, kind: type, ok: Any, expected: str) -> None:

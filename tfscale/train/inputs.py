@@ -81,7 +81,7 @@ def train_input(
     workdir: str,
     stack: contextlib.ExitStack,
     resume_position: Optional[dict[str, Any]] = None,
-    single_worker: bool = True,
+    num_workers: int = 1,
 ) -> TrainInput:
     """The train split, shuffled; an embedded dispatcher is stopped by `stack`.
 
@@ -91,13 +91,14 @@ def train_input(
       stack: owns the embedded dispatcher.
       resume_position: the dispatched input position saved with the
         checkpoint being resumed (None: from the start).
-      single_worker: whether this is the job's only consumer (then the job
-        is rewound to `resume_position`).
+      num_workers: synchronous workers consuming the job: one is rewound to
+        `resume_position`; several get equal element counts per epoch
+        (`config.data.dispatcher.equalize`).
     """
     split = _load(config, config.data.train_split)
     options = config.data.dispatcher
     if options.address or options.embedded:
-        return _dispatched(config, split, workdir, stack, resume_position, single_worker)
+        return _dispatched(config, split, workdir, stack, resume_position, num_workers)
     dataset, count = _limit(split, config.data.max_train_examples)
     steps = _steps(config, count)
     return TrainInput(
@@ -118,7 +119,7 @@ def _dispatched(
     workdir: str,
     stack: contextlib.ExitStack,
     resume_position: Optional[dict[str, Any]],
-    single_worker: bool,
+    num_workers: int,
 ) -> TrainInput:
     options = config.data.dispatcher
     shards, count = _shards(config, split)
@@ -137,6 +138,8 @@ def _dispatched(
         num_epochs=config.training.epochs,
         seed=config.seed,
         lease_timeout_s=options.lease_timeout_s,
+        num_consumers=num_workers if num_workers > 1 else 0,
+        equalize=options.equalize if num_workers > 1 else "none",
     )
     client = client_lib.DispatcherClient(address, auth_token=token)
     try:
@@ -161,6 +164,7 @@ def _dispatched(
         shuffle_seed=config.seed,
         auth_token=token,
     )
+    single_worker = num_workers == 1
     if single_worker:
         position = core.InputPosition.from_dict(resume_position or core.InputPosition().to_dict())
         source.rewind(position)

@@ -75,7 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             workdir,
             stack,
             resume_position=resume.get("extra", {}).get("input_position"),
-            single_worker=dist.num_workers == 1,
+            num_workers=dist.num_workers,
         )
         metrics = _fit(config, workdir, dist, train, resume)
     metrics["wall_time_s"] = time.perf_counter() - start

@@ -169,8 +169,9 @@ class ShardConsumer:
     `"pad"`, the epoch's largest count (a consumer short of it repeats its
     latest shard's elements); with `"drop"`, the smallest (a consumer yields
     only up to the smallest count so far and drops its excess when the epoch
-    ends; its shards are completed on commit, so a crash loses the held-back
-    elements of its current epoch).
+    ends). Equalized consumers wait for each other at the end of each epoch,
+    so their shards are completed on commit, before their elements are
+    taken: a crash loses the elements of the shard being handed on.
 
     With `shuffle_seed`, each shard's elements are shuffled, the same way
     every time the shard is read in the same epoch, so that a shard resumed
@@ -232,10 +233,20 @@ class ShardConsumer:
                     time.sleep(result.retry_after_s)
                     continue
                 unfinished = list(result.leases)
-                while unfinished:
-                    yield from self._close_epochs(unfinished[0].epoch)
-                    yield from self._deliver(unfinished[0])
-                    unfinished.pop(0)
+                yield from self._close_epochs(unfinished[0].epoch)  # one epoch per batch
+                if self._equalize == "none":
+                    while unfinished:
+                        yield from self._deliver(unfinished[0])
+                        unfinished.pop(0)
+                    continue
+                # Equalized consumers wait for each other at epoch ends, so
+                # none may hold a shard it has not completed while it waits
+                # for its elements to be taken: settle the batch first.
+                settled = [(lease, self._settle(lease)) for lease in unfinished]
+                unfinished = []
+                for lease, elements in settled:
+                    if elements is not None:
+                        yield from self._hand_on(lease, elements)
         finally:
             stop.set()
             self._give_back(unfinished)
@@ -284,21 +295,38 @@ class ShardConsumer:
         return elements[lease.offset:]
 
     def _deliver(self, lease: core.Lease) -> Iterator[T]:
+        """Read, commit, hand on, then complete (after the last element is taken)."""
         elements = self._read(lease)
-        try:
-            self._client.commit(self._job, self._worker, lease.token)
-        except core.FailedPrecondition:
-            self.dropped.append((lease.epoch, lease.shard_name))
-            return
-        if self._equalize == "drop":
+        if self._commit(lease):
+            self._log.append((lease.epoch, lease.shard_index, lease.offset, len(elements)))
+            yield from self._emit(elements)
             self._complete(lease)
+
+    def _settle(self, lease: core.Lease) -> Optional[list[T]]:
+        """Read, commit and complete; the elements, or None for a lost race."""
+        elements = self._read(lease)
+        if not self._commit(lease):
+            return None
+        self._complete(lease)
+        return elements
+
+    def _hand_on(self, lease: core.Lease, elements: list[T]) -> Iterator[T]:
+        """Equalized consumers: pad keeps the latest shard, drop holds back."""
+        if self._equalize == "drop":
             self._held.extend(elements)
             yield from self._release_held()
             return
         self._log.append((lease.epoch, lease.shard_index, lease.offset, len(elements)))
         yield from self._emit(elements)
         self._latest = elements or self._latest
-        self._complete(lease)
+
+    def _commit(self, lease: core.Lease) -> bool:
+        try:
+            self._client.commit(self._job, self._worker, lease.token)
+        except core.FailedPrecondition:
+            self.dropped.append((lease.epoch, lease.shard_name))
+            return False
+        return True
 
     def _emit(self, elements: list[T]) -> Iterator[T]:
         self.per_epoch[self._epoch] = self.per_epoch.get(self._epoch, 0) + len(elements)
