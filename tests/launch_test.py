@@ -96,7 +96,7 @@ class LaunchTest(absltest.TestCase):
     def test_bad_arguments(self):
         result = _launch("--nnodes=2", "--node_rank=0", "--", "true")
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("nnodes=2 needs one host per node in node_hosts", result.stderr)
+        self.assertIn("nnodes=2 needs master_addr or one host per node in node_hosts", result.stderr)
         result = _launch("--nproc_per_node=2")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("Give the worker command after `--`", result.stderr)
@@ -105,7 +105,33 @@ class LaunchTest(absltest.TestCase):
         config = local.LaunchConfig(
             nproc_per_node=2, nnodes=2, node_rank=1, node_hosts=("a", "b"), master_port=4000
         )
-        self.assertEqual(local.worker_addresses(config), ["a:4000", "a:4001", "b:4000", "b:4001"])
+        self.assertEqual(local.worker_addresses(config), ["a:4001", "a:4002", "b:4003", "b:4004"])
+
+    def test_nodes_meet_at_master_addr(self):
+        port = str(testutil.free_port())
+        snippet = (
+            "import json, os; c = json.loads(os.environ['TF_CONFIG']); "
+            "print(c['task']['index'], ','.join(c['cluster']['worker']))"
+        )
+        nodes = [
+            subprocess.Popen(
+                [sys.executable, "-m", "tfscale.launch", "--nnodes=2", f"--node_rank={rank}",
+                 "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+                 "--", sys.executable, "-c", snippet],
+                cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            for rank in (1, 0)  # node 1 first: it must wait for node 0
+        ]
+        outputs = [node.communicate(timeout=120) for node in nodes]
+        for node, (stdout, stderr) in zip(nodes, outputs):
+            self.assertEqual(node.returncode, 0, stderr[-2000:])
+        lines = sorted(
+            l for stdout, _ in outputs for l in stdout.splitlines() if l[:1] == "[" and l[1].isdigit()
+        )
+        self.assertIn("[tfscale-launch] rendezvous: nodes ['127.0.0.1', '127.0.0.1']", outputs[0][0])
+        workers = ",".join(f"127.0.0.1:{int(port) + 1 + r}" for r in range(4))
+        self.assertEqual(lines, [f"[{r}] {r} {workers}" for r in range(4)])
 
 
 class LaunchTrainingTest(absltest.TestCase):

@@ -8,6 +8,7 @@ share one, and asking for the same split twice is a no-op.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,13 @@ def setup_devices() -> None:
     """Splits the CPU into NUM_CPUS logical devices and initializes TensorFlow."""
     tfscale.configure_devices(virtual_cpus=NUM_CPUS)
     tfscale.local_devices()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def cache_dir() -> str:

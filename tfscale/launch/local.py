@@ -31,6 +31,7 @@ from typing import Optional, Sequence, TextIO
 __all__ = [
     "LaunchConfig",
     "launch",
+    "rendezvous",
     "worker_addresses",
 ]
 
@@ -43,10 +44,12 @@ class LaunchConfig:
       nproc_per_node: worker processes on each node.
       nnodes: nodes taking part.
       node_rank: this node's index.
-      node_hosts: every node's host name or address, by rank (needed when
-        nnodes > 1; one node: loopback).
-      master_port: first port of the workers on each node when nnodes > 1
-        (worker r of a node listens on master_port + r); one node: free ports.
+      node_hosts: every node's host name or address, by rank; with nnodes > 1
+        and none given, the nodes find each other through `master_addr`.
+      master_addr: host of node 0, where the other nodes' launchers meet
+        (rendezvous on `master_port`) when `node_hosts` is not given.
+      master_port: with nnodes > 1, the rendezvous port; the worker of
+        global rank r listens on master_port + 1 + r. One node: free ports.
       max_restarts: group restarts allowed after failures.
       stop_timeout_s: grace between SIGTERM and SIGKILL when stopping workers.
     """
@@ -55,6 +58,7 @@ class LaunchConfig:
     nnodes: int = 1
     node_rank: int = 0
     node_hosts: tuple[str, ...] = ()
+    master_addr: Optional[str] = None
     master_port: int = 29500
     max_restarts: int = 0
     stop_timeout_s: float = 10.0
@@ -67,24 +71,74 @@ class LaunchConfig:
                 f"node_rank must be in [0, nnodes). Received: nnodes={self.nnodes}, "
                 f"node_rank={self.node_rank}"
             )
-        if self.nnodes > 1 and len(self.node_hosts) != self.nnodes:
+        if self.nnodes > 1 and not self.master_addr and len(self.node_hosts) != self.nnodes:
             raise ValueError(
-                f"nnodes={self.nnodes} needs one host per node in node_hosts. "
+                f"nnodes={self.nnodes} needs master_addr or one host per node in node_hosts. "
                 f"Received: node_hosts={list(self.node_hosts)}"
             )
         if self.max_restarts < 0:
             raise ValueError(f"max_restarts must be >= 0. Received: max_restarts={self.max_restarts}")
 
 
-def worker_addresses(config: LaunchConfig) -> list[str]:
-    """`host:port` of every worker of the job, by global rank."""
+def worker_addresses(config: LaunchConfig, node_hosts: Sequence[str] = ()) -> list[str]:
+    """`host:port` of every worker of the job, by global rank.
+
+    Args:
+      config: the launch config.
+      node_hosts: every node's host (default: `config.node_hosts`).
+    """
     if config.nnodes == 1:
         return [f"127.0.0.1:{_free_port()}" for _ in range(config.nproc_per_node)]
+    hosts = list(node_hosts or config.node_hosts)
     return [
-        f"{host}:{config.master_port + local}"
-        for host in config.node_hosts
+        f"{host}:{config.master_port + 1 + node * config.nproc_per_node + local}"
+        for node, host in enumerate(hosts)
         for local in range(config.nproc_per_node)
     ]
+
+
+def rendezvous(config: LaunchConfig, timeout_s: float = 300.0) -> list[str]:
+    """Every node's host, by rank, exchanged through node 0 at master_addr:master_port.
+
+    Node 0 listens; every other node connects and says its rank; a node's
+    host is the address node 0 sees it connect from (node 0's is
+    master_addr). Every node gets the full list back.
+    """
+    if config.node_rank == 0:
+        return _rendezvous_serve(config, timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((config.master_addr, config.master_port), timeout=5) as s:
+                s.sendall(json.dumps({"node_rank": config.node_rank}).encode() + b"\n")
+                return json.loads(s.makefile().readline())["hosts"]
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"No rendezvous at {config.master_addr}:{config.master_port} "
+                    f"after {timeout_s:.0f}s (is node 0 up?)"
+                ) from None
+            time.sleep(0.5)
+
+
+def _rendezvous_serve(config: LaunchConfig, timeout_s: float) -> list[str]:
+    hosts: dict[int, str] = {0: config.master_addr}
+    peers = []
+    with socket.create_server((config.master_addr, config.master_port), reuse_port=False) as server:
+        server.settimeout(timeout_s)
+        while len(hosts) < config.nnodes:
+            connection, (address, _) = server.accept()
+            rank = json.loads(connection.makefile().readline())["node_rank"]
+            if not 0 < rank < config.nnodes or rank in hosts:
+                connection.close()
+                raise ValueError(f"Rendezvous: unexpected node_rank={rank} from {address}")
+            hosts[rank] = address
+            peers.append(connection)
+        ordered = [hosts[rank] for rank in range(config.nnodes)]
+        for connection in peers:
+            with connection:
+                connection.sendall(json.dumps({"hosts": ordered}).encode() + b"\n")
+    return ordered
 
 
 def launch(config: LaunchConfig, command: Sequence[str], out: TextIO = sys.stdout) -> int:
@@ -98,6 +152,10 @@ def launch(config: LaunchConfig, command: Sequence[str], out: TextIO = sys.stdou
         raise ValueError("No command to launch: put it after `--`")
     stop = threading.Event()
     group: list[subprocess.Popen] = []
+    hosts = list(config.node_hosts)
+    if config.nnodes > 1 and not hosts:
+        hosts = rendezvous(config)
+        _say(out, f"rendezvous: nodes {hosts}")
 
     def forward(signum: int, frame: object) -> None:
         stop.set()
@@ -110,7 +168,7 @@ def launch(config: LaunchConfig, command: Sequence[str], out: TextIO = sys.stdou
         for attempt in range(config.max_restarts + 1):
             if attempt:
                 _say(out, f"restarting the worker group ({attempt}/{config.max_restarts})")
-            group[:] = _start(config, command, attempt, out)
+            group[:] = _start(config, command, attempt, hosts, out)
             code = _wait(group, config.stop_timeout_s)
             if code == 0 or stop.is_set():
                 return code
@@ -122,9 +180,9 @@ def launch(config: LaunchConfig, command: Sequence[str], out: TextIO = sys.stdou
 
 
 def _start(
-    config: LaunchConfig, command: Sequence[str], attempt: int, out: TextIO
+    config: LaunchConfig, command: Sequence[str], attempt: int, hosts: Sequence[str], out: TextIO
 ) -> list[subprocess.Popen]:
-    workers = worker_addresses(config)
+    workers = worker_addresses(config, hosts)
     group = []
     for local in range(config.nproc_per_node):
         rank = config.node_rank * config.nproc_per_node + local

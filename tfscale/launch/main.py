@@ -6,8 +6,8 @@ Usage:
 tfscale-launch --nproc_per_node=2 [--max_restarts=3] -- \\
     tfscale-train --config=configs/default.py --workdir=/tmp/run \\
     --config.distribution.kind=multi_worker_mirrored
-tfscale-launch --nnodes=2 --node_rank=0 --node_hosts=10.0.0.1,10.0.0.2 \\
-    --nproc_per_node=1 --master_port=29500 -- CMD ...
+tfscale-launch --nnodes=2 --node_rank=R --master_addr=10.0.0.1 --master_port=29500 \\
+    --nproc_per_node=1 -- CMD ...          # or --node_hosts=10.0.0.1,10.0.0.2
 tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG -- CMD ...   # also tfjob, slurm
 ```
 
@@ -33,9 +33,11 @@ _NNODES = flags.DEFINE_integer("nnodes", 1, "Nodes taking part.")
 _NODE_RANK = flags.DEFINE_integer("node_rank", 0, "This node's index.")
 _NODE_HOSTS = flags.DEFINE_list("node_hosts", [], "Every node's host, by rank (nnodes > 1).")
 _MASTER_ADDR = flags.DEFINE_string(
-    "master_addr", None, "Host of node 0; with --nnodes=1 the workers still use loopback."
+    "master_addr", None, "Host of node 0, where the nodes meet (nnodes > 1, without --node_hosts)."
 )
-_MASTER_PORT = flags.DEFINE_integer("master_port", 29500, "First worker port on each node.")
+_MASTER_PORT = flags.DEFINE_integer(
+    "master_port", 29500, "Rendezvous port; worker of global rank r listens on it + 1 + r."
+)
 _MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 0, "Group restarts after failures.")
 _EMIT = flags.DEFINE_enum(
     "emit", None, list(manifests.FORMATS), "Print a manifest for --nnodes workers instead of running."
@@ -52,17 +54,13 @@ def main(argv: Sequence[str]) -> None:
         print(_manifest(command), end="")
         return
     hosts = tuple(_NODE_HOSTS.value)
-    if _NNODES.value > 1 and not hosts and _MASTER_ADDR.value:
-        raise app.UsageError(
-            f"--nnodes={_NNODES.value} needs --node_hosts (every node's host, by rank); "
-            "--master_addr alone does not say where the other workers listen"
-        )
     try:
         config = local.LaunchConfig(
             nproc_per_node=_NPROC.value,
             nnodes=_NNODES.value,
             node_rank=_NODE_RANK.value,
             node_hosts=hosts,
+            master_addr=_MASTER_ADDR.value,
             master_port=_MASTER_PORT.value,
             max_restarts=_MAX_RESTARTS.value,
         )
