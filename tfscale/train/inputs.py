@@ -141,20 +141,7 @@ def _dispatched(
         num_consumers=num_workers if num_workers > 1 else 0,
         equalize=options.equalize if num_workers > 1 else "none",
     )
-    client = client_lib.DispatcherClient(address, auth_token=token)
-    try:
-        client.create_job(spec)  # no-op if it exists; more epochs extend it
-    except core.AlreadyExists:
-        (job,) = [j for j in client.list_jobs() if j.name == options.job]
-        if job.num_epochs < config.training.epochs:
-            raise ValueError(
-                f"Dispatcher job {options.job!r} at {address} has {job.num_epochs} epoch(s); "
-                f"config.training.epochs={config.training.epochs} needs as many "
-                f"(tfscale-dispatcher serve --num_epochs={config.training.epochs})"
-            ) from None
-        logging.info("Using the existing dispatcher job %r at %s", options.job, address)
-    finally:
-        client.close()
+    _ensure_job(address, token, spec)
     source = dispatched.DispatchedInput(
         address,
         options.job,
@@ -179,6 +166,24 @@ def _dispatched(
         address,
         source if single_worker else None,
     )
+
+
+def _ensure_job(address: str, token: Optional[str], spec: core.JobSpec) -> None:
+    """Creates (or extends) the job; an existing different one must have the epochs."""
+    client = client_lib.DispatcherClient(address, auth_token=token)
+    try:
+        client.create_job(spec)  # no-op if it exists; more epochs extend it
+    except core.AlreadyExists:
+        (job,) = [j for j in client.list_jobs() if j.name == spec.name]
+        if job.num_epochs < spec.num_epochs:
+            raise ValueError(
+                f"Dispatcher job {spec.name!r} at {address} has {job.num_epochs} epoch(s); "
+                f"config.training.epochs={spec.num_epochs} needs as many "
+                f"(tfscale-dispatcher serve --num_epochs={spec.num_epochs})"
+            ) from None
+        logging.info("Using the existing dispatcher job %r at %s", spec.name, address)
+    finally:
+        client.close()
 
 
 def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tuple[list, int]:
