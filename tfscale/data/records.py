@@ -20,6 +20,7 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = [
+    "count",
     "parse_fn",
     "write_examples",
 ]
@@ -58,6 +59,11 @@ def write_examples(path: str, images: np.ndarray, labels: np.ndarray, ids: np.nd
                 )
             )
             writer.write(example.SerializeToString())
+
+
+def count(path: str) -> int:
+    """The number of records in one TFRecord file (reads it through)."""
+    return int(tf.data.TFRecordDataset([path]).reduce(0, lambda n, _: n + 1))
 
 
 def parse_fn(image_shape: tuple[int, int, int]) -> Callable[[tf.Tensor], Element]:

@@ -87,8 +87,7 @@ def load_split(
         files = sorted(tf.io.gfile.glob(pattern))
         if not files:
             raise ValueError(f"No file matches {pattern!r} (source={source!r}, split={split!r})")
-        count = sum(1 for _ in tf.data.TFRecordDataset(files))
-        return _from_files(files, count)
+        return _from_files(files, sum(records.count(f) for f in files))
     if source.startswith("tfds:") and len(source) > len("tfds:"):
         return _from_tfds(source[len("tfds:"):], split, tfds_data_dir, download)
     raise ValueError(f"Unknown data source {source!r}. Valid sources: {', '.join(SOURCE_KINDS)}")

@@ -38,6 +38,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale.data import dispatched
+from tfscale.data import records
 from tfscale.data import sources
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
@@ -192,7 +193,7 @@ def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tupl
         name = config.data.source[len("tfds:"):]
         spec = f"tfds:{name}:{config.data.train_split}:{config.data.dispatcher.tfds_shards}"
         return shards_lib.expand(spec), split.num_examples
-    counts = [sum(1 for _ in tf.data.TFRecordDataset([f])) for f in split.files]
+    counts = [records.count(f) for f in split.files]
     limit = config.data.max_train_examples or sum(counts)
     chosen, total = [], 0
     for path, n in zip(split.files, counts):

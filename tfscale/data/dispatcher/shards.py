@@ -59,7 +59,9 @@ def expand(spec: str, count_elements: bool = False) -> list[core.ShardSpec]:
     if not files:
         raise ValueError(f"No file matches the shard glob {spec!r}")
     if count_elements:
-        return [core.ShardSpec(f, sum(1 for _ in tf.data.TFRecordDataset([f]))) for f in files]
+        from tfscale.data import records
+
+        return [core.ShardSpec(f, records.count(f)) for f in files]
     return [core.ShardSpec(f, os.path.getsize(f)) for f in files]
 
 
