@@ -13,26 +13,36 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DevicesAlreadyInitializedError": "tfscale.devices",
     "Distribution": "tfscale.distribution",
+    "LayoutMap": "tfscale.sharding.layout_map",
     "configure_devices": "tfscale.devices",
     "distribution": "tfscale.distribution",
     "kinds": "tfscale.distribution",
     "local_devices": "tfscale.devices",
 }
+# subpackage name -> module
+_SUBPACKAGES = {
+    "sharding": "tfscale.sharding",
+}
 
 __all__ = [
     "DevicesAlreadyInitializedError",
     "Distribution",
+    "LayoutMap",
     "configure_devices",
     "distribution",
     "kinds",
     "local_devices",
+    "sharding",
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
+    if name in _SUBPACKAGES:
+        value = importlib.import_module(_SUBPACKAGES[name])
+    elif name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    else:
         raise AttributeError(f"module 'tfscale' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value
     return value
 

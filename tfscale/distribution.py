@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Any, Callable, Iterator, Mapping, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import tensorflow as tf
 
@@ -199,6 +199,19 @@ def _strategy_kind(kind: str, builder: Callable[..., tf.distribute.Strategy]) ->
     return factory
 
 
+def _dtensor(
+    mesh: str,
+    layout_map: Any = None,
+    batch_axis: str = "batch",
+    cluster: str = "auto",
+    task_index: Optional[int] = None,
+) -> Distribution:
+    # Imported on use: the sharding package builds on this module.
+    from tfscale.sharding import distribution as sharding_distribution  # pylint: disable=import-outside-toplevel
+
+    return sharding_distribution.dtensor_distribution(mesh, layout_map, batch_axis, cluster, task_index)
+
+
 _KINDS: dict[str, Callable[..., Distribution]] = {
     "default": _strategy_kind("default", local.default),
     "one_device": _strategy_kind("one_device", local.one_device),
@@ -206,6 +219,7 @@ _KINDS: dict[str, Callable[..., Distribution]] = {
     "multi_worker_mirrored": _strategy_kind(
         "multi_worker_mirrored", multi_worker.multi_worker_mirrored
     ),
+    "dtensor": _dtensor,
 }
 
 
@@ -221,7 +235,9 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
       kind: one of `kinds()`: `"default"`, `"one_device"` (option `device`),
         `"mirrored"` (options `devices`, `all_reduce`),
         `"multi_worker_mirrored"` (options `communication`, `cluster`,
-        `task_index`).
+        `task_index`), `"dtensor"` (options `mesh`, `layout_map`,
+        `batch_axis`, `cluster`, `task_index`; see
+        `tfscale.sharding.distribution.dtensor_distribution`).
       **options: options of that kind.
 
     Returns:
@@ -235,12 +251,20 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
 
     ```python
     dist = tfscale.distribution("mirrored", devices=2, all_reduce="reduce_to_one")
+    dist = tfscale.distribution("dtensor", mesh="batch=2,model=2", layout_map="megatron")
     ```
     """
     factory = _KINDS.get(kind)
     if factory is None:
         raise ValueError(f"Unknown distribution kind {kind!r}. Valid kinds: {', '.join(kinds())}")
-    valid = tuple(inspect.signature(factory).parameters)
+    parameters = inspect.signature(factory).parameters
+    valid = tuple(parameters)
+    missing = [n for n, p in parameters.items() if p.default is p.empty and n not in options]
+    if missing:
+        raise ValueError(
+            f"Distribution kind {kind!r} needs option(s) {', '.join(missing)}. "
+            f"Received: {', '.join(sorted(options)) or '(none)'}"
+        )
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(

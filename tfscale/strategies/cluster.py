@@ -37,6 +37,7 @@ __all__ = [
     "from_kubernetes",
     "from_slurm",
     "from_tf_config",
+    "from_option",
     "resolve",
 ]
 
@@ -187,6 +188,30 @@ def resolve(source: str = "auto", env: Mapping[str, str] = os.environ) -> Option
     if cluster is None:
         raise ValueError(f"cluster={source!r}, but its environment variables are not set")
     return cluster
+
+
+def from_option(cluster: str = "auto", task_index: Optional[int] = None) -> Optional[Cluster]:
+    """The cluster a `cluster=` option names: a source in `SOURCES`, or a host list.
+
+    Args:
+      cluster: `"auto"` (TF_CONFIG, else Slurm, else a Kubernetes Indexed
+        Job, else None), `"tf_config"`, `"slurm"`, `"kubernetes"`, or a
+        comma-separated `host:port` list (with `task_index`).
+      task_index: this process's index in an explicit host list.
+
+    Raises:
+      ValueError: for a task_index without a host list or the reverse.
+    """
+    if cluster in SOURCES:
+        if task_index is not None:
+            raise ValueError(
+                f"task_index goes with an explicit host list, not cluster={cluster!r}. "
+                f"Received: task_index={task_index}"
+            )
+        return resolve(cluster)
+    if task_index is None:
+        raise ValueError(f"An explicit host list needs task_index. Received: cluster={cluster!r}")
+    return from_hosts([h.strip() for h in cluster.split(",") if h.strip()], task_index)
 
 
 def expand_nodelist(nodelist: str) -> list[str]:

@@ -79,7 +79,7 @@ def multi_worker_mirrored(
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=COMMUNICATION[communication]
     )
-    workers = _cluster(cluster, task_index)
+    workers = cluster_lib.from_option(cluster, task_index)
     if workers is None:
         return _KerasMultiWorkerMirroredStrategy(communication_options=options)
     resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
@@ -89,19 +89,6 @@ def multi_worker_mirrored(
         rpc_layer="grpc",
     )
     return _KerasMultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
-
-
-def _cluster(cluster: str, task_index: Optional[int]) -> Optional[cluster_lib.Cluster]:
-    if cluster in cluster_lib.SOURCES:
-        if task_index is not None:
-            raise ValueError(
-                f"task_index goes with an explicit host list, not cluster={cluster!r}. "
-                f"Received: task_index={task_index}"
-            )
-        return cluster_lib.resolve(cluster)
-    if task_index is None:
-        raise ValueError(f"An explicit host list needs task_index. Received: cluster={cluster!r}")
-    return cluster_lib.from_hosts([h.strip() for h in cluster.split(",") if h.strip()], task_index)
 
 
 def _is_nest(value: Any) -> bool:

@@ -1,0 +1,152 @@
+"""The `"dtensor"` kind of `tfscale.distribution`: a model laid out on a mesh.
+
+Example:
+
+```python
+tfscale.configure_devices(virtual_cpus=4)
+dist = tfscale.distribution("dtensor", mesh="batch=2,model=2", layout_map="megatron")
+with dist.scope():
+    model = make_model()
+    model.compile(optimizer="adam", loss="mse")
+print(dist.memory_report(model))
+model.fit(dist.distribute_dataset(unbatched_ds, global_batch_size=64), epochs=2)
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import keras
+import tensorflow as tf
+from tensorflow.experimental import dtensor
+
+from tfscale.distribution import DatasetOrFn
+from tfscale.distribution import Distribution
+from tfscale.sharding import clients
+from tfscale.sharding import layout_map as layout_map_lib
+from tfscale.sharding import memory
+from tfscale.sharding import mesh as mesh_lib
+from tfscale.sharding import strategy as strategy_lib
+from tfscale.strategies import cluster as cluster_lib
+
+__all__ = [
+    "DTensorDistribution",
+    "dtensor_distribution",
+]
+
+_ShardPolicy = tf.data.experimental.AutoShardPolicy
+
+
+class DTensorDistribution(Distribution):
+    """A `Distribution` whose variables are split over a DTensor mesh.
+
+    Data-parallel replicas are the positions along the mesh's batch axis:
+    `num_replicas_in_sync` is its size (1 for a mesh without one).
+    """
+
+    def __init__(self, strategy: strategy_lib.DTensorStrategy, spec: mesh_lib.MeshSpec, options: dict[str, Any]):
+        super().__init__("dtensor", strategy, options)
+        self._spec = spec
+
+    @property
+    def mesh(self) -> dtensor.Mesh:
+        return self.strategy.mesh
+
+    @property
+    def mesh_spec(self) -> mesh_lib.MeshSpec:
+        return self._spec
+
+    @property
+    def layout_map(self) -> layout_map_lib.LayoutMap:
+        return self.strategy.layout_map
+
+    @property
+    def num_replicas_in_sync(self) -> int:
+        axis = self.strategy.batch_axis
+        return self.mesh.dim_size(axis) if axis else 1
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(self.mesh.local_devices())
+
+    @property
+    def num_workers(self) -> int:
+        return dtensor.num_clients() if clients.is_multi_client() else 1
+
+    @property
+    def is_chief(self) -> bool:
+        return not clients.is_multi_client() or dtensor.client_id() == 0
+
+    def distribute_dataset(
+        self,
+        dataset_or_fn: DatasetOrFn,
+        global_batch_size: int,
+        *,
+        shard_policy: _ShardPolicy = _ShardPolicy.AUTO,
+    ) -> strategy_lib.DTensorBatches:
+        """Batches an unbatched dataset into DTensors split on the batch axis.
+
+        In a multi-client mesh each client reads every `num_workers`-th
+        element unless `shard_policy` is OFF (the dataset is already this
+        client's, e.g. leased from a dispatcher).
+
+        Raises:
+          ValueError: if the batch axis size does not divide the global batch.
+          TypeError: for anything but a `tf.data.Dataset`.
+        """
+        self.per_replica_batch_size(global_batch_size)
+        if not isinstance(dataset_or_fn, tf.data.Dataset):
+            raise TypeError(
+                "A dtensor distribution takes an unbatched tf.data.Dataset. "
+                f"Received: {type(dataset_or_fn).__name__}"
+            )
+        dataset = dataset_or_fn
+        if self.num_workers > 1 and shard_policy != _ShardPolicy.OFF:
+            dataset = dataset.shard(self.num_workers, dtensor.client_id())
+        return strategy_lib.DTensorBatches(dataset, self.strategy, global_batch_size)
+
+    def memory_report(self, model: keras.Model) -> memory.MemoryReport:
+        """`tfscale.sharding.memory_report(model)`."""
+        return memory.memory_report(model)
+
+
+def dtensor_distribution(
+    mesh: str,
+    layout_map: layout_map_lib.LayoutMapLike = None,
+    batch_axis: str = mesh_lib.BATCH_AXIS,
+    cluster: str = "auto",
+    task_index: Optional[int] = None,
+) -> DTensorDistribution:
+    """Builds the `"dtensor"` distribution.
+
+    Args:
+      mesh: the mesh spec, e.g. `"batch=2,model=2"`; it must span exactly
+        the devices there are (over every worker in a multi-client job).
+      layout_map: a `tfscale.LayoutMap`, a preset name (`"data_parallel"`,
+        `"megatron"`), rules, or a `keras.distribution.LayoutMap`; default:
+        every variable replicated.
+      batch_axis: the mesh axis input batches are split over.
+      cluster: where the workers come from, as for `"multi_worker_mirrored"`;
+        several workers make a multi-client mesh.
+      task_index: this process's index in an explicit host list.
+
+    Raises:
+      ValueError: for a bad mesh spec, layout map, or device count.
+    """
+    spec = mesh_lib.MeshSpec.parse(mesh)
+    rules = layout_map_lib.LayoutMap.from_value(layout_map)
+    missing = sorted(rules.mesh_axes - set(spec.names))
+    if missing:
+        raise ValueError(
+            f"The layout map splits over mesh axes {missing} that mesh {spec} does not have. "
+            f"Mesh axes: {', '.join(spec.names)}"
+        )
+    if not isinstance(batch_axis, str) or not batch_axis:
+        raise ValueError(f"batch_axis must be a mesh axis name. Received: batch_axis={batch_axis!r}")
+    multi_client = clients.initialize(cluster_lib.from_option(cluster, task_index))
+    built = mesh_lib.build_mesh(spec, multi_client=multi_client)
+    options = {"mesh": str(spec), "layout_map": layout_map, "batch_axis": batch_axis}
+    if cluster != "auto":
+        options.update(cluster=cluster, task_index=task_index)
+    return DTensorDistribution(strategy_lib.DTensorStrategy(built, rules, batch_axis), spec, options)
