@@ -18,9 +18,10 @@ def get_config(variant=None):
     config.optimizer.scaling = "sqrt"
     config.optimizer.warmup_epochs = 0.5
     config.training.epochs = 3
-    return config_lib.apply_variant(config, variant, smoke=_smoke)
+    return config_lib.apply_variant(config, variant, smoke=smoke)
 
 
-def _smoke(config):
+def smoke(config):
+    """The transformer shrunk to a run of seconds."""
     config_lib.smoke(config)
     config.model.kwargs = {"model_dim": 32, "num_heads": 2, "mlp_dim": 64, "num_layers": 1}

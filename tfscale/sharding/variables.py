@@ -19,6 +19,7 @@ v.assign(np.zeros((8, 16), "float32"))   # split to the layout again
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import numpy as np
@@ -76,6 +77,42 @@ class ShardedVariable(dtensor.DVariable):
 
     def __init__(self, initial_value: tf.Tensor, **kwargs: Any):
         super().__init__(initial_value, **kwargs)
+        # graph -> the value this variable was last given in it.
+        self._written: "weakref.WeakKeyDictionary[tf.Graph, tf.Tensor]" = weakref.WeakKeyDictionary()
+
+    # In a traced step, DTensor's expansion of a function can let a read of a
+    # variable run before an earlier write to it, dropping the order that
+    # automatic control dependencies give (Keras's Adam then applies a stale
+    # momentum, or divides by a stale velocity). So writes compute the new
+    # value as a tensor, and later reads in the same graph use that tensor:
+    # a data dependency, which no expansion can reorder.
+
+    def _graph_value(self) -> Optional[tf.Tensor]:
+        if tf.executing_eagerly():
+            return None
+        return self._written.get(tf.compat.v1.get_default_graph())
+
+    def _write(self, value: Any, read_value: bool, name: Optional[str]) -> Any:
+        value = tf.convert_to_tensor(value, dtype=self.dtype)
+        written = super().assign(value, name=name, read_value=False)
+        self._written[value.graph] = value
+        return value if read_value else written
+
+    def _read_variable_op(self, no_copy: bool = False) -> tf.Tensor:
+        value = self._graph_value()
+        if value is None:
+            return super()._read_variable_op(no_copy=no_copy)
+        return tf.identity(value)
+
+    def assign_add(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
+        if tf.executing_eagerly():
+            return super().assign_add(delta, use_locking, name, read_value)
+        return self._write(self._read_variable_op() + delta, read_value, name)
+
+    def assign_sub(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
+        if tf.executing_eagerly():
+            return super().assign_sub(delta, use_locking, name, read_value)
+        return self._write(self._read_variable_op() - delta, read_value, name)
 
     def numpy(self) -> np.ndarray:
         # A replicated DTensor's first component is the full value; reading
@@ -87,7 +124,9 @@ class ShardedVariable(dtensor.DVariable):
         return np.asarray(self.numpy(), dtype=dtype)
 
     def assign(self, value: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
-        if tf.executing_eagerly() and not is_dtensor(value):
+        if not tf.executing_eagerly():
+            return self._write(value, read_value, name)
+        if not is_dtensor(value):
             value = to_layout(tf.cast(value, self.dtype), self.layout)
         return super().assign(value, use_locking=use_locking, name=name, read_value=read_value)
 

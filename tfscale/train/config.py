@@ -60,6 +60,11 @@ def base_config() -> ml_collections.ConfigDict:
             "communication": config_dict.placeholder(str),
             "cluster": config_dict.placeholder(str),
             "task_index": config_dict.placeholder(int),
+            # "dtensor" only: the mesh ("batch=2,model=2"), a layout preset
+            # ("data_parallel", "megatron") and the axis batches split over.
+            "mesh": config_dict.placeholder(str),
+            "layout_map": config_dict.placeholder(str),
+            "batch_axis": config_dict.placeholder(str),
         }
     )
     config.data = ml_collections.ConfigDict(

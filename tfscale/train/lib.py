@@ -111,6 +111,9 @@ def _fit(
             loss=models.loss(config.model.name),
             metrics=["accuracy"],
         )
+    if dist.kind == "dtensor":
+        report = tfscale.sharding.memory_report(model)
+        logging.info("Memory per device:\n%s", report)
     if dist.is_chief:
         os.makedirs(workdir, exist_ok=True)
     throughput = callbacks_lib.Throughput(
@@ -156,6 +159,8 @@ def _fit(
     metrics = _metrics(config, dist, backup, history, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
+    if dist.kind == "dtensor":
+        metrics["memory"] = tfscale.sharding.memory_report(model).to_dict()
     return metrics
 
 
