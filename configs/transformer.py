@@ -24,4 +24,4 @@ def get_config(variant=None):
 def smoke(config):
     """The transformer shrunk to a run of seconds."""
     config_lib.smoke(config)
-    config.model.kwargs = {"model_dim": 32, "num_heads": 2, "mlp_dim": 64, "num_layers": 1}
+    config.model.kwargs = {"model_dim": 32, "num_heads": 4, "mlp_dim": 64, "num_layers": 1}

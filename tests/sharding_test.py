@@ -52,22 +52,28 @@ def _data(shape, count=STEPS * GLOBAL_BATCH, seed=0):
     return x, y
 
 
-def _compile(model):
+OPTIMIZERS = {
+    "adam": lambda: keras.optimizers.Adam(learning_rate=3e-3),
+    "sgd_momentum": lambda: keras.optimizers.SGD(learning_rate=0.05, momentum=0.9),
+}
+
+
+def _compile(model, optimizer="adam"):
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=3e-3),
+        optimizer=OPTIMIZERS[optimizer](),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
     )
     return model
 
 
-def _build(name, dist=None, initial=None):
+def _build(name, dist=None, initial=None, optimizer="adam"):
     builder = BUILDERS[name][0]
     if dist is None:
-        model = _compile(builder())
+        model = _compile(builder(), optimizer)
     else:
         with dist.scope():
-            model = _compile(builder())
+            model = _compile(builder(), optimizer)
     if initial is not None:
         model.set_weights(initial)
     return model
@@ -82,17 +88,22 @@ def _max_diff(a, b):
 
 
 class EquivalenceTest(parameterized.TestCase):
-    @parameterized.parameters("mlp", "transformer_block")
-    def test_adam_steps_match_one_device(self, name):
+    @parameterized.parameters(
+        ("mlp", "adam", "batch=2,model=2"),
+        ("transformer_block", "adam", "batch=2,model=2"),
+        ("transformer_block", "sgd_momentum", "batch=2,model=2"),
+        ("transformer_block", "adam", "model=4"),
+    )
+    def test_steps_match_one_device(self, name, optimizer, mesh):
         keras.utils.set_random_seed(11)
         initial = BUILDERS[name][0]().get_weights()
         x, y = _data(BUILDERS[name][1])
         data = tf.data.Dataset.from_tensor_slices((x, y))
 
-        single = _build(name, initial=initial)
+        single = _build(name, initial=initial, optimizer=optimizer)
         single.fit(data.batch(GLOBAL_BATCH), epochs=1, shuffle=False, verbose=0)
-        dist = _dtensor()
-        sharded = _build(name, dist, initial)
+        dist = _dtensor(mesh)
+        sharded = _build(name, dist, initial, optimizer)
         split = [v.path for v in sharded.weights if "model" in (v.value.layout.sharding_specs or [])]
         self.assertNotEmpty(split, "the megatron preset must split some weights")
         history = sharded.fit(dist.distribute_dataset(data, GLOBAL_BATCH), epochs=1, verbose=0)
