@@ -17,13 +17,13 @@ import tfscale  # noqa: E402
 class FactoryTest(parameterized.TestCase):
     def test_kinds(self):
         self.assertEqual(
-            tfscale.kinds(), ("default", "mirrored", "multi_worker_mirrored", "one_device")
+            tfscale.kinds(), ("default", "dtensor", "mirrored", "multi_worker_mirrored", "one_device")
         )
 
     def test_unknown_kind_lists_valid_kinds(self):
         with self.assertRaisesRegex(
             ValueError,
-            r"Unknown distribution kind 'mirorred'. Valid kinds: default, mirrored, "
+            r"Unknown distribution kind 'mirorred'. Valid kinds: default, dtensor, mirrored, "
             r"multi_worker_mirrored, one_device",
         ):
             tfscale.distribution("mirorred")
