@@ -14,6 +14,7 @@ from tests import testutil
 
 testutil.setup_devices()
 
+import keras  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
 
 from tfscale.data import synthetic  # noqa: E402
@@ -246,7 +247,19 @@ class RunTest(parameterized.TestCase):
         state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
         self.assertIn("input_position", state["extra"])
 
+    def test_mixed_precision_trains_and_restores_the_global_policy(self):
+        config = self._config()
+        config.training.precision = "mixed_float16"
+        config.training.epochs = 1
+        config.distribution.devices = "2"
+        metrics = lib.run(config, self.create_tempdir().full_path)
+        self.assertEqual(metrics["precision"], "mixed_float16")
+        self.assertGreater(metrics["eval"]["accuracy"], 0.2)  # chance is 0.1
+        self.assertEqual(keras.config.dtype_policy().name, "float32")
+
     @parameterized.parameters(
+        dict(field=("training", "precision"), value="float16",
+             message="config.training.precision must be one of ('float32', 'mixed_float16', 'mixed_bfloat16')"),
         dict(field=("training", "verbose"), value=3, message="config.training.verbose must be 0, 1 or 2"),
         dict(field=("optimizer", "learning_rate"), value=-1.0, message="optimizer.learning_rate must be a positive number"),
         dict(field=("data", "max_train_examples"), value=10, message="fewer than one global batch"),

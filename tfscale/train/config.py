@@ -25,6 +25,7 @@ from tfscale.data.dispatcher import policies
 
 __all__ = [
     "OPTIMIZERS",
+    "PRECISIONS",
     "RESIZE",
     "base_config",
     "apply_variant",
@@ -34,6 +35,7 @@ __all__ = [
 ]
 
 OPTIMIZERS = ("sgd", "adam")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RESIZE = ("keep_global_batch", "keep_per_replica_batch")
 
 
@@ -118,6 +120,9 @@ def base_config() -> ml_collections.ConfigDict:
             # On resuming with another replica count: "keep_global_batch" or
             # "keep_per_replica_batch" (global batch and learning rate rescale).
             "resize": "keep_global_batch",
+            # Keras dtype policy of the model: "float32", or mixed precision
+            # ("mixed_float16" with loss scaling, "mixed_bfloat16").
+            "precision": "float32",
         }
     )
     return config
@@ -181,6 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
     _check(training.checkpoints_to_keep, "training.checkpoints_to_keep", int, lambda v: v > 0, "a positive int")
     _check(training.resize, "training.resize", str, lambda v: v in RESIZE, f"one of {RESIZE}")
+    _check(training.precision, "training.precision", str, lambda v: v in PRECISIONS, f"one of {PRECISIONS}")
     optimizer = config.optimizer
     _check(optimizer.name, "optimizer.name", str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}")
     _check(optimizer.learning_rate, "optimizer.learning_rate", float, lambda v: v > 0, "a positive number")

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import keras
 import ml_collections
@@ -102,7 +102,7 @@ def _fit(
     logging.info("%s; %d steps per epoch of %d examples", dist, steps_per_epoch, global_batch)
 
     keras.utils.set_random_seed(config.seed)
-    with dist.scope():
+    with _precision(config.training.precision), dist.scope():
         model = models.build(
             config.model.name, train.image_shape, train.num_classes, **config.model.kwargs
         )
@@ -209,6 +209,17 @@ class _ConsumedElements(keras.callbacks.Callback):
         return (int(self.model.optimizer.iterations.numpy()) - self._start) * self._per_worker_batch
 
 
+@contextlib.contextmanager
+def _precision(policy: str) -> Iterator[None]:
+    """Builds the model under a Keras dtype policy; `compile` adds loss scaling for float16."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def _distribution(config: ml_collections.ConfigDict) -> tfscale.Distribution:
     options = config_lib.set_options(config.distribution)
     return tfscale.distribution(options.pop("kind"), **options)
@@ -246,6 +257,7 @@ def _metrics(
         "model": config.model.name,
         "source": config.data.source,
         "global_batch_size": config.training.global_batch_size,
+        "precision": config.training.precision,
         "epochs": config.training.epochs,
         "resumed_from_epoch": backup.restored_epoch,
         "epochs_run": len(history.epoch),

@@ -61,7 +61,8 @@ def lenet(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
             layers.Flatten(),
             layers.Dense(50, activation="relu", name="fc1"),
             layers.Dense(num_classes, name="fc2"),
-            layers.Activation("log_softmax"),
+            # Outputs stay float32 under a mixed-precision policy.
+            layers.Activation("log_softmax", dtype="float32"),
         ],
         name="lenet",
     )
@@ -77,7 +78,7 @@ def convnet(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
             layers.Conv2D(64, 3, activation="relu", name="conv2"),
             layers.Flatten(),
             layers.Dense(64, activation="relu", name="fc1"),
-            layers.Dense(num_classes, activation="softmax", name="fc2"),
+            layers.Dense(num_classes, activation="softmax", name="fc2", dtype="float32"),
         ],
         name="convnet",
     )
@@ -114,7 +115,7 @@ def transformer(
         x = layers.Add()([x, h])
     x = layers.LayerNormalization(name="final_norm")(x)
     x = layers.GlobalAveragePooling1D()(x)
-    outputs = layers.Dense(num_classes, name="head")(x)
+    outputs = layers.Dense(num_classes, name="head", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="transformer")
 
 
