@@ -219,8 +219,8 @@ class ExactlyOnceTest(parameterized.TestCase):
         self.assertTrue(dispatcher.jobs()[0]["finished"])
 
     def test_speculative_backup_first_completion_wins(self):
-        sizes = [10] * 4
-        dispatcher, clock = _core(_spec(4, "adaptive", sizes=sizes), workers=("fast", "slow"))
+        sizes = [10] * 16
+        dispatcher, clock = _core(_spec(16, "adaptive", sizes=sizes), workers=("fast", "slow"))
         # Give both workers a throughput history: fast takes 1s, slow 10s per shard.
         (a,) = dispatcher.acquire("job", "fast", 1).leases
         (b,) = dispatcher.acquire("job", "slow", 1).leases
@@ -231,17 +231,34 @@ class ExactlyOnceTest(parameterized.TestCase):
         dispatcher.complete("job", "fast", c.token)
         clock.now += 8
         dispatcher.complete("job", "slow", b.token)
-        (d,) = dispatcher.acquire("job", "slow", 1).leases  # the last shard, on the slow worker
-        clock.now += 1
-        result = dispatcher.acquire("job", "fast", 1)
-        (backup,) = result.leases
-        self.assertTrue(backup.speculative)
-        self.assertEqual(backup.shard_index, d.shard_index)
-        dispatcher.complete("job", "fast", backup.token)
+        # 13 shards (130 units) left for 11 units/s together: the slow worker
+        # (10 s per shard) still finishes one within that horizon.
+        (d,) = dispatcher.acquire("job", "slow", 1).leases
+        while True:  # the fast worker drains the rest, then backs d up
+            clock.now += 1
+            self.assertEqual(dispatcher.heartbeat("job", "slow"), [])  # d's lease stays alive
+            (lease,) = dispatcher.acquire("job", "fast", 1).leases
+            if lease.speculative:
+                break
+            dispatcher.complete("job", "fast", lease.token)
+        self.assertEqual(lease.shard_index, d.shard_index)
+        dispatcher.complete("job", "fast", lease.token)
         with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
             dispatcher.complete("job", "slow", d.token)
         self.assertEqual(dispatcher.heartbeat("job", "slow"), [d.token])
         self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_slow_worker_gets_nothing_it_would_finish_last(self):
+        dispatcher, clock = _core(_spec(4, "adaptive", sizes=[10] * 4), workers=("fast", "slow"))
+        (a,) = dispatcher.acquire("job", "fast", 1).leases
+        (b,) = dispatcher.acquire("job", "slow", 1).leases
+        clock.now += 1
+        dispatcher.complete("job", "fast", a.token)
+        clock.now += 9
+        dispatcher.complete("job", "slow", b.token)
+        # 2 shards left: 20 units / 11 units/s is under the slow worker's 10 s per shard.
+        self.assertEqual(dispatcher.acquire("job", "slow", 1).leases, ())
+        self.assertLen(dispatcher.acquire("job", "fast", 2).leases, 2)
 
 
 class RecoveryTest(absltest.TestCase):

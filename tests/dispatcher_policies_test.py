@@ -409,9 +409,18 @@ class AdaptiveTest(parameterized.TestCase):
         self.assertEqual(slow, (1,))  # max(1, round(4 * 25 / 100)) = 1, smallest first
         self.assertGreater(min(self.SIZES[s] for s in fast), max(self.SIZES[s] for s in slow))
 
-    def test_unknown_throughput_gets_max_shards_largest_first(self):
+    def test_unknown_throughput_gets_one_small_probe(self):
         view = self._pending_view("slow", {})
-        self.assertEqual(policies.Adaptive().select(view, max_shards=3).shards, (4, 2, 6))
+        self.assertEqual(policies.Adaptive().select(view, max_shards=3).shards, (1,))
+        self.assertEqual(policies.Adaptive().select(view, max_shards=0).shards, ())
+
+    def test_slower_worker_only_gets_shards_within_the_horizon(self):
+        # Pending 280 units + outstanding 0 over 175 units/s: a horizon of 1.6 s.
+        # The slow worker (25/s) finishes a 40-unit shard in 1.6 s, not a 50-unit one.
+        view = self._pending_view("slow", self.THROUGHPUT)
+        shards = policies.Adaptive().select(view, max_shards=8).shards
+        self.assertTrue(shards)
+        self.assertTrue(all(self.SIZES[s] <= 40 for s in shards), shards)
 
     def _drain_view(self, in_flight, worker="fast", throughput=None, outstanding=None):
         sizes = {shard: 100 for shard in range(6)}

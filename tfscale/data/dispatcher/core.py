@@ -85,6 +85,8 @@ class _Worker:
     completed_size: int = 0
     busy_s: float = 0.0
     revoked: set = dataclasses.field(default_factory=set)
+    # When this worker last completed a shard (this process's clock; not restored).
+    last_completed_at: float = 0.0
 
     @property
     def throughput(self) -> float:
@@ -538,7 +540,11 @@ class DispatcherCore:
         record = state.workers[lease.worker]
         record.completed_shards += 1
         record.completed_size += lease.size
-        record.busy_s += max(now - active.granted_at, 1e-6)
+        # A worker holding several leases reads them one after another: a
+        # shard's time starts at its grant or at the previous completion,
+        # whichever is later, so overlapping leases are not counted twice.
+        record.busy_s += max(now - max(active.granted_at, record.last_completed_at), 1e-6)
+        record.last_completed_at = now
         state.done.add(lease.shard_index)
         state.offsets.pop(lease.shard_index, None)
         if len(state.done) == len(state.spec.shards) and not state.leases:
@@ -580,7 +586,7 @@ class DispatcherCore:
             state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
             state.offsets = {int(k): v for k, v in saved["offsets"].items()}
             for w in saved["workers"]:
-                state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"])})
+                state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"]), "last_completed_at": 0.0})
             for saved_lease in saved["leases"]:
                 committed = saved_lease.pop("committed")
                 lease = Lease(**saved_lease)

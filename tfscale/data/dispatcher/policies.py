@@ -17,9 +17,11 @@ Policies, by name (`make_policy(name)`):
 - `"consistent_hash"`: bounded-load rendezvous hashing of shard names onto
   worker names. The same worker set gives the same owners in every epoch and
   process, so workers keep their shards (and their caches); it never steals.
-- `"adaptive"`: throughput-weighted. Faster workers get more and larger
-  shards; once nothing is pending, an idle fast worker may get one speculative
-  backup of the in-flight shard that a slow holder would finish last.
+- `"adaptive"`: throughput-weighted. A worker of unknown speed gets one small
+  shard (a probe); faster workers get more and larger shards; a slower one
+  gets only shards it can finish before the others would finish the rest;
+  once nothing is pending, an idle fast worker may get one speculative backup
+  of the in-flight shard that a slow holder would finish last.
 
 Example:
 
@@ -381,11 +383,16 @@ class ConsistentHash(Policy):
 class Adaptive(Policy):
     """Throughput-weighted assignment with speculative backups.
 
-    While shards are pending, the requester gets
-    `max(1, round(max_shards * throughput / max_throughput))` of them (all
-    `max_shards` while its throughput is unknown): largest first if its
-    throughput is at least the median of the live workers' known throughputs
-    (or unknown), smallest first otherwise. Once nothing is pending and
+    While shards are pending, a requester of unknown throughput gets the
+    smallest pending shard: it may be the slow one, and a slow worker that
+    starts an epoch with the largest shard sets its end. A requester of known
+    throughput gets `max(1, round(max_shards * throughput / max_throughput))`
+    shards, largest first if its throughput is at least the median of the live
+    workers' known throughputs, smallest first otherwise; a requester slower
+    than the fastest live worker only gets shards it would finish within the
+    horizon `(pending + outstanding size) / sum of known throughputs`, the
+    time the live workers need for the rest at their speeds (and nothing, for
+    now, if no pending shard is that small). Once nothing is pending and
     `speculation` is on, an idle requester may get one backup lease: among the
     in-flight shards without a backup, held by others, and whose holder is at
     least `min_throughput_ratio` times slower (or of unknown speed while the
@@ -454,14 +461,24 @@ class Adaptive(Policy):
     def _weighted(self, view: PolicyView, max_shards: int) -> tuple[ShardIndex, ...]:
         own = view.throughput.get(view.worker, 0.0)
         known = self._known(view)
-        if own > 0 and known:
-            count = max(1, round(max_shards * own / max(known + [own])))
-            large_first = own >= statistics.median(known)
-        else:
-            count = max_shards
-            large_first = True
-        order = _largest_first if large_first else _smallest_first
-        return tuple(order(view, _window(view, max_shards))[: min(count, max_shards)])
+        window = _window(view, max_shards)
+        if own <= 0:
+            return tuple(_smallest_first(view, window)[: min(1, max_shards)])
+        fastest = max(known + [own])
+        count = max(1, round(max_shards * own / fastest))
+        large_first = own >= statistics.median(known + [own])
+        shards = (_largest_first if large_first else _smallest_first)(view, window)
+        if own < fastest:
+            horizon_s = self._remaining(view, window) / sum(known)
+            shards = [s for s in shards if view.sizes[s] / own <= horizon_s]
+        return tuple(shards[: min(count, max_shards)])
+
+    @staticmethod
+    def _remaining(view: PolicyView, window: Sequence[ShardIndex]) -> float:
+        """Size of the pending shards (estimated from the window, in bounded
+        time) plus what the live workers hold."""
+        pending = sum(view.sizes[shard] for shard in window) * len(view.pending) / len(window)
+        return pending + sum(view.outstanding.get(w, 0) for w in view.live_workers)
 
     def _backup(self, view: PolicyView) -> Optional[ShardIndex]:
         own = view.throughput.get(view.worker, 0.0)

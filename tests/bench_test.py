@@ -1,0 +1,50 @@
+"""Every benchmark script runs from a fresh checkout (tiny settings) and writes
+its JSON and plot; the figures themselves are not asserted (they are timings)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+
+from tests import testutil
+
+# name -> (script, quick flags, keys results.json must have, plot file)
+BENCHMARKS = {
+    "wrapper_overhead": (
+        "wrapper_overhead.py",
+        ["--rounds=2", "--steps=5", "--warmup_steps=3", "--examples=512"],
+        ["per_round", "median_ratio", "target_met"],
+        "wrapper_overhead.png",
+    ),
+    "dtensor_sharding": (
+        "dtensor_sharding.py",
+        ["--rounds=1", "--steps=3", "--model_sizes=1,4", "--model_dim=16", "--mlp_dim=32", "--num_layers=1"],
+        ["setups"],
+        "dtensor_sharding.png",
+    ),
+}
+
+
+class BenchmarkScriptsTest(parameterized.TestCase):
+    @parameterized.named_parameters((name, name) for name in BENCHMARKS)
+    def test_quick_run_writes_results_and_plot(self, name):
+        script, flags, keys, plot = BENCHMARKS[name]
+        out = self.create_tempdir().full_path
+        env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+        result = subprocess.run(
+            [sys.executable, os.path.join(testutil.REPO_ROOT, "tools", "bench", script), f"--out={out}", *flags],
+            cwd=testutil.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        with open(os.path.join(out, "results.json")) as f:
+            results = json.load(f)
+        for key in keys:
+            self.assertIn(key, results)
+        self.assertGreater(os.path.getsize(os.path.join(out, plot)), 1000)
+
+
+if __name__ == "__main__":
+    absltest.main()
