@@ -25,6 +25,12 @@ BENCHMARKS = {
         ["setups"],
         "dtensor_sharding.png",
     ),
+    "balance_skew": (
+        "balance_skew.py",
+        ["--quick", "--shard_counts=64", "--elements=512", "--cost_ms=0.5"],
+        ["cases", "adaptive_worst_ratio", "target_met"],
+        "balance_skew.png",
+    ),
 }
 
 
