@@ -217,13 +217,19 @@ class DispatcherCore:
             )
 
     def heartbeat(self, job: str, worker: str) -> list[int]:
-        """Renews the worker's leases; returns tokens it has lost since."""
+        """Renews the worker's committed leases; returns tokens it has lost since.
+
+        Uncommitted leases are not renewed: one lives `lease_timeout_s` from
+        its grant unless the worker commits it. A grant whose reply was lost
+        (the dispatcher died after journaling it) is known to no worker, so
+        it must expire rather than be kept alive by its worker's heartbeats.
+        """
         with self._lock:
             state, record = self._registered(job, worker)
             now = self._clock()
             record.last_seen = now
             for active in state.leases.values():
-                if active.lease.worker == worker:
+                if active.lease.worker == worker and active.committed:
                     active.deadline = now + state.spec.lease_timeout_s
             self._expire(state, now)
             revoked = sorted(record.revoked)
