@@ -31,6 +31,12 @@ BENCHMARKS = {
         ["cases", "adaptive_worst_ratio", "target_met"],
         "balance_skew.png",
     ),
+    "faults": (
+        "faults.py",
+        ["--quick", "--systems=tfscale,tf.data"],
+        ["summary"],
+        "faults.png",
+    ),
 }
 
 
