@@ -37,6 +37,12 @@ BENCHMARKS = {
         ["summary"],
         "faults.png",
     ),
+    "dispatcher_grant_rate": (
+        "dispatcher_grant_rate.py",
+        ["--clients=1,4", "--shards_per_call=8", "--seconds=0.5", "--repeats=1", "--splits=2000"],
+        ["tfscale", "tf_data_service"],
+        "dispatcher_grant_rate.png",
+    ),
 }
 
 

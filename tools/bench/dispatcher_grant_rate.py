@@ -1,24 +1,55 @@
-"""Dispatcher control plane: shards granted per second and acquire latency.
+"""Dispatcher control plane: grants per second and acquire latency, against tf.data service.
 
-A `tfscale-dispatcher serve` subprocess (journal on: fsync per request, or
-off: memory only) serves a job of many small shards; N client threads each
-loop acquire(k) -> complete every lease. Reports, per (clients, k, journal),
-the median over repetitions of grants/s and of the p50/p99 acquire latency.
+tfscale: each run starts a fresh `tfscale-dispatcher serve` subprocess (journal
+on: fsync before each answer; off: memory only) whose job has `--splits`
+shards; N client threads each loop acquire(k) -> complete every lease. After a
+0.5 s warm-up, grants/s and the p50/p99 acquire latency are measured over
+`--seconds`.
 
-  .venv/bin/python tools/bench/dispatcher_grant_rate.py --out=/tmp/bench_grants \\
-      --clients=1,4,16,64 --shards_per_call=1,8 --seconds=3 --repeats=5
+tf.data service: each run starts, in a helper subprocess (this script with
+`--tf_data_helper`), a fresh `DispatchServer` (journal on: `fault_tolerant_mode`
+with a work_dir) and N `WorkerServer`s, and one consumer iterates
+`Dataset.range(splits).batch(256)` distributed with
+`processing_mode="distributed_epoch"` (dynamic sharding). `range` makes every
+element one split and each split is one `GetSplit` RPC from a worker to the
+dispatcher, so there the workers are the dispatcher's clients: a "client" is a
+`WorkerServer`. Batching on the workers keeps the consumer's own traffic
+negligible. Splits/s is `splits` over the time from creating the iterator to
+the last split's arrival at the consumer; it includes starting the job, so it
+errs low, in tfscale's favour. A tf.data split needs no completion RPC, a
+tfscale grant does (k=8: 1 acquire + 8 completes per 8 grants).
+
+Each repetition visits every (journal, clients) cell and runs tfscale at each
+k and tf.data service back to back (which goes first alternates), so both see
+the same machine load. Reported: medians over repetitions; per cell, the
+ratio tfscale grants/s at the largest k (8) / tf.data service splits/s (median
+of the per-repetition ratios; target >= 10x), and the p99 acquire latency at
+the most clients (64), journal on, largest k (target < 10 ms).
+
+  .venv/bin/python tools/bench/dispatcher_grant_rate.py \\
+      --out=/tmp/tfscale_bench/dispatcher_grant_rate --clients=1,4,16,64 \\
+      --shards_per_call=1,8 --seconds=3 --repeats=5 --splits=20000
+
+Smoke test (under a minute):
+
+  .venv/bin/python tools/bench/dispatcher_grant_rate.py --out=/tmp/tfscale_bench/grant_rate_quick \\
+      --clients=1,64 --shards_per_call=8 --seconds=1 --repeats=1 --splits=5000
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Any
+from typing import Iterator
 
 from absl import app
 from absl import flags
@@ -26,60 +57,112 @@ from absl import flags
 from tfscale.data.dispatcher import client as client_lib
 
 _OUT = flags.DEFINE_string("out", "/tmp/tfscale_bench/dispatcher_grant_rate", "Output directory.")
-_CLIENTS = flags.DEFINE_list("clients", ["1", "4", "16", "64"], "Concurrent clients.")
+_CLIENTS = flags.DEFINE_list(
+    "clients", ["1", "4", "16", "64"], "Concurrent clients (tf.data: workers)."
+)
 _K = flags.DEFINE_list("shards_per_call", ["1", "8"], "Shards asked per acquire.")
-_SECONDS = flags.DEFINE_float("seconds", 3.0, "Measured time per run.")
+_SECONDS = flags.DEFINE_float("seconds", 3.0, "Measured time per tfscale run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repetitions (medians are reported).")
+_SPLITS = flags.DEFINE_integer(
+    "splits", 20_000, "Shards of the tfscale job = splits of the tf.data job."
+)
+_TF_DATA_HELPER = flags.DEFINE_bool(
+    "tf_data_helper", False, "Internal: serve tf.data service runs."
+)
+
+Row = dict[str, Any]
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ENV = dict(os.environ, PYTHONPATH=_REPO, TF_CPP_MIN_LOG_LEVEL="3")
+_JOB = "bench"
+_WARM_UP_S = 0.5
+_TF_DATA_BATCH = 256
+_RESULT = "RESULT "
+_RATIO_TARGET = 10.0
+_P99_TARGET_MS = 10.0
 
 
-def _serve(journal: bool) -> tuple[subprocess.Popen, str]:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    work_dir = tempfile.mkdtemp(prefix="grant-bench-") if journal else ""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "tfscale.data.dispatcher", "serve", f"--work_dir={work_dir}",
-         "--shards=range:200000:10", "--num_epochs=1000", "--lease_timeout_s=600", "--job=bench"],
-        cwd=repo,
-        env=dict(os.environ, PYTHONPATH=repo, TF_CPP_MIN_LOG_LEVEL="3"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    return process, process.stdout.readline().split()[-1]
+# --- tfscale -------------------------------------------------------------------
 
 
-def _client_loop(address, name, k, stop, grants, latencies):
+@contextlib.contextmanager
+def _tfscale_server(journal: bool, splits: int) -> Iterator[str]:
+    """Yields the address of a fresh dispatcher serving `splits` shards of 10 elements."""
+    with tempfile.TemporaryDirectory(prefix="grant-bench-") as work_dir:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tfscale.data.dispatcher",
+                "serve",
+                f"--work_dir={work_dir if journal else ''}",
+                f"--shards=range:{10 * splits}:10",
+                "--num_epochs=1000",
+                "--lease_timeout_s=600",
+                f"--job={_JOB}",
+            ],
+            cwd=_REPO,
+            env=_ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        try:
+            line = process.stdout.readline()
+            if not line:
+                raise RuntimeError(
+                    f"tfscale-dispatcher exited with {process.wait()} before listening"
+                )
+            yield line.split()[-1]
+        finally:
+            process.terminate()
+            process.wait()
+
+
+def _client_loop(
+    address: str,
+    name: str,
+    k: int,
+    stop: threading.Event,
+    grants: list[int],
+    latencies: list[float],
+) -> None:
     client = client_lib.DispatcherClient(address)
-    client.register_worker("bench", name)
+    client.register_worker(_JOB, name)
     while not stop.is_set():
         start = time.perf_counter()
-        result = client.acquire("bench", name, k)
+        result = client.acquire(_JOB, name, k)
         latencies.append(time.perf_counter() - start)
         grants.append(len(result.leases))
         for lease in result.leases:
-            client.complete("bench", name, lease.token)
+            client.complete(_JOB, name, lease.token)
     client.close()
 
 
-def _run(address: str, clients: int, k: int, seconds: float, tag: str) -> dict[str, float]:
-    stop = threading.Event()
-    grants: list[int] = []
-    latencies: list[float] = []
-    threads = [
-        threading.Thread(target=_client_loop, args=(address, f"{tag}-{i}", k, stop, grants, latencies))
-        for i in range(clients)
-    ]
-    for thread in threads:
-        thread.start()
-    time.sleep(0.5)  # warm up: channels, registration
-    grants.clear()
-    latencies.clear()
-    start = time.perf_counter()
-    time.sleep(seconds)
-    granted, measured = sum(grants), sorted(latencies)
-    elapsed = time.perf_counter() - start
-    stop.set()
-    for thread in threads:
-        thread.join()
+def _tfscale_run(journal: bool, clients: int, k: int) -> dict[str, float]:
+    """Grants/s and acquire latency of `clients` threads on a fresh dispatcher."""
+    with _tfscale_server(journal, _SPLITS.value) as address:
+        stop = threading.Event()
+        grants: list[int] = []
+        latencies: list[float] = []
+        threads = [
+            threading.Thread(
+                target=_client_loop, args=(address, f"c{i}", k, stop, grants, latencies)
+            )
+            for i in range(clients)
+        ]
+        for thread in threads:
+            thread.start()
+        time.sleep(_WARM_UP_S)  # channels, registration
+        grants.clear()
+        latencies.clear()
+        start = time.perf_counter()
+        time.sleep(_SECONDS.value)
+        granted, measured = sum(grants), sorted(latencies)
+        elapsed = time.perf_counter() - start
+        stop.set()
+        for thread in threads:
+            thread.join()
     return {
         "grants_per_s": granted / elapsed,
         "p50_ms": 1000 * measured[len(measured) // 2],
@@ -87,34 +170,336 @@ def _run(address: str, clients: int, k: int, seconds: float, tag: str) -> dict[s
     }
 
 
-def main(argv):
+# --- tf.data service -------------------------------------------------------------
+
+
+class _TfDataService:
+    """tf.data service runs, each in a fresh cluster inside one helper subprocess.
+
+    Args:
+      log_path: where the helper's stderr goes.
+    """
+
+    def __init__(self, log_path: str):
+        self._log = open(log_path, "w")
+        self._process = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--tf_data_helper"],
+            cwd=_REPO,
+            env=_ENV,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+        self._read()  # TensorFlow imported: later runs do not share the machine with that
+
+    def run(self, workers: int, journal: bool, splits: int) -> dict[str, float]:
+        request = {"workers": workers, "journal": journal, "splits": splits}
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        # Killed, not asked to stop: workers of past runs may still be shutting down.
+        self._process.kill()
+        self._process.wait()
+        self._log.close()
+
+    def _read(self) -> dict[str, Any]:
+        for line in self._process.stdout:
+            if line.startswith(_RESULT):
+                return json.loads(line[len(_RESULT) :])
+        raise RuntimeError(f"The tf.data service helper exited; see {self._log.name}")
+
+
+def _tf_data_helper() -> None:
+    """The helper's loop: one JSON request per stdin line, one result per stdout line."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    print(_RESULT + "{}", flush=True)
+    stopping = threading.Thread()
+    stopping.start()
+    for line in sys.stdin:
+        stopping.join()  # The last cluster, stopped while tfscale ran, slows a new one down.
+        result, cluster = _tf_data_run(tf, **json.loads(line))
+        print(_RESULT + json.dumps(result), flush=True)
+        stopping = threading.Thread(target=_stop, args=cluster)
+        stopping.start()
+
+
+def _tf_data_run(
+    tf: Any, workers: int, journal: bool, splits: int
+) -> tuple[dict[str, float], tuple]:
+    """Splits/s of one `distributed_epoch` pass over `range(splits)` on a fresh cluster.
+
+    Returns:
+      The result, and the (dispatcher, workers, work_dir) to hand to `_stop`.
+    """
+    service = tf.data.experimental.service
+    work_dir = tempfile.mkdtemp(prefix="tf-data-bench-")
+    dispatcher = service.DispatchServer(
+        service.DispatcherConfig(
+            fault_tolerant_mode=journal, work_dir=work_dir if journal else None
+        )
+    )
+    address = dispatcher.target.split("://")[-1]
+    servers = [
+        service.WorkerServer(service.WorkerConfig(dispatcher_address=address))
+        for _ in range(workers)
+    ]
+    dataset = (
+        tf.data.Dataset.range(splits)
+        .batch(_TF_DATA_BATCH)
+        .apply(service.distribute("distributed_epoch", dispatcher.target, job_name=_JOB))
+    )
+    start = time.perf_counter()
+    received, first, last = 0, None, None
+    iterator = iter(dataset)
+    for batch in iterator:
+        last = time.perf_counter()
+        first = first or last
+        received += int(batch.shape[0])
+        if received >= splits:
+            break  # Do not wait for the end-of-sequence round trips.
+    del iterator  # Ends the job's reads before its workers stop.
+    result = {
+        "splits_per_s": splits / (last - start),
+        "first_element_s": first - start,
+        "splits": received,
+    }
+    return result, (dispatcher, servers, work_dir)
+
+
+def _stop(dispatcher: Any, workers: list[Any], work_dir: str) -> None:
+    """Stops the workers (together: 64 take seconds, nearly all idle), then the dispatcher."""
+    # pylint: disable=protected-access
+    stoppers = [threading.Thread(target=worker._stop) for worker in workers]
+    for thread in stoppers:
+        thread.start()
+    for thread in stoppers:
+        thread.join()
+    dispatcher._stop()
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+# --- report -----------------------------------------------------------------------
+
+
+def _median_row(keys: dict[str, Any], runs: list[dict[str, float]]) -> Row:
+    row = dict(keys)
+    for key in runs[0]:
+        row[key] = statistics.median(run[key] for run in runs)
+    row["runs"] = runs
+    return row
+
+
+def _targets(tfscale: list[Row], ratios: list[Row], k: int, clients: int) -> dict[str, Any]:
+    ratio_values = [row["ratio"] for row in ratios]
+    p99 = next(
+        r["p99_ms"]
+        for r in tfscale
+        if r["journal"] and r["clients"] == clients and r["shards_per_call"] == k
+    )
+    return {
+        "ratio_target": _RATIO_TARGET,
+        "ratio_shards_per_call": k,
+        "ratio_min": min(ratio_values),
+        "ratio_max": max(ratio_values),
+        "ratio_met": min(ratio_values) >= _RATIO_TARGET,
+        "p99_target_ms": _P99_TARGET_MS,
+        "p99_clients": clients,
+        "p99_shards_per_call": k,
+        "p99_journal_ms": p99,
+        "p99_met": p99 < _P99_TARGET_MS,
+    }
+
+
+def _plot(results: dict[str, Any], path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    fig, (rate, tail) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {k: f"C{i}" for i, k in enumerate(results["config"]["shards_per_call"])}
+    for journal, style in ((True, "-"), (False, "--")):
+        label = "journal on" if journal else "journal off"
+        for k, color in colors.items():
+            rows = [
+                r
+                for r in results["tfscale"]
+                if r["journal"] == journal and r["shards_per_call"] == k
+            ]
+            clients = [r["clients"] for r in rows]
+            name = f"tfscale k={k}, {label}"
+            rate.plot(
+                clients,
+                [r["grants_per_s"] for r in rows],
+                style,
+                color=color,
+                marker="o",
+                label=name,
+            )
+            tail.plot(
+                clients, [r["p99_ms"] for r in rows], style, color=color, marker="o", label=name
+            )
+        rows = [r for r in results["tf_data_service"] if r["journal"] == journal]
+        rate.plot(
+            [r["clients"] for r in rows],
+            [r["splits_per_s"] for r in rows],
+            style,
+            marker="s",
+            color="black",
+            label=f"tf.data service splits/s, {label}",
+        )
+    tail.axhline(_P99_TARGET_MS, color="red", linestyle=":", linewidth=1, label="target")
+    rate.set_ylabel("grants/s (tf.data service: splits/s)")
+    rate.set_title("Throughput, median over repetitions")
+    tail.set_ylabel("p99 acquire latency (ms)")
+    tail.set_yscale("log")
+    tail.set_title("tfscale acquire latency, p99")
+    for ax in (rate, tail):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(results["config"]["clients"], [str(c) for c in results["config"]["clients"]])
+        ax.set_xlabel("clients (tf.data service: workers)")
+        ax.legend(fontsize=7)
+    config = results["config"]
+    fig.suptitle(
+        f"{config['splits']} splits, {config['repeats']} repetitions, {config['cpus']} CPUs"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    ks = results["config"]["shards_per_call"]
+    kr = results["targets"]["ratio_shards_per_call"]
+    header = f"{'journal':8s}{'clients':>8s}"
+    for k in ks:
+        header += f" | {f'k={k} grants/s':>14s} {'p50 ms':>7s} {'p99 ms':>7s}"
+    print(header + f" | {'tf.data splits/s':>16s} | {f'k={kr} / tf.data':>14s}")
+    tfscale = {(r["journal"], r["clients"], r["shards_per_call"]): r for r in results["tfscale"]}
+    tf_data = {(r["journal"], r["clients"]): r for r in results["tf_data_service"]}
+    ratios = {(r["journal"], r["clients"]): r for r in results["ratios"]}
+    for journal, clients in tf_data:
+        line = f"{'on' if journal else 'off':8s}{clients:>8d}"
+        for k in ks:
+            row = tfscale[journal, clients, k]
+            line += f" | {row['grants_per_s']:>14.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f}"
+        splits_per_s = tf_data[journal, clients]["splits_per_s"]
+        print(f"{line} | {splits_per_s:>16.0f} | {ratios[journal, clients]['ratio']:>13.2f}x")
+    t = results["targets"]
+    print(
+        f"target: tfscale k={kr} grants/s / tf.data service splits/s >= {t['ratio_target']:.0f}x: "
+        f"{t['ratio_min']:.2f}x..{t['ratio_max']:.2f}x -> {_verdict(t['ratio_met'])}"
+    )
+    print(
+        f"target: p99 acquire at {t['p99_clients']} clients, journal on, "
+        f"k={t['p99_shards_per_call']} < {t['p99_target_ms']:.0f} ms: "
+        f"{t['p99_journal_ms']:.2f} ms -> {_verdict(t['p99_met'])}"
+    )
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+class _Runs:
+    """Every run's figures, per (journal, clients) cell, filled one repetition at a time."""
+
+    def __init__(self, clients: list[int], ks: list[int]):
+        self.ks = ks
+        self.ratio_k = 8 if 8 in ks else max(ks)
+        self.cells = [(journal, c) for journal in (True, False) for c in clients]
+        self.tfscale: dict[tuple[bool, int, int], list] = {
+            (j, c, k): [] for j, c in self.cells for k in ks
+        }
+        self.tf_data: dict[tuple[bool, int], list] = {cell: [] for cell in self.cells}
+        self.ratios: dict[tuple[bool, int], list] = {cell: [] for cell in self.cells}
+
+    def measure(self, repeat: int, tf_data: _TfDataService) -> None:
+        """Runs each cell's tfscale and tf.data service runs back to back."""
+        for journal, clients in self.cells:
+            steps = [("tfscale", k) for k in self.ks] + [("tf.data", 0)]
+            if repeat % 2:  # Neither always runs first.
+                steps = steps[-1:] + steps[:-1]
+            for kind, k in steps:
+                if kind == "tfscale":
+                    self.tfscale[journal, clients, k].append(_tfscale_run(journal, clients, k))
+                else:
+                    run = tf_data.run(clients, journal, _SPLITS.value)
+                    self.tf_data[journal, clients].append(run)
+            self._report(repeat, journal, clients)
+
+    def _report(self, repeat: int, journal: bool, clients: int) -> None:
+        splits_per_s = self.tf_data[journal, clients][-1]["splits_per_s"]
+        granted = {k: self.tfscale[journal, clients, k][-1] for k in self.ks}
+        ratio = granted[self.ratio_k]["grants_per_s"] / splits_per_s
+        self.ratios[journal, clients].append({"ratio": ratio})
+        figures = ", ".join(
+            f"k={k} {g['grants_per_s']:.0f} grants/s p99 {g['p99_ms']:.2f} ms"
+            for k, g in granted.items()
+        )
+        print(
+            f"repeat {repeat + 1} journal={'on ' if journal else 'off'} clients={clients:>3}: "
+            f"{figures}; tf.data service {splits_per_s:.0f} splits/s",
+            flush=True,
+        )
+
+    def results(self) -> dict[str, Any]:
+        clients = sorted({c for _, c in self.cells})
+        results = {
+            "config": {
+                "clients": clients,
+                "shards_per_call": self.ks,
+                "seconds": _SECONDS.value,
+                "repeats": _REPEATS.value,
+                "splits": _SPLITS.value,
+                "tf_data_batch": _TF_DATA_BATCH,
+                "cpus": os.cpu_count(),
+            },
+            "tfscale": [
+                _median_row({"journal": j, "clients": c, "shards_per_call": k}, runs)
+                for (j, c, k), runs in self.tfscale.items()
+            ],
+            "tf_data_service": [
+                _median_row({"journal": j, "clients": c}, runs)
+                for (j, c), runs in self.tf_data.items()
+            ],
+            "ratios": [
+                _median_row({"journal": j, "clients": c, "shards_per_call": self.ratio_k}, runs)
+                for (j, c), runs in self.ratios.items()
+            ],
+        }
+        results["targets"] = _targets(
+            results["tfscale"], results["ratios"], self.ratio_k, max(clients)
+        )
+        return results
+
+
+def main(argv: list[str]) -> None:
     del argv
+    if _TF_DATA_HELPER.value:
+        _tf_data_helper()
+        return
+    runs = _Runs([int(c) for c in _CLIENTS.value], [int(k) for k in _K.value])
     os.makedirs(_OUT.value, exist_ok=True)
-    rows = []
-    for journal in (True, False):
-        process, address = _serve(journal)
-        try:
-            for clients in map(int, _CLIENTS.value):
-                for k in map(int, _K.value):
-                    runs = [
-                        _run(address, clients, k, _SECONDS.value, f"j{journal}c{clients}k{k}r{r}")
-                        for r in range(_REPEATS.value)
-                    ]
-                    row = {"journal": journal, "clients": clients, "shards_per_call": k}
-                    for key in runs[0]:
-                        row[key] = statistics.median(run[key] for run in runs)
-                    rows.append(row)
-                    print(
-                        f"journal={'on ' if journal else 'off'} clients={clients:>3} k={k}: "
-                        f"{row['grants_per_s']:8.0f} grants/s, acquire p50 {row['p50_ms']:.2f} ms, "
-                        f"p99 {row['p99_ms']:.2f} ms",
-                        flush=True,
-                    )
-        finally:
-            process.terminate()
-            process.wait()
-    with open(os.path.join(_OUT.value, "dispatcher_grant_rate.json"), "w") as f:
-        json.dump({"repeats": _REPEATS.value, "seconds": _SECONDS.value, "rows": rows}, f, indent=1)
+    tf_data = _TfDataService(os.path.join(_OUT.value, "tf_data_service.log"))
+    try:
+        for repeat in range(_REPEATS.value):
+            runs.measure(repeat, tf_data)
+    finally:
+        tf_data.close()
+    results = runs.results()
+    with open(os.path.join(_OUT.value, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    _plot(results, os.path.join(_OUT.value, "dispatcher_grant_rate.png"))
+    _print_table(results)
+    print(f"wrote {_OUT.value}/results.json and dispatcher_grant_rate.png")
 
 
 if __name__ == "__main__":

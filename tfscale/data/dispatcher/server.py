@@ -4,6 +4,11 @@ The servicer only translates: requests become `DispatcherCore` calls, and
 one context manager, `_status_codes`, maps the core's errors to gRPC status
 codes. `DispatcherServer` owns the gRPC server, the core and its journal.
 
+With a journal, each call runs in the journal's `deferred_sync()`: the core
+writes its records without waiting for an fsync (and so without holding its
+lock through one), and the answer leaves only once everything the call may
+have seen is durable. Concurrent calls share fsyncs (group commit).
+
 Example:
 
 ```python
@@ -85,20 +90,31 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 class _Servicer(pb_grpc.ShardDispatcherServicer):
-    def __init__(self, dispatcher: core.DispatcherCore):
+    def __init__(self, dispatcher: core.DispatcherCore, journal: Optional[journal_lib.Journal]):
         self._core = dispatcher
+        self._journal = journal
+
+    @contextlib.contextmanager
+    def _serving(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Maps errors to status codes; the answer waits until what the call saw is durable."""
+        if self._journal is None:
+            durable = contextlib.nullcontext()
+        else:
+            durable = self._journal.deferred_sync()
+        with durable, _status_codes(context):
+            yield
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
-        with _status_codes(context):
+        with self._serving(context):
             created = self._core.create_job(wire.job_spec_from_proto(request.job))
             return pb.CreateJobResponse(created=created)
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
-        with _status_codes(context):
+        with self._serving(context):
             return pb.ListJobsResponse(jobs=[pb.JobStatus(**j) for j in self._core.jobs()])
 
     def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: Any) -> pb.RegisterWorkerResponse:
-        with _status_codes(context):
+        with self._serving(context):
             joined = self._core.register_worker(request.job, request.worker)
             return pb.RegisterWorkerResponse(
                 heartbeat_interval_s=joined.lease_timeout_s / 4,
@@ -109,7 +125,7 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
             )
 
     def Rewind(self, request: pb.RewindRequest, context: Any) -> pb.RewindResponse:
-        with _status_codes(context):
+        with self._serving(context):
             position = wire.position_from_proto(request)
             self._core.rewind(request.job, request.worker, position)
             return pb.RewindResponse()
@@ -117,19 +133,19 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
     def EpochProgress(
         self, request: pb.EpochProgressRequest, context: Any
     ) -> pb.EpochProgressResponse:
-        with _status_codes(context):
+        with self._serving(context):
             progress = self._core.epoch_progress(request.job, request.epoch)
             return pb.EpochProgressResponse(
                 finished=progress.finished, floor=progress.floor, ceiling=progress.ceiling
             )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
-        with _status_codes(context):
+        with self._serving(context):
             revoked = self._core.heartbeat(request.job, request.worker)
             return pb.HeartbeatResponse(revoked_tokens=revoked)
 
     def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:
-        with _status_codes(context):
+        with self._serving(context):
             result = self._core.acquire(request.job, request.worker, request.max_shards)
             return pb.AcquireResponse(
                 leases=[wire.lease_to_proto(lease) for lease in result.leases],
@@ -138,22 +154,22 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
             )
 
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
-        with _status_codes(context):
+        with self._serving(context):
             self._core.commit(request.job, request.worker, request.token)
             return pb.CommitResponse()
 
     def Complete(self, request: pb.CompleteRequest, context: Any) -> pb.CompleteResponse:
-        with _status_codes(context):
+        with self._serving(context):
             self._core.complete(request.job, request.worker, request.token)
             return pb.CompleteResponse()
 
     def Release(self, request: pb.ReleaseRequest, context: Any) -> pb.ReleaseResponse:
-        with _status_codes(context):
+        with self._serving(context):
             self._core.release(request.job, request.worker, request.token)
             return pb.ReleaseResponse()
 
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
-        with _status_codes(context):
+        with self._serving(context):
             return wire.status_to_proto(self._core.status())
 
 
@@ -212,7 +228,7 @@ class DispatcherServer:
             concurrent.futures.ThreadPoolExecutor(max_workers=self._config.max_threads),
             interceptors=interceptors,
         )
-        pb_grpc.add_ShardDispatcherServicer_to_server(_Servicer(self.core), server)
+        pb_grpc.add_ShardDispatcherServicer_to_server(_Servicer(self.core, self._journal), server)
         address = f"{self._config.host}:{self._config.port}"
         credentials = self._credentials()
         if credentials is None:
