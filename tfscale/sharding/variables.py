@@ -77,8 +77,9 @@ class ShardedVariable(dtensor.DVariable):
 
     def __init__(self, initial_value: tf.Tensor, **kwargs: Any):
         super().__init__(initial_value, **kwargs)
-        # graph -> the value this variable was last given in it.
-        self._written: "weakref.WeakKeyDictionary[tf.Graph, tf.Tensor]" = weakref.WeakKeyDictionary()
+        # graph -> the value this variable was last given in it (weakly: the
+        # graph owns the tensor, and a strong reference would keep it alive).
+        self._written: "weakref.WeakKeyDictionary[tf.Graph, weakref.ref]" = weakref.WeakKeyDictionary()
 
     # In a traced step, DTensor's expansion of a function can let a read of a
     # variable run before an earlier write to it, dropping the order that
@@ -90,12 +91,15 @@ class ShardedVariable(dtensor.DVariable):
     def _graph_value(self) -> Optional[tf.Tensor]:
         if tf.executing_eagerly():
             return None
-        return self._written.get(tf.compat.v1.get_default_graph())
+        ref = self._written.get(tf.compat.v1.get_default_graph())
+        return None if ref is None else ref()
 
     def _write(self, value: Any, read_value: bool, name: Optional[str]) -> Any:
         value = tf.convert_to_tensor(value, dtype=self.dtype)
         written = super().assign(value, name=name, read_value=False)
-        self._written[value.graph] = value
+        # Keyed by the graph being traced (a write inside a cond branch stays
+        # in the branch's graph, even for a value captured from outside).
+        self._written[tf.compat.v1.get_default_graph()] = weakref.ref(value)
         return value if read_value else written
 
     def _read_variable_op(self, no_copy: bool = False) -> tf.Tensor:
