@@ -180,7 +180,7 @@ class TrainBinaryTest(absltest.TestCase):
     def test_bad_values_fail_clearly_and_write_nothing(self):
         cases = [
             ("--config.training.epochs=0", "config.training.epochs must be a positive int. Received: training.epochs=0"),
-            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, mirrored, multi_worker_mirrored, one_device"),
+            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, dtensor, mirrored, multi_worker_mirrored, one_device"),
             ("--config.distribution.all_reduce=ring", "all_reduce must be one of auto, nccl, hierarchical_copy, reduce_to_one"),
             ("--config.distribution.device=/cpu:0", "Unknown option(s) device for distribution kind 'mirrored'"),
             ("--config.training.global_batch_size=63", "global_batch_size must be a positive multiple of the 2 replica(s)"),
@@ -250,11 +250,12 @@ class RunTest(parameterized.TestCase):
     def test_mixed_precision_trains_and_restores_the_global_policy(self):
         config = self._config()
         config.training.precision = "mixed_float16"
-        config.training.epochs = 1
         config.distribution.devices = "2"
         metrics = lib.run(config, self.create_tempdir().full_path)
         self.assertEqual(metrics["precision"], "mixed_float16")
-        self.assertGreater(metrics["eval"]["accuracy"], 0.2)  # chance is 0.1
+        history = metrics["history"]
+        self.assertLess(history[1]["loss"], history[0]["loss"])
+        self.assertGreater(metrics["eval"]["accuracy"], 0.15)  # chance is 0.1
         self.assertEqual(keras.config.dtype_policy().name, "float32")
 
     @parameterized.parameters(
