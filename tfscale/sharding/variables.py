@@ -124,7 +124,8 @@ class ShardedVariable(dtensor.DVariable):
         # client's devices are addressable.
         return dtensor.unpack(gather(self.read_value()))[0].numpy()
 
-    def __array__(self, dtype: Any = None) -> np.ndarray:
+    def __array__(self, dtype: Any = None, copy: Optional[bool] = None) -> np.ndarray:
+        del copy  # numpy() always returns a fresh array.
         return np.asarray(self.numpy(), dtype=dtype)
 
     def assign(self, value: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
