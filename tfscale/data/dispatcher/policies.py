@@ -388,8 +388,9 @@ class Adaptive(Policy):
     starts an epoch with the largest shard sets its end. A requester of known
     throughput gets `max(1, round(max_shards * throughput / max_throughput))`
     shards, largest first if its throughput is at least the median of the live
-    workers' known throughputs, smallest first otherwise; a requester slower
-    than the fastest live worker only gets shards it would finish within the
+    workers' known throughputs, smallest first otherwise; a requester at least
+    `min_throughput_ratio` times slower than the fastest live worker, while
+    some worker holds leases, only gets shards it would finish within the
     horizon `(pending + outstanding size) / sum of known throughputs`, the
     time the live workers need for the rest at their speeds (and nothing, for
     now, if no pending shard is that small). Once nothing is pending and
@@ -468,7 +469,11 @@ class Adaptive(Policy):
         count = max(1, round(max_shards * own / fastest))
         large_first = own >= statistics.median(known + [own])
         shards = (_largest_first if large_first else _smallest_first)(view, window)
-        if own < fastest:
+        # Only a clearly slower worker is held to the horizon, and only while
+        # some worker holds work: synchronous consumers (whose speeds are
+        # alike) and an epoch whose workers all wait must still get shards.
+        busy = any(view.outstanding.get(w, 0) > 0 for w in view.live_workers)
+        if own * self._min_throughput_ratio <= fastest and busy:
             horizon_s = self._remaining(view, window) / sum(known)
             shards = [s for s in shards if view.sizes[s] / own <= horizon_s]
         return tuple(shards[: min(count, max_shards)])
