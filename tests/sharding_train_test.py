@@ -77,7 +77,7 @@ class MultiClientTest(absltest.TestCase):
         np.savez(initial_npz, **{f"w{i}": w for i, w in enumerate(initial)})
         out = os.path.join(tmp, "out.npz")
         result = testutil.run_module(
-            "tfscale.launch", "--nproc_per_node=2", "--", sys.executable,
+            "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable,
             os.path.join(testutil.REPO_ROOT, "tests", "dtensor_worker_script.py"), initial_npz, out,
             timeout=600,
         )

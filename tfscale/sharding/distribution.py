@@ -87,12 +87,16 @@ class DTensorDistribution(Distribution):
     ) -> strategy_lib.DTensorBatches:
         """Batches an unbatched dataset into DTensors split on the batch axis.
 
-        In a multi-client mesh each client reads every `num_workers`-th
-        element unless `shard_policy` is OFF (the dataset is already this
-        client's, e.g. leased from a dispatcher).
+        Every global batch holds the same elements as a one-device run's
+        batch. In a multi-client mesh, the clients whose devices hold
+        different batch-axis positions read different parts: every
+        `n`-th element, unless `shard_policy` is OFF (the dataset is
+        already this client's, e.g. leased from a dispatcher).
 
         Raises:
-          ValueError: if the batch axis size does not divide the global batch.
+          ValueError: if the batch axis size does not divide the global
+            batch, or if `shard_policy` is OFF while clients must read the
+            same data (the mesh splits a replica over several clients).
           TypeError: for anything but a `tf.data.Dataset`.
         """
         self.per_replica_batch_size(global_batch_size)
@@ -102,8 +106,18 @@ class DTensorDistribution(Distribution):
                 f"Received: {type(dataset_or_fn).__name__}"
             )
         dataset = dataset_or_fn
-        if self.num_workers > 1 and shard_policy != _ShardPolicy.OFF:
-            dataset = dataset.shard(self.num_workers, dtensor.client_id())
+        split = strategy_lib.InputSplit.of(self.mesh, self.strategy.batch_axis)
+        if shard_policy == _ShardPolicy.OFF:
+            if split.num_groups != self.num_workers:
+                raise ValueError(
+                    f"Mesh {self._spec} puts the same batch-axis positions on several of its "
+                    f"{self.num_workers} clients, which must then read the same data; "
+                    "shard_policy=OFF (each client's own data, e.g. from a dispatcher) needs a "
+                    f"mesh whose {self.strategy.batch_axis or 'batch'} axis has a multiple of "
+                    f"{self.num_workers} positions, laid out first."
+                )
+        elif split.num_groups > 1:
+            dataset = dataset.shard(split.num_groups, split.group)
         return strategy_lib.DTensorBatches(dataset, self.strategy, global_batch_size)
 
     def memory_report(self, model: keras.Model) -> memory.MemoryReport:

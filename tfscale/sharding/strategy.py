@@ -35,6 +35,7 @@ model.fit(x, y, batch_size=64)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 from typing import Any, Callable, Iterator, Optional
 
@@ -50,6 +51,7 @@ from tfscale.sharding import variables
 
 __all__ = [
     "DTensorStrategy",
+    "InputSplit",
     "layout_for",
 ]
 
@@ -269,33 +271,96 @@ class BatchedDTensorDataset(_IterableDTensorDataset):
             yield tf.nest.map_structure(lambda t: variables.to_layout(t, self._layout(t)), batch)
 
 
-class DTensorBatches(_IterableDTensorDataset):
-    """An unbatched dataset batched to the global batch by `dtensor.DTensorDataset`.
+@dataclasses.dataclass(frozen=True)
+class InputSplit:
+    """Which part of each global batch a client reads, and how its devices split it.
 
-    Each client of a multi-client mesh reads its own part of the data
-    (`dataset` must already be this client's part); DTensorDataset
-    splits each client's batch over its devices.
+    The clients whose devices sit at the same positions of the batch axis
+    form a group and must read the same data (the mesh splits a replica
+    over them); each group reads `1 / num_groups` of every global batch.
+
+    Attributes:
+      num_groups: groups of clients reading different data.
+      group: this client's group.
+      parts: how many slices this client cuts its batch into (the distinct
+        batch-axis positions of its devices).
+      device_parts: for each local device, in mesh order, its slice.
+    """
+
+    num_groups: int
+    group: int
+    parts: int
+    device_parts: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mesh: dtensor.Mesh, batch_axis: Optional[str]) -> "InputSplit":
+        """The split for this client of `mesh` (clients own equal, contiguous device ranges)."""
+        local = mesh.num_local_devices()
+        axis = mesh.dim_names.index(batch_axis) if batch_axis else None
+
+        def positions(client: int) -> tuple[int, ...]:
+            ids = range(client * local, (client + 1) * local)
+            return tuple(0 if axis is None else mesh.device_location(i)[axis] for i in ids)
+
+        clients = mesh.size // local
+        groups = sorted({tuple(sorted(set(positions(c)))) for c in range(clients)})
+        mine = positions(clients and mesh.local_device_ids()[0] // local)
+        ordered = sorted(set(mine))
+        return cls(
+            num_groups=len(groups),
+            group=groups.index(tuple(ordered)),
+            parts=len(ordered),
+            device_parts=tuple(ordered.index(p) for p in mine),
+        )
+
+
+class DTensorBatches(_IterableDTensorDataset):
+    """An unbatched dataset batched to the global batch and laid out on the batch axis.
+
+    One tf.data pipeline per client batches its share of the global batch
+    and cuts it into one slice per batch-axis position of its devices;
+    Python only packs each batch's slices onto the devices. So a global
+    batch holds exactly the elements a one-device run's batch holds, in
+    the same order on a single client, whatever the source (files are
+    not split among replicas, as `tf.data`'s auto-sharding would).
+
+    `dataset` must already be this client's part (`InputSplit.group` of
+    `InputSplit.num_groups`).
     """
 
     def __init__(self, dataset: tf.data.Dataset, strategy: DTensorStrategy, global_batch_size: int):
-        layouts = tf.nest.map_structure(
-            lambda spec: strategy.batch_layout(spec.shape.rank + 1), dataset.element_spec
-        )
+        split = InputSplit.of(strategy.mesh, strategy.batch_axis)
+        per_group = global_batch_size // split.num_groups
         element_spec = tf.nest.map_structure(
             lambda spec: tf.TensorSpec([global_batch_size, *spec.shape], spec.dtype),
             dataset.element_spec,
         )
         count = int(dataset.cardinality())
-        per_client = global_batch_size // max(1, dtensor.num_clients())
-        cardinality = count // per_client if count >= 0 else count
-        super().__init__(element_spec, cardinality)
-        self._batched = dtensor.DTensorDataset(
-            dataset,
-            mesh=strategy.mesh,
-            layouts=layouts,
-            global_batch_size=global_batch_size,
-            batch_dim=strategy.batch_axis,
+        super().__init__(element_spec, count // per_group if count >= 0 else count)
+        self._layouts = tf.nest.map_structure(
+            lambda spec: strategy.batch_layout(spec.shape.rank + 1), dataset.element_spec
+        )
+        self._device_parts = split.device_parts
+        parts = split.parts
+        is_tuple = isinstance(dataset.element_spec, tuple)
+
+        def cut(*batch: tf.Tensor) -> Any:
+            batch = batch if is_tuple else batch[0]
+            return tf.nest.map_structure(lambda t: tuple(tf.split(t, parts)), batch)
+
+        self._sliced = (
+            dataset.batch(per_group, drop_remainder=True)
+            .map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE)
         )
 
     def _batches(self) -> Iterator[Any]:
-        return iter(self._batched)
+        layouts = tf.nest.flatten(self._layouts)
+        for batch in self._sliced:
+            slices = tf.nest.flatten(batch)  # each tensor's slices, one tensor after another
+            step = len(slices) // len(layouts)
+            packed = [
+                dtensor.pack([slices[i * step + p] for p in self._device_parts], layout)
+                for i, layout in enumerate(layouts)
+            ]
+            yield tf.nest.pack_sequence_as(self._layouts, packed)

@@ -37,6 +37,7 @@ __all__ = [
     "BackupAndRestore",
     "TensorBoard",
     "Throughput",
+    "log_evaluation",
     "read_backup_state",
 ]
 
@@ -203,16 +204,40 @@ class TensorBoard(keras.callbacks.TensorBoard):
     """`keras.callbacks.TensorBoard` that only the chief writes to `log_dir`.
 
     Other workers log to a private temporary directory removed at the end.
+    Per-step scalars (`update_freq=N`) are numbered by the optimizer's step,
+    so a resumed run continues the curves where the checkpoint left them.
     """
 
     def __init__(self, log_dir: str, is_chief: bool = True, **kwargs: Any):
         self._private_dir = None if is_chief else tempfile.mkdtemp(prefix="tfscale-tensorboard-")
         super().__init__(log_dir=self._private_dir or log_dir, **kwargs)
 
+    def on_train_begin(self, logs: Logs = None) -> None:
+        super().on_train_begin(logs)
+        # Keras counts from 0 in every fit; the restored step count continues.
+        self._global_train_batch = int(self.model.optimizer.iterations.numpy())
+
     def on_train_end(self, logs: Logs = None) -> None:
         super().on_train_end(logs)
         if self._private_dir is not None:
             shutil.rmtree(self._private_dir, ignore_errors=True)
+
+
+def log_evaluation(log_dir: str, logs: dict[str, Any], step: int) -> None:
+    """Writes evaluation results to TensorBoard as `eval/<name>` at `step`.
+
+    Example:
+
+    ```python
+    log_evaluation(workdir + "/tensorboard", model.evaluate(data, return_dict=True),
+                   int(model.optimizer.iterations))
+    ```
+    """
+    writer = tf.summary.create_file_writer(os.path.join(log_dir, "eval"))
+    with writer.as_default():
+        for name, value in logs.items():
+            tf.summary.scalar(f"eval/{name}", float(value), step=step)
+    writer.close()
 
 
 def read_backup_state(backup_dir: str) -> Optional[dict[str, Any]]:

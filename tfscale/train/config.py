@@ -117,6 +117,9 @@ def base_config() -> ml_collections.ConfigDict:
             "steps_per_epoch": config_dict.placeholder(int),
             "verbose": 1,
             "checkpoints_to_keep": 2,
+            # TensorBoard gets the running loss and metrics every this many
+            # steps (train/batch_*); 0: once per epoch only.
+            "log_every_steps": 100,
             # On resuming with another replica count: "keep_global_batch" or
             # "keep_per_replica_batch" (global batch and learning rate rescale).
             "resize": "keep_global_batch",
@@ -185,6 +188,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check(training.steps_per_epoch, "training.steps_per_epoch", int, lambda v: v > 0, "a positive int")
     _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
     _check(training.checkpoints_to_keep, "training.checkpoints_to_keep", int, lambda v: v > 0, "a positive int")
+    _check(training.log_every_steps, "training.log_every_steps", int, lambda v: v >= 0, "a non-negative int")
     _check(training.resize, "training.resize", str, lambda v: v in RESIZE, f"one of {RESIZE}")
     _check(training.precision, "training.precision", str, lambda v: v in PRECISIONS, f"one of {PRECISIONS}")
     optimizer = config.optimizer

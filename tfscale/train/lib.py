@@ -69,6 +69,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     resume = callbacks_lib.read_backup_state(os.path.join(workdir, CHECKPOINTS_DIR)) or {}
     config = _resized(config, dist, resume)
     dist.per_replica_batch_size(config.training.global_batch_size)
+    # Before the input pipeline: its shuffle seeds combine with the global seed.
+    keras.utils.set_random_seed(config.seed)
     with contextlib.ExitStack() as stack:
         train = inputs.train_input(
             config,
@@ -101,7 +103,6 @@ def _fit(
     evaluation, eval_steps = inputs.eval_input(config)
     logging.info("%s; %d steps per epoch of %d examples", dist, steps_per_epoch, global_batch)
 
-    keras.utils.set_random_seed(config.seed)
     with _precision(config.training.precision), dist.scope():
         model = models.build(
             config.model.name, train.image_shape, train.num_classes, **config.model.kwargs
@@ -139,7 +140,9 @@ def _fit(
         extra_state=checkpoint_extra,
     )
     tensorboard = callbacks_lib.TensorBoard(
-        os.path.join(workdir, "tensorboard"), is_chief=dist.is_chief
+        os.path.join(workdir, "tensorboard"),
+        is_chief=dist.is_chief,
+        update_freq=config.training.log_every_steps or "epoch",
     )
     history = model.fit(
         dist.distribute_dataset(train.dataset, global_batch, shard_policy=train.shard_policy),
@@ -156,6 +159,10 @@ def _fit(
         return_dict=True,
         verbose=config.training.verbose,
     )
+    if dist.is_chief:
+        callbacks_lib.log_evaluation(
+            os.path.join(workdir, "tensorboard"), eval_logs, int(model.optimizer.iterations.numpy())
+        )
     metrics = _metrics(config, dist, backup, history, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
