@@ -1,4 +1,7 @@
-"""Tests for tfscale-launch: TF_CONFIG per rank, prefixes, restarts, signals, training."""
+"""Tests for tfscale-launch: TF_CONFIG per rank, prefixes, restarts, signals, training.
+
+The console and failure reports in detail: launch_output_test.py.
+"""
 
 import json
 import os
@@ -44,7 +47,7 @@ def _launch(*args, timeout=600):
 class LaunchTest(absltest.TestCase):
     def test_each_rank_gets_its_tf_config_and_a_prefix(self):
         result = _launch(
-            "--nproc_per_node=3", "--", sys.executable, "-c",
+            "--nproc_per_node=3", "--log_ranks=all", "--", sys.executable, "-c",
             "import json, os; c = json.loads(os.environ['TF_CONFIG']); "
             "print(c['task']['index'], len(c['cluster']['worker']), os.environ['TFSCALE_WORLD_SIZE'])",
         )
@@ -59,8 +62,11 @@ class LaunchTest(absltest.TestCase):
             "sys.exit(7) if os.environ['TFSCALE_RANK'] == '1' else time.sleep(60)",
         )
         self.assertEqual(result.returncode, 7)
-        self.assertIn("[tfscale-launch] restarting the worker group (2/2)", result.stdout)
-        self.assertEqual(result.stdout.count("a worker failed with exit code 7"), 3)
+        self.assertEqual(result.stderr.count("[tfscale-launch] rank 1 (local rank 1, pid "), 3)
+        self.assertEqual(result.stderr.count("failed with exit code 7; restarting the worker group"), 2)
+        self.assertIn("exit code 7; restarting the worker group (restart 2 of 2)", result.stderr)
+        self.assertIn("exit code 7; giving up after 2 of 2 restarts", result.stderr)
+        self.assertIn("[1] attempt 2", result.stderr)  # the hidden rank's last lines
         self.assertIn("[0] attempt 2", result.stdout)
 
     def test_restart_then_success(self):
@@ -83,7 +89,8 @@ class LaunchTest(absltest.TestCase):
             "signal.signal(signal.SIGTERM, stop); print('ready', flush=True); time.sleep(60)"
         )
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--", sys.executable, "-c", worker],
+            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--",
+             sys.executable, "-c", worker],
             cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         )
@@ -117,7 +124,7 @@ class LaunchTest(absltest.TestCase):
             subprocess.Popen(
                 [sys.executable, "-m", "tfscale.launch", "--nnodes=2", f"--node_rank={rank}",
                  "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                 "--", sys.executable, "-c", snippet],
+                 "--log_ranks=all", "--", sys.executable, "-c", snippet],
                 cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             )
@@ -145,7 +152,7 @@ class LaunchTrainingTest(absltest.TestCase):
         np.savez(initial_npz, **{f"w{i}": w for i, w in enumerate(initial)})
         out = os.path.join(tmp, "w.npz")
         result = _launch(
-            "--nproc_per_node=2", "--", sys.executable,
+            "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable,
             os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py"), "tfscale", initial_npz, out,
         )
         self.assertEqual(result.returncode, 0, result.stdout[-3000:])
@@ -157,9 +164,11 @@ class LaunchTrainingTest(absltest.TestCase):
                 np.testing.assert_allclose(got[name], want[name], rtol=0, atol=1e-5)
 
     def test_kill_9_of_a_worker_restarts_the_group_and_training_completes(self):
-        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        root = self.create_tempdir().full_path
+        workdir, logs = os.path.join(root, "run"), os.path.join(root, "logs")
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--max_restarts=2", "--",
+            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--max_restarts=2",
+             f"--log_dir={logs}", "--",
              sys.executable, "-m", "tfscale.train", "--config=configs/default.py:smoke",
              f"--workdir={workdir}", f"--config.data.cache_dir={testutil.cache_dir()}",
              "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
@@ -188,7 +197,17 @@ class LaunchTrainingTest(absltest.TestCase):
         output = "".join(lines)
         self.assertEqual(launcher.wait(timeout=60), 0, output[-3000:])
         self.assertIsNotNone(resumed_at, "no worker restored the checkpoint")
-        self.assertIn("[tfscale-launch] restarting the worker group (1/2)", output)
+        self.assertRegex(
+            output,
+            rf"\[tfscale-launch\] rank [01] \(local rank [01], pid {children[1]}\) failed with "
+            r"exit code 137 \(killed by SIGKILL\); restarting the worker group \(restart 1 of 2\)",
+        )
+        # The console shows rank 0, and rank 1's last lines if it was the one killed.
+        self.assertLessEqual(output.count("\n[1] "), local.TAIL_LINES)
+        for attempt in range(2):
+            for rank in range(2):
+                log = os.path.join(logs, f"attempt{attempt}", f"rank{rank}.log")
+                self.assertTrue(os.path.exists(log), log)
         with open(os.path.join(workdir, "metrics.json")) as f:
             metrics = json.load(f)
         self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2, 3])
@@ -206,7 +225,7 @@ class LaunchTrainingTest(absltest.TestCase):
         address = server.stdout.readline().split()[-1]
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _launch(
-            "--nproc_per_node=2", "--", sys.executable, "-m", "tfscale.train",
+            "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable, "-m", "tfscale.train",
             "--config=configs/default.py:smoke", f"--workdir={workdir}",
             f"--config.data.cache_dir={testutil.cache_dir()}",
             "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",

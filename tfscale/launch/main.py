@@ -3,18 +3,25 @@
 Usage:
 
 ```
-tfscale-launch --nproc_per_node=2 [--max_restarts=3] -- \\
-    tfscale-train --config=configs/default.py --workdir=/tmp/run \\
+tfscale-launch --nproc_per_node=2 [--max_restarts=3] [--log_ranks=0|all|0,1] \\
+    [--log_dir=DIR] -- tfscale-train --config=configs/default.py --workdir=/tmp/run \\
     --config.distribution.kind=multi_worker_mirrored
 tfscale-launch --nnodes=2 --node_rank=R --master_addr=10.0.0.1 --master_port=29500 \\
     --nproc_per_node=1 -- CMD ...          # or --node_hosts=10.0.0.1,10.0.0.2
-tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG -- CMD ...   # also tfjob, slurm
+tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG --max_restarts=3 \\
+    [--volume_claim=PVC | --volume_size=50Gi] [--cpu=8 --memory=32Gi --gpus=1] -- CMD ...
+                                            # also --emit=tfjob, --emit=slurm
 ```
 
 Each worker gets its TF_CONFIG (plus TFSCALE_RANK, TFSCALE_LOCAL_RANK,
-TFSCALE_WORLD_SIZE, TFSCALE_RESTART); its output lines are prefixed with
-`[rank]`. A failed worker stops and restarts the whole group, up to
-`--max_restarts` times; the exit code is non-zero when it still fails.
+TFSCALE_WORLD_SIZE, TFSCALE_RESTART). The console shows the output of the
+ranks in `--log_ranks` (rank 0 by default), lines prefixed with `[rank]`;
+every rank's output goes to `--log_dir/attempt<k>/rank<N>.log`. A failed
+worker is named on stderr (rank, pid, signal, restart count) with its last
+lines, and stops and restarts the whole group, up to `--max_restarts` times;
+the exit code is non-zero when it still fails. An emitted Kubernetes or
+TFJob manifest mounts a claim at the command's `--workdir` (or at
+`--mount_path`, which must hold it), so restarted workers resume.
 """
 
 from __future__ import annotations
@@ -38,12 +45,33 @@ _MASTER_ADDR = flags.DEFINE_string(
 _MASTER_PORT = flags.DEFINE_integer(
     "master_port", 29500, "Rendezvous port; worker of global rank r listens on it + 1 + r."
 )
-_MAX_RESTARTS = flags.DEFINE_integer("max_restarts", 0, "Group restarts after failures.")
+_MAX_RESTARTS = flags.DEFINE_integer(
+    "max_restarts", 0, "Group restarts after failures (in a manifest: restarts of each worker)."
+)
+_LOG_RANKS = flags.DEFINE_string(
+    "log_ranks", "0",
+    "Global ranks whose output the console shows: comma-separated, or `all`. Every rank's output "
+    "goes to --log_dir/attempt<k>/rank<N>.log (k: restart count); without --log_dir, to a new "
+    "temporary directory, unless --log_ranks=all.",
+)
 _EMIT = flags.DEFINE_enum(
     "emit", None, list(manifests.FORMATS), "Print a manifest for --nnodes workers instead of running."
 )
 _IMAGE = flags.DEFINE_string("image", None, "Container image (--emit=kubernetes|tfjob).")
 _NAME = flags.DEFINE_string("name", "tfscale", "Job name in an emitted manifest.")
+_VOLUME_CLAIM = flags.DEFINE_string(
+    "volume_claim", None, "Existing PersistentVolumeClaim holding the workdir (default: emit one)."
+)
+_VOLUME_SIZE = flags.DEFINE_string("volume_size", "10Gi", "Size of the emitted claim.")
+_STORAGE_CLASS = flags.DEFINE_string("storage_class", None, "Storage class of the emitted claim.")
+_MOUNT_PATH = flags.DEFINE_string(
+    "mount_path", None, "Where the claim is mounted (default: the command's --workdir)."
+)
+_CPU = flags.DEFINE_string("cpu", None, "CPU request and limit of each worker pod, e.g. 8.")
+_MEMORY = flags.DEFINE_string(
+    "memory", None, "Memory request and limit of each worker pod, e.g. 32Gi."
+)
+_GPUS = flags.DEFINE_integer("gpus", 0, "GPUs (nvidia.com/gpu) of each worker pod or Slurm task.")
 
 
 def main(argv: Sequence[str]) -> None:
@@ -53,16 +81,18 @@ def main(argv: Sequence[str]) -> None:
     if _EMIT.value:
         print(_manifest(command), end="")
         return
-    hosts = tuple(_NODE_HOSTS.value)
     try:
         config = local.LaunchConfig(
             nproc_per_node=_NPROC.value,
             nnodes=_NNODES.value,
             node_rank=_NODE_RANK.value,
-            node_hosts=hosts,
+            node_hosts=tuple(_NODE_HOSTS.value),
             master_addr=_MASTER_ADDR.value,
             master_port=_MASTER_PORT.value,
             max_restarts=_MAX_RESTARTS.value,
+            log_ranks=local.parse_ranks(_LOG_RANKS.value),
+            # absl.logging defines --log_dir; the launcher gives it the same meaning.
+            log_dir=flags.FLAGS.log_dir or None,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
@@ -73,12 +103,23 @@ def _manifest(command: list[str]) -> str:
     try:
         if _EMIT.value == "slurm":
             return manifests.slurm(
-                _NNODES.value, command, _NPROC.value, name=_NAME.value, port=_MASTER_PORT.value
+                _NNODES.value, command, _NPROC.value, name=_NAME.value, port=_MASTER_PORT.value,
+                max_restarts=_MAX_RESTARTS.value, gpus=_GPUS.value,
             )
         if _NPROC.value != 1:
             raise ValueError(f"--emit={_EMIT.value} runs one worker per pod: use --nproc_per_node=1")
-        extra = {"port": _MASTER_PORT.value} if _EMIT.value == "kubernetes" else {}
-        return manifests.emit(_EMIT.value, _NNODES.value, _IMAGE.value, command, name=_NAME.value, **extra)
+        storage = manifests.Storage(
+            claim=_VOLUME_CLAIM.value,
+            size=_VOLUME_SIZE.value,
+            storage_class=_STORAGE_CLASS.value,
+            mount_path=_MOUNT_PATH.value,
+        )
+        resources = manifests.Resources(cpu=_CPU.value, memory=_MEMORY.value, gpus=_GPUS.value)
+        return manifests.emit(
+            _EMIT.value, _NNODES.value, _IMAGE.value, command, name=_NAME.value,
+            port=_MASTER_PORT.value, max_restarts=_MAX_RESTARTS.value, storage=storage,
+            resources=resources,
+        )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
 
