@@ -1,8 +1,11 @@
 """Tests for tfscale.data: the synthetic set, TFRecord shards, sources."""
 
 import os
+import struct
+from unittest import mock
 
 import numpy as np
+import requests
 from absl.testing import absltest
 from absl.testing import parameterized
 
@@ -12,6 +15,7 @@ testutil.setup_devices()
 
 import tensorflow as tf  # noqa: E402
 import tensorflow_datasets as tfds  # noqa: E402
+from tensorflow_datasets.image_classification import mnist  # noqa: E402
 
 from tfscale.data import records  # noqa: E402
 from tfscale.data import sources  # noqa: E402
@@ -137,6 +141,91 @@ class LoadSplitTest(parameterized.TestCase):
         with tfds.testing.mock_data(num_examples=4):
             with self.assertRaisesRegex(ValueError, r"tfds:imdb_reviews needs 'image' and 'label'"):
                 sources.load_split("tfds:imdb_reviews", "train")
+
+    def test_tfds_source_not_prepared_names_the_flags_and_data_dir(self):
+        data_dir = self.create_tempdir().full_path
+        with self.assertRaises(ValueError) as caught:
+            sources.load_split("tfds:mnist", "train", tfds_data_dir=data_dir)
+        variant_dir = tfds.builder("mnist", data_dir=data_dir).data_dir
+        self.assertEqual(
+            str(caught.exception),
+            f"tfds:mnist is not prepared in the TFDS data dir {data_dir} (no {variant_dir}): "
+            "pass --config.data.download=True to download it, or "
+            "--config.data.tfds_data_dir=DIR naming a directory with a prepared copy",
+        )
+
+    def test_unknown_tfds_dataset_is_one_line(self):
+        expected = r"^Unknown TFDS dataset 'mnsit' \(source 'tfds:mnsit'\); did you mean tfds:mnist"
+        with self.assertRaisesRegex(ValueError, expected) as caught:
+            sources.load_split("tfds:mnsit", "train", tfds_data_dir=self.create_tempdir().full_path)
+        self.assertNotIn("\n", str(caught.exception))
+
+
+class TfdsDownloadTest(absltest.TestCase):
+    """`download=True` end to end, with the HTTP fetch replaced by local MNIST-format files."""
+
+    NUM_EXAMPLES = 12
+
+    def test_download_path_dependencies_import(self):
+        # TFDS imports importlib_resources lazily, first in `code_path` (read
+        # by download_and_prepare for the registered checksums).
+        import importlib_resources  # noqa: F401
+
+        self.assertEqual(tfds.builder("mnist").code_path.name, "mnist.py")
+
+    def test_download_prepares_then_reads_the_data_dir(self):
+        data_dir = self.create_tempdir().full_path
+        files = self._fake_mnist_files()
+        manager = tfds.download.DownloadManager
+        with mock.patch.object(manager, "download_and_extract", return_value=files) as fetch:
+            with mock.patch.multiple(
+                mnist, _TRAIN_EXAMPLES=self.NUM_EXAMPLES, _TEST_EXAMPLES=self.NUM_EXAMPLES
+            ):
+                split = sources.load_split(
+                    "tfds:mnist", "test", tfds_data_dir=data_dir, download=True
+                )
+        fetch.assert_called_once()
+        self.assertEqual(split.num_examples, self.NUM_EXAMPLES)
+        self.assertEqual(sum(1 for _ in split.dataset), self.NUM_EXAMPLES)
+        again = sources.load_split("tfds:mnist", "train", tfds_data_dir=data_dir)
+        self.assertEqual(again.num_examples, self.NUM_EXAMPLES)
+
+    def test_download_without_network_is_one_line(self):
+        data_dir = self.create_tempdir().full_path
+        offline = requests.exceptions.ConnectionError("Failed to resolve 'storage.googleapis.com'")
+        with mock.patch.object(
+            tfds.download.DownloadManager, "download_and_extract", side_effect=offline
+        ):
+            with self.assertRaises(OSError) as caught:
+                sources.load_split("tfds:mnist", "train", tfds_data_dir=data_dir, download=True)
+        self.assertEqual(
+            str(caught.exception),
+            f"tfds:mnist could not be downloaded into {data_dir} (Failed to resolve "
+            "'storage.googleapis.com'); without network, prepare it on another machine and pass "
+            "--config.data.tfds_data_dir=DIR",
+        )
+
+    def _fake_mnist_files(self) -> dict[str, str]:
+        """Uncompressed IDX files, as the download manager returns after extraction."""
+        root = self.create_tempdir().full_path
+        rng = np.random.default_rng(0)
+        files = {}
+        for part in ("train", "test"):
+            n = self.NUM_EXAMPLES
+            images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            labels = rng.integers(0, 10, n, dtype=np.uint8)
+            image_header = struct.pack(">IIII", 2051, n, 28, 28)
+            files[f"{part}_data"] = self._write(root, f"{part}-images", image_header, images)
+            label_header = struct.pack(">II", 2049, n)
+            files[f"{part}_labels"] = self._write(root, f"{part}-labels", label_header, labels)
+        return files
+
+    @staticmethod
+    def _write(root: str, name: str, header: bytes, array: np.ndarray) -> str:
+        path = os.path.join(root, name)
+        with open(path, "wb") as f:
+            f.write(header + array.tobytes())
+        return path
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import collections
 import glob
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -179,9 +180,16 @@ class StatusCommandTest(absltest.TestCase):
             f.write("s3cret\n")
         dispatcher = Dispatcher(tmp, *_serve_flags(), f"--auth_token_file={token}")
         self.addCleanup(dispatcher.stop)
-        denied = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={dispatcher.address}")
-        self.assertNotEqual(denied.returncode, 0)
-        self.assertIn("UNAUTHENTICATED", denied.stderr)
+        denied = testutil.run_module(
+            "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}"
+        )
+        self.assertEqual(denied.returncode, 1)
+        self.assertEqual(
+            denied.stderr.splitlines()[-1],
+            f"tfscale-dispatcher: the dispatcher at {dispatcher.address} answered UNAUTHENTICATED: "
+            "missing or wrong auth token (check --auth_token_file)",
+        )
+        self.assertNotIn("Traceback", denied.stderr)
         allowed = testutil.run_module(
             "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}",
             f"--auth_token_file={token}",
@@ -193,8 +201,88 @@ class StatusCommandTest(absltest.TestCase):
         result = testutil.run_module(
             "tfscale.data.dispatcher", "serve", "--shards=/nonexistent/*.tfrecord"
         )
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("No file matches the shard glob '/nonexistent/*.tfrecord'", result.stderr)
+        self.assertEqual(result.returncode, 2)
+        self.assertEqual(
+            result.stderr.splitlines()[-1],
+            "tfscale-dispatcher: --shards: "
+            "No file matches the shard glob '/nonexistent/*.tfrecord'",
+        )
+        self.assertNotIn("Traceback", result.stderr)
+
+
+class CommandErrorsTest(parameterized.TestCase):
+    """Every failure of the CLI is one line naming the cause, and a non-zero exit."""
+
+    def assertFailsWith(self, result, exit_code, cause):
+        self.assertEqual(result.returncode, exit_code, result.stderr[-2000:])
+        self.assertEqual(result.stderr.splitlines()[-1], f"tfscale-dispatcher: {cause}")
+        self.assertNotIn("Traceback", result.stderr)
+
+    def test_status_of_an_unreachable_address(self):
+        address = f"127.0.0.1:{testutil.free_port()}"
+        result = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
+        self.assertFailsWith(
+            result, 1, f"cannot reach a dispatcher at {address}: connection refused (after 5 s)"
+        )
+
+    @parameterized.named_parameters(
+        ("no_command", [], "expected one command, serve or status. Received: none"),
+        ("unknown_command", ["stat"], "expected one command, serve or status. Received: stat"),
+        ("status_without_address", ["status"], "status needs --address=HOST:PORT"),
+        (
+            "address_without_port",
+            ["status", "--address=localhost"],
+            "flag --address=localhost: expected HOST:PORT, PORT in [1, 65535]",
+        ),
+        (
+            "address_port_out_of_range",
+            ["status", "--address=127.0.0.1:99999"],
+            "flag --address=127.0.0.1:99999: expected HOST:PORT, PORT in [1, 65535]",
+        ),
+        (
+            "port_out_of_range",
+            ["serve", "--port=99999"],
+            "flag --port=99999: 99999 is not an integer in the range [0, 65535]",
+        ),
+        (
+            "unknown_policy",
+            ["serve", "--policy=fastest"],
+            "flag --policy=fastest: value should be one of "
+            "<adaptive|consistent_hash|least_loaded|round_robin>",
+        ),
+        ("unknown_flag", ["serve", "--frobnicate=1"], "Unknown command line flag 'frobnicate'"),
+        (
+            "bad_range_shards",
+            ["serve", "--shards=range:ten"],
+            "--shards: Expected 2 integers in 'range:ten'",
+        ),
+        (
+            "bad_job",
+            ["serve", "--shards=range:10:2", "--num_epochs=0"],
+            "num_epochs must be >= 1. Received: num_epochs=0",
+        ),
+    )
+    def test_bad_command_line_is_one_line(self, args, cause):
+        result = testutil.run_module("tfscale.data.dispatcher", *args)
+        self.assertFailsWith(result, 2, cause)
+        self.assertLen(result.stderr.splitlines(), 1)
+
+    def test_serve_on_a_port_in_use(self):
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            result = testutil.run_module("tfscale.data.dispatcher", "serve", f"--port={port}")
+        cause = f"cannot listen on 127.0.0.1:{port}: Address already in use"
+        self.assertFailsWith(result, 1, cause)
+
+    @parameterized.parameters("serve", "status")
+    def test_missing_auth_token_file(self, command):
+        flags = ("--address=127.0.0.1:1", "--auth_token_file=/x/token")
+        result = testutil.run_module("tfscale.data.dispatcher", command, *flags)
+        self.assertFailsWith(
+            result, 1, "cannot read --auth_token_file: No such file or directory: '/x/token'"
+        )
 
 
 if __name__ == "__main__":

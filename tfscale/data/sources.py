@@ -21,6 +21,7 @@ for image, label in split.dataset.take(1): ...
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Optional
 
 import tensorflow as tf
@@ -77,7 +78,10 @@ def load_split(
       download: let TFDS download and prepare the data.
 
     Raises:
-      ValueError: for an unknown source kind, or a pattern matching no file.
+      ValueError: for an unknown source kind, a pattern matching no file, an
+        unknown TFDS dataset, or one not prepared in `tfds_data_dir` (without
+        `download`).
+      OSError: if `download` fails (e.g. without network).
     """
     if source == "synthetic":
         files = synthetic.ensure_shards(cache_dir, split)
@@ -111,23 +115,16 @@ def _from_files(files: list[str], num_examples: int) -> SplitData:
 
 
 def _from_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> SplitData:
-    import tensorflow_datasets as tfds  # Heavy import, only for TFDS sources.
-
-    dataset, info = tfds.load(
-        name,
-        split=split,
-        data_dir=data_dir,
-        download=download,
-        as_supervised=True,
-        shuffle_files=False,
-        with_info=True,
-    )
+    builder = _tfds_builder(name, data_dir)
+    info = builder.info
     missing = {"image", "label"} - set(info.features.keys())
     if missing:
         raise ValueError(
             f"tfds:{name} needs 'image' and 'label' features; missing {sorted(missing)}"
         )
-    dataset = dataset.map(
+    if download:
+        _tfds_download(name, builder)
+    dataset = _tfds_read(name, builder, split).map(
         lambda image, label: (tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int64)),
         num_parallel_calls=tf.data.AUTOTUNE,
     )
@@ -137,6 +134,47 @@ def _from_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -
         tuple(info.features["image"].shape),
         int(info.features["label"].num_classes),
     )
+
+
+def _tfds_download(name: str, builder: Any) -> None:
+    try:
+        builder.download_and_prepare()
+    except OSError as e:  # requests' connection errors too
+        cause = (str(e).splitlines() or [type(e).__name__])[0]
+        raise OSError(
+            f"tfds:{name} could not be downloaded into {builder.data_dir_root} ({cause}); "
+            "without network, prepare it on another machine and pass "
+            "--config.data.tfds_data_dir=DIR"
+        ) from e
+
+
+def _tfds_read(name: str, builder: Any, split: str) -> tf.data.Dataset:
+    """`(image, label)` pairs of a prepared split; a one-line error if not prepared."""
+    try:
+        return builder.as_dataset(split=split, as_supervised=True, shuffle_files=False)
+    except AssertionError:
+        # TFDS signals data that was never prepared with an AssertionError.
+        if builder.data_path.exists():
+            raise
+        raise ValueError(
+            f"tfds:{name} is not prepared in the TFDS data dir {builder.data_dir_root} "
+            f"(no {builder.data_dir}): pass --config.data.download=True to download it, "
+            "or --config.data.tfds_data_dir=DIR naming a directory with a prepared copy"
+        ) from None
+
+
+def _tfds_builder(name: str, data_dir: Optional[str]) -> Any:
+    """The TFDS builder of `name`; an unknown name is a one-line error."""
+    import tensorflow_datasets as tfds  # Heavy import, only for TFDS sources.
+
+    try:
+        return tfds.builder(name, data_dir=data_dir)
+    except tfds.core.DatasetNotFoundError:
+        # TFDS's own message lists every registered dataset, hundreds of lines.
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f"; did you mean {', '.join(f'tfds:{c}' for c in close)}?" if close else ""
+        raise ValueError(f"Unknown TFDS dataset {name!r} (source 'tfds:{name}'){hint}") from None
 
 
 def _tfds_num_examples(info: Any, split: str, dataset: tf.data.Dataset) -> int:

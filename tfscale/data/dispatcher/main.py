@@ -5,7 +5,7 @@ Usage:
 ```
 tfscale-dispatcher serve --port=0 --work_dir=/tmp/dispatcher --policy=adaptive \\
     --shards='/data/train-*.tfrecord' [--job=train --num_epochs=3 --seed=0 \\
-    --lease_timeout_s=30 --num_consumers=N --equalize=pad|drop \
+    --lease_timeout_s=30 --num_consumers=N --equalize=pad|drop \\
     --auth_token_file=TOKEN --tls_cert_file=C --tls_key_file=K]
 tfscale-dispatcher status --address=127.0.0.1:40123 [--auth_token_file=TOKEN]
 ```
@@ -14,24 +14,39 @@ tfscale-dispatcher status --address=127.0.0.1:40123 [--auth_token_file=TOKEN]
 connections. `--shards` is a file glob, `range:N:K` (N elements as shards of
 K) or `tfds:NAME:SPLIT:N` (N equal slices of a TFDS split). A job given
 again after a restart (same `--work_dir`) continues where it stopped.
+
+A command that fails prints one line, `tfscale-dispatcher: CAUSE`, and exits
+with 2 for a bad command line (an unknown command or flag, a bad flag value,
+a bad `--shards` spec or job) or 1 for anything else (an unreachable or
+refusing dispatcher, an unreadable file, an address that cannot be bound).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
-from absl import app
-from absl import flags
+# A `--shards` glob imports TensorFlow, whose C++ start-up chatter would bury
+# the one line a failure prints; TF_CPP_MIN_LOG_LEVEL=0 brings it back.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
-from tfscale.data.dispatcher import policies
-from tfscale.data.dispatcher import server as server_lib
-from tfscale.data.dispatcher import shards as shards_lib
+import grpc  # noqa: E402
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
 
-_PORT = flags.DEFINE_integer("port", 0, "Port to listen on; 0 picks a free one.")
+from tfscale.data.dispatcher import client as client_lib  # noqa: E402
+from tfscale.data.dispatcher import core  # noqa: E402
+from tfscale.data.dispatcher import journal as journal_lib  # noqa: E402
+from tfscale.data.dispatcher import policies  # noqa: E402
+from tfscale.data.dispatcher import server as server_lib  # noqa: E402
+from tfscale.data.dispatcher import shards as shards_lib  # noqa: E402
+
+_PORT = flags.DEFINE_integer(
+    "port", 0, "Port to listen on; 0 picks a free one.", lower_bound=0, upper_bound=65535
+)
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Interface to bind (loopback by default).")
 _WORK_DIR = flags.DEFINE_string("work_dir", None, "Journal and snapshots; empty: memory only.")
 _POLICY = flags.DEFINE_enum("policy", "round_robin", sorted(policies.POLICIES), "Shard policy.")
@@ -50,18 +65,44 @@ _AUTH_TOKEN_FILE = flags.DEFINE_string("auth_token_file", None, "File holding th
 _TLS_CERT_FILE = flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain (serve).")
 _TLS_KEY_FILE = flags.DEFINE_string("tls_key_file", None, "PEM private key (serve).")
 _TLS_ROOT_CERT_FILE = flags.DEFINE_string("tls_root_cert_file", None, "PEM root cert (status).")
-_ADDRESS = flags.DEFINE_string("address", None, "Dispatcher address (status).")
+_ADDRESS = flags.DEFINE_string("address", None, "Dispatcher address, HOST:PORT (status).")
 
+_PROG = "tfscale-dispatcher"
 _COMMANDS = ("serve", "status")
+_UNAVAILABLE_TIMEOUT_S = 5.0
+# Lower-case substrings of gRPC's UNAVAILABLE details, and the cause each names.
+_UNAVAILABLE_CAUSES = (
+    ("connection refused", "connection refused"),
+    ("resolving", "the host name does not resolve"),
+    ("handshake", "the TLS handshake failed"),
+    ("socket closed", "the connection was closed (not a dispatcher, or TLS on one side only?)"),
+    ("settings frame", "it accepted the connection but does not speak gRPC (not a dispatcher?)"),
+)
+
+
+class CommandError(Exception):
+    """A failure reported as one line, with exit code 1."""
+
+    exit_code = 1
+
+
+class BadUsage(CommandError):
+    """A bad command line, reported as one line, with exit code 2."""
+
+    exit_code = 2
 
 
 def main(argv: Sequence[str]) -> None:
-    if len(argv) != 2 or argv[1] not in _COMMANDS:
-        raise app.UsageError(f"Expected one command, {' or '.join(_COMMANDS)}. Received: {argv[1:]}")
-    if argv[1] == "serve":
-        serve()
-    else:
-        print(format_status(_client().status()))
+    try:
+        if len(argv) != 2 or argv[1] not in _COMMANDS:
+            received = " ".join(argv[1:]) or "none"
+            raise BadUsage(f"expected one command, {' or '.join(_COMMANDS)}. Received: {received}")
+        if argv[1] == "serve":
+            serve()
+        else:
+            status()
+    except CommandError as e:
+        _exit(str(e), e.exit_code)
 
 
 def serve() -> None:
@@ -74,29 +115,49 @@ def serve() -> None:
         tls_cert_file=_TLS_CERT_FILE.value,
         tls_key_file=_TLS_KEY_FILE.value,
     )
-    server = server_lib.DispatcherServer(config)
+    try:
+        server = server_lib.DispatcherServer(config)  # recovers the journal in work_dir
+    except OSError as e:
+        raise CommandError(f"cannot use --work_dir={config.work_dir}: {_os_cause(e)}") from None
+    except journal_lib.JournalCorruptError as e:
+        raise CommandError(f"cannot recover --work_dir={config.work_dir}: {e}") from None
     if _SHARDS.value:
-        spec = core.JobSpec(
-            name=_JOB.value,
-            shards=tuple(shards_lib.expand(_SHARDS.value, count_elements=_EQUALIZE.value != "none")),
-            policy=_POLICY.value,
-            num_epochs=_NUM_EPOCHS.value,
-            seed=_SEED.value,
-            lease_timeout_s=_LEASE_TIMEOUT_S.value,
-            num_consumers=_NUM_CONSUMERS.value,
-            equalize=_EQUALIZE.value,
-        )
         try:
-            server.core.create_job(spec)
+            server.core.create_job(_job_spec())
         except core.DispatcherError as e:
-            raise app.UsageError(str(e)) from None
-    server.start()
+            raise BadUsage(str(e)) from None
+    _start(server, config)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
-    print(f"tfscale-dispatcher listening on {server.target}", flush=True)
+    print(f"{_PROG} listening on {server.target}", flush=True)
     try:
         server.join()
     except KeyboardInterrupt:
         server.stop()
+
+
+def status() -> None:
+    """Prints the status of the dispatcher at --address."""
+    if not _ADDRESS.value:
+        raise BadUsage("status needs --address=HOST:PORT")
+    address = _ADDRESS.value
+    token = _read_token()
+    try:
+        client = client_lib.DispatcherClient(
+            address,
+            auth_token=token,
+            tls_root_cert_file=_TLS_ROOT_CERT_FILE.value,
+            unavailable_timeout_s=_UNAVAILABLE_TIMEOUT_S,
+        )
+    except OSError as e:
+        raise CommandError(f"cannot read --tls_root_cert_file: {_os_cause(e)}") from None
+    try:
+        print(format_status(client.status()))
+    except grpc.RpcError as e:
+        raise _rpc_failure(e, address) from None
+    except core.DispatcherError as e:
+        raise CommandError(f"the dispatcher at {address} refused the request: {e}") from None
+    finally:
+        client.close()
 
 
 def format_status(status: object) -> str:
@@ -119,27 +180,110 @@ def format_status(status: object) -> str:
     return "\n".join(lines)
 
 
-def _client() -> client_lib.DispatcherClient:
-    if not _ADDRESS.value:
-        raise app.UsageError("status needs --address=HOST:PORT")
-    return client_lib.DispatcherClient(
-        _ADDRESS.value,
-        auth_token=_read_token(),
-        tls_root_cert_file=_TLS_ROOT_CERT_FILE.value,
-        unavailable_timeout_s=5.0,
+def _job_spec() -> core.JobSpec:
+    try:
+        shards = shards_lib.expand(_SHARDS.value, count_elements=_EQUALIZE.value != "none")
+    except ValueError as e:
+        raise BadUsage(f"--shards: {e}") from None
+    except OSError as e:
+        raise CommandError(f"cannot read --shards={_SHARDS.value}: {_os_cause(e)}") from None
+    return core.JobSpec(
+        name=_JOB.value,
+        shards=tuple(shards),
+        policy=_POLICY.value,
+        num_epochs=_NUM_EPOCHS.value,
+        seed=_SEED.value,
+        lease_timeout_s=_LEASE_TIMEOUT_S.value,
+        num_consumers=_NUM_CONSUMERS.value,
+        equalize=_EQUALIZE.value,
     )
+
+
+def _start(server: server_lib.DispatcherServer, config: server_lib.ServerConfig) -> None:
+    try:
+        server.start()
+    except ValueError as e:  # A TLS certificate without a key, or the reverse.
+        raise BadUsage(str(e)) from None
+    except OSError as e:
+        if e.filename is None:
+            raise _bind_failure(config) from None
+        raise CommandError(f"cannot read the TLS files: {_os_cause(e)}") from None
+    except RuntimeError:  # gRPC's failure to bind.
+        raise _bind_failure(config) from None
+
+
+def _bind_failure(config: server_lib.ServerConfig) -> CommandError:
+    """Names why gRPC could not listen, by binding a plain socket the same way."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            config.host, config.port, type=socket.SOCK_STREAM
+        )[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(sockaddr)
+    except OSError as e:  # socket.gaierror too: a host that does not resolve
+        cause = e.strerror or str(e)
+    else:
+        cause = "the TLS certificate or key is not valid" if config.tls_cert_file else "gRPC refused"
+    return CommandError(f"cannot listen on {config.host}:{config.port}: {cause}")
+
+
+def _rpc_failure(error: grpc.RpcError, address: str) -> CommandError:
+    """One line for a failed call: unreachable, refused, or too slow."""
+    code = error.code()
+    details = " ".join((error.details() or "").split())
+    if code == grpc.StatusCode.UNAVAILABLE:
+        cause = next((c for key, c in _UNAVAILABLE_CAUSES if key in details.lower()), details)
+        return CommandError(
+            f"cannot reach a dispatcher at {address}: {cause} (after {_UNAVAILABLE_TIMEOUT_S:g} s)"
+        )
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return CommandError(f"the dispatcher at {address} did not answer in time")
+    hint = " (check --auth_token_file)" if code == grpc.StatusCode.UNAUTHENTICATED else ""
+    return CommandError(f"the dispatcher at {address} answered {code.name}: {details}{hint}")
 
 
 def _read_token() -> Optional[str]:
     try:
         return client_lib.read_token_file(_AUTH_TOKEN_FILE.value)
+    except OSError as e:
+        raise CommandError(f"cannot read --auth_token_file: {_os_cause(e)}") from None
     except ValueError as e:
-        raise app.UsageError(str(e)) from None
+        raise BadUsage(str(e)) from None
+
+
+def _os_cause(error: OSError) -> str:
+    """`No such file or directory: '/x'` rather than `[Errno 2] ...`."""
+    if error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename!r}"
+    return error.strerror or str(error)
+
+
+def _is_host_port(address: Optional[str]) -> bool:
+    if address is None:
+        return True
+    host, _, port = address.rpartition(":")
+    return bool(host) and port.isdigit() and 1 <= int(port) <= 65535
+
+
+flags.register_validator(_ADDRESS, _is_host_port, message="expected HOST:PORT, PORT in [1, 65535]")
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, with a bad flag reported as one line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        _exit(str(e), BadUsage.exit_code)
+
+
+def _exit(message: str, code: int) -> NoReturn:
+    print(f"{_PROG}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
 
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
