@@ -34,6 +34,7 @@ __all__ = [
     "Distribution",
     "DatasetOrFn",
     "distribution",
+    "kind_options",
     "kinds",
 ]
 
@@ -228,6 +229,22 @@ def kinds() -> tuple[str, ...]:
     return tuple(sorted(_KINDS))
 
 
+def kind_options(kind: str) -> tuple[str, ...]:
+    """The option names `distribution(kind, ...)` takes.
+
+    Raises:
+      ValueError: for an unknown kind, listing the valid ones.
+    """
+    return tuple(inspect.signature(_factory(kind)).parameters)
+
+
+def _factory(kind: str) -> Callable[..., Distribution]:
+    factory = _KINDS.get(kind)
+    if factory is None:
+        raise ValueError(f"Unknown distribution kind {kind!r}. Valid kinds: {', '.join(kinds())}")
+    return factory
+
+
 def distribution(kind: str = "default", **options: Any) -> Distribution:
     """Builds the distribution of the given kind.
 
@@ -254,9 +271,7 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
     dist = tfscale.distribution("dtensor", mesh="batch=2,model=2", layout_map="megatron")
     ```
     """
-    factory = _KINDS.get(kind)
-    if factory is None:
-        raise ValueError(f"Unknown distribution kind {kind!r}. Valid kinds: {', '.join(kinds())}")
+    factory = _factory(kind)
     parameters = inspect.signature(factory).parameters
     valid = tuple(parameters)
     missing = [n for n, p in parameters.items() if p.default is p.empty and n not in options]

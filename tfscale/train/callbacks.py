@@ -27,6 +27,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
+import h5py
 import keras
 import tensorflow as tf
 from absl import logging
@@ -37,6 +38,7 @@ __all__ = [
     "BackupAndRestore",
     "TensorBoard",
     "Throughput",
+    "check_backup",
     "log_evaluation",
     "read_backup_state",
 ]
@@ -252,6 +254,38 @@ def read_backup_state(backup_dir: str) -> Optional[dict[str, Any]]:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def check_backup(backup_dir: str) -> Optional[dict[str, Any]]:
+    """`read_backup_state(backup_dir)`, with its weights file checked readable.
+
+    Run before the model is built, so a damaged checkpoint fails at once
+    with its file named, not as an h5py error after minutes of start-up.
+
+    Raises:
+      ValueError: naming the state or weights file that cannot be read, and
+        what to do about it.
+    """
+    try:
+        state = read_backup_state(backup_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"Checkpoint state {os.path.join(backup_dir, _STATE_FILE)} cannot be read ({e}); "
+            "remove the checkpoints directory to start over"
+        ) from None
+    if state is None:
+        return None
+    path = os.path.join(backup_dir, str(state.get("weights")))
+    try:
+        with h5py.File(path, "r") as f:
+            f.visit(lambda name: None)  # walks the index: a truncated file fails here
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"Checkpoint {path} (epoch {state.get('epoch')}) cannot be read: {e}. "
+            f"Restore it, or point {os.path.join(backup_dir, _STATE_FILE)} at an older file "
+            f"of {state.get('kept')}, or remove {backup_dir} to start over"
+        ) from None
+    return state
 
 
 def _remove(path: str) -> None:

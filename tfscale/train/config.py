@@ -24,6 +24,7 @@ from ml_collections import config_dict
 from tfscale.data.dispatcher import policies
 
 __all__ = [
+    "ConfigError",
     "OPTIMIZERS",
     "PRECISIONS",
     "RESIZE",
@@ -37,6 +38,13 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RESIZE = ("keep_global_batch", "keep_per_replica_batch")
+
+
+class ConfigError(ValueError):
+    """A config value, flag or workdir that cannot work, found before training starts.
+
+    `tfscale-train` prints its message as one line and exits with status 2.
+    """
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -157,12 +165,12 @@ def apply_variant(
     ```
 
     Raises:
-      ValueError: for a variant not among `variants`.
+      ConfigError: for a variant not among `variants`.
     """
     if variant is None:
         return config
     if variant not in variants:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config variant {variant!r}. Valid variants: {', '.join(sorted(variants))}"
         )
     variants[variant](config)
@@ -178,7 +186,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Checks values that would otherwise fail late or obscurely.
 
     Raises:
-      ValueError: naming the field, what was expected and what came.
+      ConfigError: naming the field, what was expected and what came.
     """
     _check(config.seed, "seed", int, lambda v: v >= 0, "a non-negative int")
     training = config.training
@@ -205,7 +213,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
     if options.address and options.embedded:
-        raise ValueError(
+        raise ConfigError(
             "config.data.dispatcher: set address or embedded=True, not both. Received: "
             f"address={options.address!r}, embedded=True"
         )
@@ -225,4 +233,4 @@ def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
 def _check(value: Any, name: str, kind: type, ok: Any, expected: str) -> None:
     numeric = kind is float and isinstance(value, (int, float))
     if isinstance(value, bool) or not (isinstance(value, kind) or numeric) or not ok(value):
-        raise ValueError(f"config.{name} must be {expected}. Received: {name}={value!r}")
+        raise ConfigError(f"config.{name} must be {expected}. Received: {name}={value!r}")

@@ -44,6 +44,7 @@ from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards as shards_lib
+from tfscale.train import config as config_lib
 
 __all__ = [
     "TrainInput",
@@ -177,7 +178,7 @@ def _ensure_job(address: str, token: Optional[str], spec: core.JobSpec) -> None:
     except core.AlreadyExists:
         (job,) = [j for j in client.list_jobs() if j.name == spec.name]
         if job.num_epochs < spec.num_epochs:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"Dispatcher job {spec.name!r} at {address} has {job.num_epochs} epoch(s); "
                 f"config.training.epochs={spec.num_epochs} needs as many "
                 f"(tfscale-dispatcher serve --num_epochs={spec.num_epochs})"
@@ -225,13 +226,16 @@ def _tfds_element(image: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
 
 
 def _load(config: ml_collections.ConfigDict, split: str) -> sources.SplitData:
-    return sources.load_split(
-        config.data.source,
-        split,
-        cache_dir=config.data.cache_dir,
-        tfds_data_dir=config.data.tfds_data_dir,
-        download=config.data.download,
-    )
+    try:
+        return sources.load_split(
+            config.data.source,
+            split,
+            cache_dir=config.data.cache_dir,
+            tfds_data_dir=config.data.tfds_data_dir,
+            download=config.data.download,
+        )
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(str(e)) from None
 
 
 def _limit(split: sources.SplitData, limit: Any) -> tuple[tf.data.Dataset, int]:
@@ -243,7 +247,7 @@ def _limit(split: sources.SplitData, limit: Any) -> tuple[tf.data.Dataset, int]:
 def _steps(config: ml_collections.ConfigDict, count: int) -> int:
     global_batch = config.training.global_batch_size
     if count < global_batch:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"The training split has {count} examples, fewer than one global batch "
             f"(config.training.global_batch_size={global_batch})"
         )

@@ -22,7 +22,9 @@ metrics["eval"]["accuracy"]
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -31,13 +33,17 @@ import ml_collections
 import tensorflow as tf
 from absl import logging
 
-import tfscale
+from tfscale import devices
+from tfscale.sharding import memory
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
 from tfscale.train import files
 from tfscale.train import inputs
 from tfscale.train import models
 from tfscale.train import schedules
+
+# The module, not the function the package exports under the same name.
+distribution_lib = importlib.import_module("tfscale.distribution")
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -60,13 +66,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       The metrics written to `metrics.json`.
 
     Raises:
-      ValueError: for a bad config value, before anything is written.
+      config_lib.ConfigError: for a bad config value, a workdir that cannot
+        be written or a checkpoint that cannot be read, before the model is
+        built and before anything is written.
     """
     start = time.perf_counter()
     config_lib.validate(config)
-    tfscale.configure_devices(**config_lib.set_options(config.devices))
+    _check_workdir(workdir)
+    devices.configure_devices(**config_lib.set_options(config.devices))
     dist = _distribution(config)
-    resume = callbacks_lib.read_backup_state(os.path.join(workdir, CHECKPOINTS_DIR)) or {}
+    resume = _resume_state(os.path.join(workdir, CHECKPOINTS_DIR))
     config = _resized(config, dist, resume)
     dist.per_replica_batch_size(config.training.global_batch_size)
     # Before the input pipeline: its shuffle seeds combine with the global seed.
@@ -90,7 +99,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _fit(
     config: ml_collections.ConfigDict,
     workdir: str,
-    dist: tfscale.Distribution,
+    dist: distribution_lib.Distribution,
     train: inputs.TrainInput,
     resume: dict[str, Any],
 ) -> dict[str, Any]:
@@ -113,7 +122,7 @@ def _fit(
             metrics=["accuracy"],
         )
     if dist.kind == "dtensor":
-        report = tfscale.sharding.memory_report(model)
+        report = memory.memory_report(model)
         logging.info("Memory per device:\n%s", report)
     if dist.is_chief:
         os.makedirs(workdir, exist_ok=True)
@@ -167,12 +176,12 @@ def _fit(
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
     if dist.kind == "dtensor":
-        metrics["memory"] = tfscale.sharding.memory_report(model).to_dict()
+        metrics["memory"] = memory.memory_report(model).to_dict()
     return metrics
 
 
 def _resized(
-    config: ml_collections.ConfigDict, dist: tfscale.Distribution, resume: dict[str, Any]
+    config: ml_collections.ConfigDict, dist: distribution_lib.Distribution, resume: dict[str, Any]
 ) -> ml_collections.ConfigDict:
     """The config for a run resumed on another number of replicas.
 
@@ -227,9 +236,50 @@ def _precision(policy: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def _distribution(config: ml_collections.ConfigDict) -> tfscale.Distribution:
+def _check_workdir(workdir: str) -> None:
+    """Fails now, not after the model is built, on a workdir that cannot be written."""
+    if not isinstance(workdir, str) or not workdir:
+        raise config_lib.ConfigError(f"--workdir must be a directory path. Received: {workdir!r}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise config_lib.ConfigError(f"--workdir={workdir} exists and is not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise config_lib.ConfigError(
+            f"--workdir={workdir} cannot be written: {e.strerror or e}"
+        ) from None
+
+
+def _resume_state(backup_dir: str) -> dict[str, Any]:
+    """The checkpoint state to resume ({} for a fresh run), its weights file checked."""
+    try:
+        return callbacks_lib.check_backup(backup_dir) or {}
+    except ValueError as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+
+def _distribution(config: ml_collections.ConfigDict) -> distribution_lib.Distribution:
+    """The configured distribution; options of other kinds are dropped.
+
+    A config file's preset for one kind (say a dtensor `mesh`) must not stop
+    `--config.distribution.kind=mirrored` from the command line.
+    """
     options = config_lib.set_options(config.distribution)
-    return tfscale.distribution(options.pop("kind"), **options)
+    kind = options.pop("kind")
+    try:
+        valid = distribution_lib.kind_options(kind)
+        ignored = sorted(set(options) - set(valid))
+        if ignored:
+            logging.warning(
+                "config.distribution: kind %r takes no %s; ignored", kind, ", ".join(ignored)
+            )
+        return distribution_lib.distribution(
+            kind, **{k: v for k, v in options.items() if k in valid}
+        )
+    except (ValueError, TypeError) as e:
+        raise config_lib.ConfigError(f"config.distribution: {e}") from None
 
 
 def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
@@ -248,7 +298,7 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras
 
 def _metrics(
     config: ml_collections.ConfigDict,
-    dist: tfscale.Distribution,
+    dist: distribution_lib.Distribution,
     backup: callbacks_lib.BackupAndRestore,
     history: keras.callbacks.History,
     epochs: list[dict[str, Any]],
