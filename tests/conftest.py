@@ -1,9 +1,37 @@
-"""pytest glue for absltest test files: absl flags must count as parsed."""
+"""pytest glue: absl flags count as parsed; the `long` marker.
 
+`long` marks the tests that start several processes or train many models.
+`bash tools/test.sh` (the README's test command) skips them; `pytest -m long`
+runs only them, and `bazel test //...` (run by CI after the README's
+command) runs every test file, long ones included.
+"""
+
+import pytest
 from absl import flags
+
+# Node-id prefixes of the long tests.
+LONG = (
+    "tests/bench_test.py",
+    "tests/dispatcher_process_test.py::WorkersTest",
+    "tests/launch_test.py::LaunchTrainingTest",
+    "tests/launch_test.py::ResizeTest",
+    "tests/multi_worker_test.py",
+    "tests/sharding_train_test.py",
+    "tests/train_equivalence_test.py::TrainEquivalenceMatrixTest",
+    "tests/train_test.py::TrainBinaryTest::test_embedded_dispatcher",
+    "tests/train_test.py::TrainBinaryTest::test_external_dispatcher",
+    "tests/train_test.py::TrainBinaryTest::test_kill_9",
+)
 
 
 def pytest_configure(config):
-    del config  # unused
+    config.addinivalue_line("markers", "long: multi-process or many-model tests, run by CI")
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def pytest_collection_modifyitems(config, items):
+    del config  # unused
+    for item in items:
+        if item.nodeid.startswith(LONG):
+            item.add_marker(pytest.mark.long)

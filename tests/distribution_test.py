@@ -178,5 +178,17 @@ class DistributeDatasetTest(parameterized.TestCase):
         self.assertLess(history.history["loss"][-1], history.history["loss"][0])
 
 
+class ExportsTest(absltest.TestCase):
+    def test_exports_survive_importing_every_module(self):
+        # A submodule named like an export would rebind the package attribute.
+        result = testutil.run_python(
+            "-c",
+            "import tfscale, tfscale.distributions, tfscale.devices, tfscale.train.lib; "
+            "print(tfscale.kinds()); print(tfscale.distribution('default').kind)",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("default", result.stdout.splitlines()[-1])
+
+
 if __name__ == "__main__":
     absltest.main()

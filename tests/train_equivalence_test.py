@@ -139,6 +139,13 @@ class TrainEquivalenceTest(parameterized.TestCase):
         # The weights moved: equal curves of a stuck model would prove little.
         self.assertGreater(abs(losses[steps[-1]] - losses[steps[0]]), 0.01)
 
+    def test_sgd_with_momentum_on_a_batch_and_model_mesh_matches_one_device(self):
+        self._assert_matches("dtensor_batch2_model2_megatron", "sgd_momentum")
+
+
+class TrainEquivalenceMatrixTest(TrainEquivalenceTest):
+    """Every kind and mesh, and the other optimizers (a `long` test: CI and bazel)."""
+
     @parameterized.named_parameters((kind, kind) for kind in _KINDS)
     def test_sgd_with_momentum_matches_one_device(self, kind):
         self._assert_matches(kind, "sgd_momentum")

@@ -2,6 +2,8 @@
 
 The names below are imported on first use, so that the command-line tools
 that need no TensorFlow (`tfscale-launch`, `tfscale-dispatcher`) start fast.
+No submodule shares a name with an export: importing a submodule binds its
+name on the package, which would shadow a function of that name.
 """
 
 import importlib
@@ -12,11 +14,11 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _EXPORTS = {
     "DevicesAlreadyInitializedError": "tfscale.devices",
-    "Distribution": "tfscale.distribution",
+    "Distribution": "tfscale.distributions",
     "LayoutMap": "tfscale.sharding.layout_map",
     "configure_devices": "tfscale.devices",
-    "distribution": "tfscale.distribution",
-    "kinds": "tfscale.distribution",
+    "distribution": "tfscale.distributions",
+    "kinds": "tfscale.distributions",
     "local_devices": "tfscale.devices",
 }
 # subpackage name -> module

@@ -21,8 +21,8 @@ import keras
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-from tfscale.distribution import DatasetOrFn
-from tfscale.distribution import Distribution
+from tfscale.distributions import DatasetOrFn
+from tfscale.distributions import Distribution
 from tfscale.sharding import clients
 from tfscale.sharding import layout_map as layout_map_lib
 from tfscale.sharding import memory

@@ -22,7 +22,6 @@ metrics["eval"]["accuracy"]
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import tempfile
 import time
@@ -34,6 +33,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale import devices
+from tfscale import distributions as distribution_lib
 from tfscale.sharding import memory
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
@@ -41,9 +41,6 @@ from tfscale.train import files
 from tfscale.train import inputs
 from tfscale.train import models
 from tfscale.train import schedules
-
-# The module, not the function the package exports under the same name.
-distribution_lib = importlib.import_module("tfscale.distribution")
 
 __all__ = [
     "CHECKPOINTS_DIR",
@@ -77,7 +74,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     dist = _distribution(config)
     resume = _resume_state(os.path.join(workdir, CHECKPOINTS_DIR))
     config = _resized(config, dist, resume)
-    dist.per_replica_batch_size(config.training.global_batch_size)
+    try:
+        dist.per_replica_batch_size(config.training.global_batch_size)
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.training: {e}") from None
     # Before the input pipeline: its shuffle seeds combine with the global seed.
     keras.utils.set_random_seed(config.seed)
     with contextlib.ExitStack() as stack:
@@ -237,18 +237,24 @@ def _precision(policy: str) -> Iterator[None]:
 
 
 def _check_workdir(workdir: str) -> None:
-    """Fails now, not after the model is built, on a workdir that cannot be written."""
+    """Fails now, not after the model is built, on a workdir that cannot be written.
+
+    Creates nothing: a run that fails on its config leaves no workdir behind.
+    """
     if not isinstance(workdir, str) or not workdir:
         raise config_lib.ConfigError(f"--workdir must be a directory path. Received: {workdir!r}")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise config_lib.ConfigError(f"--workdir={workdir} exists and is not a directory")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        what = "exists and" if existing == os.path.abspath(workdir) else f"is under {existing}, which"
+        raise config_lib.ConfigError(f"--workdir={workdir} {what} is not a directory")
     try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.TemporaryFile(dir=workdir):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as e:
         raise config_lib.ConfigError(
-            f"--workdir={workdir} cannot be written: {e.strerror or e}"
+            f"--workdir={workdir} cannot be written ({existing}: {e.strerror or e})"
         ) from None
 
 

@@ -135,9 +135,35 @@ class Distribution:
           ValueError: if the replica count does not divide the global batch.
         """
         per_replica = self.per_replica_batch_size(global_batch_size)
+        # Issue 17: deleting a tf.data iterator whose autotuning ("model")
+        # thread is waiting can block for the rest of that thread's
+        # optimization period (doubling up to 60 s): the iterator's
+        # destructor cancels it, but `Model::OptimizeLoop` is notified before
+        # `CancellationManager::IsCancelled()` turns true, so it may go back
+        # to sleep, and the destructor then joins it. Keras deletes the
+        # training iterator at the end of `fit`, hence the stall before
+        # `evaluate`. No iterator built here runs that thread: not the input
+        # pipeline (autotune off; AUTOTUNE parallelism then defaults to the
+        # core count, and prefetch buffers keep their legacy autotuning), nor
+        # the `MultiDeviceIterator`'s per-device pipelines (a fixed
+        # 1-element prefetch, nothing to tune, but default options, and
+        # built where no caller can set them).
+        from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
+
+        if not getattr(mdi._create_device_dataset, "tfscale_no_autotune", False):
+            create_device_dataset = mdi._create_device_dataset
+
+            def no_autotune_device_dataset(*args: Any, **kwargs: Any) -> tf.data.Dataset:
+                device_options = tf.data.Options()
+                device_options.autotune.enabled = False
+                return create_device_dataset(*args, **kwargs).with_options(device_options)
+
+            no_autotune_device_dataset.tfscale_no_autotune = True  # type: ignore[attr-defined]
+            mdi._create_device_dataset = no_autotune_device_dataset
         if isinstance(dataset_or_fn, tf.data.Dataset):
             options = tf.data.Options()
             options.experimental_distribute.auto_shard_policy = shard_policy
+            options.autotune.enabled = False
             dataset = dataset_or_fn.with_options(options)
             dataset = dataset.batch(global_batch_size, drop_remainder=True)
             return self._strategy.experimental_distribute_dataset(

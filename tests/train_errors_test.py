@@ -1,0 +1,145 @@
+"""tfscale-train's failures: one line naming the cause, exit status 2, nothing written."""
+
+import glob
+import json
+import os
+
+import tensorflow as tf
+from absl.testing import absltest
+
+from tests import testutil
+
+testutil.setup_devices()
+
+from tfscale.train import callbacks  # noqa: E402
+from tfscale.train import lib  # noqa: E402
+
+
+def _train(workdir, *args, config="configs/default.py:smoke"):
+    return testutil.run_module(
+        "tfscale.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={testutil.cache_dir()}",
+        *args,
+    )
+
+
+class OneLineErrorTest(absltest.TestCase):
+    def _assert_fails(self, result, message):
+        self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        self.assertEqual(last, f"tfscale-train: error: {message}")
+
+    def test_unknown_config_field_names_it_and_the_close_match(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(workdir, "--config.training.epoch=3")
+        self._assert_fails(
+            result,
+            "Unknown config field 'training.epoch' in config.training; did you mean 'epochs'? "
+            "(from --config.training.epoch=3)",
+        )
+        self.assertFalse(os.path.exists(workdir))
+
+    def test_missing_config_file_and_variant(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(workdir, config="configs/nope.py")
+        self._assert_fails(
+            result, f"--config=configs/nope.py: no such file 'configs/nope.py' (from {testutil.REPO_ROOT})"
+        )
+        result = _train(workdir, config="configs/default.py:smok")
+        self._assert_fails(
+            result,
+            "--config=configs/default.py:smok cannot be loaded: Unknown config variant 'smok'. "
+            "Valid variants: smoke",
+        )
+
+    def test_bad_value_and_kind(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        self._assert_fails(
+            _train(workdir, "--config.training.epochs=0"),
+            "config.training.epochs must be a positive int. Received: training.epochs=0",
+        )
+        result = _train(workdir, "--config.distribution.kind=mirroredx")
+        self._assert_fails(
+            result,
+            "config.distribution: Unknown distribution kind 'mirroredx'. Valid kinds: default, "
+            "dtensor, mirrored, multi_worker_mirrored, one_device",
+        )
+        self.assertFalse(os.path.exists(workdir))
+
+    def test_workdir_that_is_a_file(self):
+        path = self.create_tempfile().full_path
+        self._assert_fails(_train(path), f"--workdir={path} exists and is not a directory")
+
+    def test_truncated_checkpoint_is_named(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(workdir, "--config.training.epochs=1", "--config.training.steps_per_epoch=2")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
+        path = os.path.join(workdir, lib.CHECKPOINTS_DIR, state["weights"])
+        with open(path, "rb") as f:
+            head = f.read(3000)
+        with open(path, "wb") as f:
+            f.write(head)
+        result = _train(workdir, "--config.training.epochs=2", "--config.training.steps_per_epoch=2")
+        self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+        self.assertNotIn("Traceback", result.stderr)
+        last = result.stderr.strip().splitlines()[-1]
+        self.assertStartsWith(last, f"tfscale-train: error: Checkpoint {path} (epoch 1) cannot be read: ")
+        self.assertIn("truncated file", last)
+
+
+class KindSwitchTest(absltest.TestCase):
+    def test_switching_kind_drops_the_other_kinds_options(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(
+            workdir,
+            "--config.distribution.kind=mirrored",
+            "--config.training.epochs=1",
+            "--config.training.steps_per_epoch=2",
+            "--config.model.kwargs.num_layers=1",
+            config="configs/transformer_dtensor.py:smoke",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("config.distribution: kind 'mirrored' takes no layout_map, mesh; ignored", result.stderr)
+        with open(os.path.join(workdir, lib.METRICS_FILE)) as f:
+            self.assertEqual(json.load(f)["kind"], "mirrored")
+
+
+class TensorBoardTest(absltest.TestCase):
+    def test_per_step_and_evaluation_scalars(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(
+            workdir,
+            "--config.training.epochs=1",
+            "--config.training.steps_per_epoch=4",
+            "--config.training.log_every_steps=2",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(_scalars(workdir, "train", "batch_loss"), [2, 4])
+        self.assertEqual(_scalars(workdir, "eval", "eval/loss"), [4])
+        self.assertEqual(_scalars(workdir, "eval", "eval/accuracy"), [4])
+        # Resumed: the per-step curve continues at the restored step.
+        result = _train(
+            workdir,
+            "--config.training.epochs=2",
+            "--config.training.steps_per_epoch=4",
+            "--config.training.log_every_steps=2",
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertEqual(_scalars(workdir, "train", "batch_loss"), [2, 4, 6, 8])
+        self.assertEqual(_scalars(workdir, "eval", "eval/loss"), [4, 8])
+
+
+def _scalars(workdir, writer, tag):
+    steps = []
+    for path in sorted(glob.glob(os.path.join(workdir, "tensorboard", writer, "events.out.*"))):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
+if __name__ == "__main__":
+    absltest.main()
