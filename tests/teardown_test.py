@@ -1,4 +1,4 @@
-"""Tearing down the training input (issue 17, "Stall after the last epoch").
+"""Tearing down the training input: no stall after the last epoch.
 
 Deleting a tf.data iterator joins its autotuning ("model") thread, which can
 miss the wake-up from the iterator's cancellation and sleep out the rest of
@@ -17,6 +17,7 @@ import tensorflow as tf  # noqa: E402
 
 import tfscale  # noqa: E402
 from tfscale.data import sources  # noqa: E402
+from tfscale.sharding import strategy as sharding_strategy  # noqa: E402
 
 
 def _iterator_datasets(iterator) -> list[tf.data.Dataset]:
@@ -36,6 +37,12 @@ class TeardownTest(absltest.TestCase):
         self.assertLen(datasets, 1 + dist.num_replicas_in_sync)
         for dataset in datasets:
             self.assertIs(dataset.options().autotune.enabled, False, dataset)
+
+    def test_dtensor_input_does_not_autotune(self):
+        dist = tfscale.distribution("dtensor", mesh="batch=2,model=2")
+        batches = dist.distribute_dataset(tf.data.Dataset.range(64), 8)
+        self.assertIsInstance(batches, sharding_strategy.DTensorBatches)
+        self.assertIs(batches._sliced.options().autotune.enabled, False)
 
     def test_elements_and_order_unchanged(self):
         dist = tfscale.distribution("mirrored", devices=2)

@@ -135,34 +135,13 @@ class Distribution:
           ValueError: if the replica count does not divide the global batch.
         """
         per_replica = self.per_replica_batch_size(global_batch_size)
-        # Issue 17: deleting a tf.data iterator whose autotuning ("model")
-        # thread is waiting can block for the rest of that thread's
-        # optimization period (doubling up to 60 s): the iterator's
-        # destructor cancels it, but `Model::OptimizeLoop` is notified before
-        # `CancellationManager::IsCancelled()` turns true, so it may go back
-        # to sleep, and the destructor then joins it. Keras deletes the
-        # training iterator at the end of `fit`, hence the stall before
-        # `evaluate`. No iterator built here runs that thread: not the input
-        # pipeline (autotune off; AUTOTUNE parallelism then defaults to the
-        # core count, and prefetch buffers keep their legacy autotuning), nor
-        # the `MultiDeviceIterator`'s per-device pipelines (a fixed
-        # 1-element prefetch, nothing to tune, but default options, and
-        # built where no caller can set them).
-        from tensorflow.python.data.ops import multi_device_iterator_ops as mdi
-
-        if not getattr(mdi._create_device_dataset, "tfscale_no_autotune", False):
-            create_device_dataset = mdi._create_device_dataset
-
-            def no_autotune_device_dataset(*args: Any, **kwargs: Any) -> tf.data.Dataset:
-                device_options = tf.data.Options()
-                device_options.autotune.enabled = False
-                return create_device_dataset(*args, **kwargs).with_options(device_options)
-
-            no_autotune_device_dataset.tfscale_no_autotune = True  # type: ignore[attr-defined]
-            mdi._create_device_dataset = no_autotune_device_dataset
+        _no_device_pipeline_autotune()
         if isinstance(dataset_or_fn, tf.data.Dataset):
             options = tf.data.Options()
             options.experimental_distribute.auto_shard_policy = shard_policy
+            # No autotuning thread: see `_no_device_pipeline_autotune`.
+            # AUTOTUNE parallelism then means the core count (map) or the
+            # cycle length (interleave); prefetch buffers keep their own tuning.
             options.autotune.enabled = False
             dataset = dataset_or_fn.with_options(options)
             dataset = dataset.batch(global_batch_size, drop_remainder=True)
@@ -216,6 +195,36 @@ class Distribution:
             + (f", {options}" if options else "")
             + ")"
         )
+
+
+def _no_device_pipeline_autotune() -> None:
+    """Turns tf.data autotuning off in the per-device pipelines of distributed iterators.
+
+    Deleting a tf.data iterator whose autotuning ("model") thread is asleep
+    can block for the rest of that thread's optimization period, which
+    doubles up to 60 s: the destructor cancels the thread and joins it, but
+    `Model::OptimizeLoop` is woken before `CancellationManager::IsCancelled()`
+    turns true (callbacks run first), so it may sleep again. Keras deletes
+    the training iterator when `fit` returns, so `evaluate` started 2-99 s
+    late. `distribute_dataset` turns autotuning off in the input pipeline;
+    the `MultiDeviceIterator` that feeds each device builds one more
+    pipeline per device (a fixed one-element prefetch: nothing to tune) with
+    default options, where no public API reaches, so its builder is wrapped
+    here, once. `tests/teardown_test.py` checks both on a live iterator.
+    """
+    from tensorflow.python.data.ops import multi_device_iterator_ops  # pylint: disable=import-outside-toplevel
+
+    create = multi_device_iterator_ops._create_device_dataset  # pylint: disable=protected-access
+    if getattr(create, "tfscale_no_autotune", False):
+        return
+
+    def create_without_autotune(*args: Any, **kwargs: Any) -> tf.data.Dataset:
+        options = tf.data.Options()
+        options.autotune.enabled = False
+        return create(*args, **kwargs).with_options(options)
+
+    create_without_autotune.tfscale_no_autotune = True  # type: ignore[attr-defined]
+    multi_device_iterator_ops._create_device_dataset = create_without_autotune  # pylint: disable=protected-access
 
 
 def _strategy_kind(kind: str, builder: Callable[..., tf.distribute.Strategy]) -> Callable[..., Distribution]:

@@ -348,10 +348,15 @@ class DTensorBatches(_IterableDTensorDataset):
             batch = batch if is_tuple else batch[0]
             return tf.nest.map_structure(lambda t: tuple(tf.split(t, parts)), batch)
 
+        # No autotuning thread: deleting an iterator can wait out its sleep
+        # (see tfscale.distributions._no_device_pipeline_autotune).
+        options = tf.data.Options()
+        options.autotune.enabled = False
         self._sliced = (
             dataset.batch(per_group, drop_remainder=True)
             .map(cut, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
+            .with_options(options)
         )
 
     def _batches(self) -> Iterator[Any]:
