@@ -73,6 +73,13 @@ class OneLineErrorTest(absltest.TestCase):
         path = self.create_tempfile().full_path
         self._assert_fails(_train(path), f"--workdir={path} exists and is not a directory")
 
+    def test_workdir_that_cannot_be_written(self):
+        # /proc refuses new files even to root.
+        result = _train("/proc/tfscale-run")
+        self.assertEqual(result.returncode, 2, result.stderr[-3000:])
+        last = result.stderr.strip().splitlines()[-1]
+        self.assertStartsWith(last, "tfscale-train: error: --workdir=/proc/tfscale-run cannot be written (/proc: ")
+
     def test_truncated_checkpoint_is_named(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _train(workdir, "--config.training.epochs=1", "--config.training.steps_per_epoch=2")
