@@ -1,7 +1,6 @@
 """Tests for tfscale.train.callbacks."""
 
 import glob
-import json
 import os
 
 import numpy as np

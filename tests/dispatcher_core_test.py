@@ -276,6 +276,35 @@ class ExactlyOnceTest(parameterized.TestCase):
         self.assertLen(dispatcher.acquire("job", "fast", 1).leases, 1)
 
 
+class LimitTest(parameterized.TestCase):
+    def test_jobs_are_bounded(self):
+        dispatcher, _ = _core()
+        for i in range(core.MAX_JOBS):
+            dispatcher.create_job(_spec(1, name=f"job-{i}"))
+        with self.assertRaisesRegex(core.ResourceExhausted, "at most 1024 jobs"):
+            dispatcher.create_job(_spec(1, name="one-more"))
+        self.assertFalse(dispatcher.create_job(_spec(1, name="job-0")))
+
+    def test_status_lists_live_workers_first_and_counts_the_rest(self):
+        dispatcher, clock = _core(_spec(1), workers=())
+        dispatcher.register_worker("job", "gone")
+        clock.now += 2 * TIMEOUT
+        for i in range(core.MAX_STATUS_WORKERS):
+            dispatcher.register_worker("job", f"w{i}")
+        status = dispatcher.status()
+        self.assertLen(status["workers"], core.MAX_STATUS_WORKERS)
+        self.assertTrue(all(w["live"] for w in status["workers"]))
+        self.assertEqual(status["omitted_workers"], 1)
+
+    def test_not_found_lists_few_jobs(self):
+        dispatcher, _ = _core()
+        for i in range(20):
+            dispatcher.create_job(_spec(1, name=f"{i:02d}".ljust(1000, "j")))
+        with self.assertRaises(core.NotFound) as raised:
+            dispatcher.heartbeat("nope", "w0")
+        self.assertLess(len(str(raised.exception)), 2000)
+
+
 class RecoveryTest(absltest.TestCase):
     def test_state_survives_a_restart(self):
         work_dir = self.create_tempdir().full_path

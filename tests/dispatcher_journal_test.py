@@ -52,6 +52,11 @@ def _flip_byte(path, offset):
         f.write(bytes([byte[0] ^ 0x01]))
 
 
+def _data_files(work_dir):
+    """The journal's segments and snapshots, without its lock file."""
+    return sorted(n for n in os.listdir(work_dir) if n != journal.LOCK_FILE)
+
+
 def _line_offsets(path):
     """Byte offsets at which the lines of a file start."""
     with open(path, "rb") as f:
@@ -80,7 +85,7 @@ class JournalTest(parameterized.TestCase):
                 log.append(record)
             # The segment before the first snapshot stays: the fallback if snapshot 1 breaks.
             self.assertEqual(
-                sorted(os.listdir(work_dir)),
+                _data_files(work_dir),
                 [
                     "journal-000000000001.log",
                     "journal-000000000002.log",
@@ -90,7 +95,7 @@ class JournalTest(parameterized.TestCase):
             log.snapshot({"n": 8})
             log.append({"i": 8})
         self.assertEqual(
-            sorted(os.listdir(work_dir)),
+            _data_files(work_dir),
             [
                 "journal-000000000002.log",
                 "journal-000000000003.log",
@@ -121,10 +126,11 @@ class JournalTest(parameterized.TestCase):
         self.assertLessEqual(len([n for n in names if n.startswith("snapshot-")]), 2)
 
     @parameterized.named_parameters(
-        ("half_line", lambda line: line[:7]),
+        ("half_checksum", lambda line: line[:7]),
+        ("checksum_and_part_of_length", lambda line: line[:10]),
+        ("half_payload", lambda line: line[: len(line) // 2]),
         ("line_without_newline", lambda line: line[:-1]),
-        ("bad_crc", lambda line: b"00000000" + line[8:]),
-        ("bad_json", lambda line: b"%08x 1 {\n" % zlib.crc32(b"{")),
+        ("half_line_then_zeros", lambda line: line[: len(line) // 2] + b"\0" * 40),
         ("zeros", lambda line: b"\0" * 30),
     )
     def test_torn_last_record_is_dropped_and_truncated(self, tear):
@@ -140,12 +146,48 @@ class JournalTest(parameterized.TestCase):
             log.append({"i": 3})
         self.assertEqual(_recover(work_dir), (None, _records(0, 4)))
 
-    def test_corrupt_last_record_is_dropped(self):
+    @parameterized.named_parameters(
+        ("bad_crc", lambda line: b"00000000" + line[8:]),
+        ("bad_json", lambda line: b"%08x 1 {\n" % zlib.crc32(b"{")),
+        ("longer_than_its_length", lambda line: line[:-1] + b"x"),
+        ("garbage", lambda line: b"not a record"),
+    )
+    def test_complete_or_impossible_last_line_raises(self, damage):
         work_dir = self.create_tempdir().full_path
         _write(work_dir, _records(0, 3))
         path = _segment(work_dir, 1)
-        _flip_byte(path, _line_offsets(path)[2] + 15)
-        self.assertEqual(_recover(work_dir), (None, _records(0, 2)))
+        with open(path, "rb") as f:
+            line = f.read().splitlines(keepends=True)[0]
+        size = os.path.getsize(path)
+        with open(path, "ab") as f:
+            f.write(damage(line))
+        with self.assertRaisesRegex(journal.JournalCorruptError, f"{path} at byte offset {size}"):
+            _recover(work_dir)
+        self.assertGreater(os.path.getsize(path), size)  # Nothing was truncated.
+
+    @parameterized.named_parameters(
+        ("payload", 15),
+        ("final_newline", -1),
+    )
+    def test_corrupt_complete_last_record_raises(self, byte_in_line):
+        work_dir = self.create_tempdir().full_path
+        _write(work_dir, _records(0, 3))
+        path = _segment(work_dir, 1)
+        offset = _line_offsets(path)[2]
+        _flip_byte(path, offset + byte_in_line if byte_in_line >= 0 else os.path.getsize(path) - 1)
+        with self.assertRaisesRegex(journal.JournalCorruptError, f"{path} at byte offset {offset}"):
+            _recover(work_dir)
+
+    def test_flipped_newline_between_the_last_two_records_raises(self):
+        # Dropping both records as a torn write would lose an acknowledged grant and let
+        # the next one reuse its fencing token.
+        work_dir = self.create_tempdir().full_path
+        _write(work_dir, _records(0, 3))
+        path = _segment(work_dir, 1)
+        offset = _line_offsets(path)[1]
+        _flip_byte(path, _line_offsets(path)[2] - 1)
+        with self.assertRaisesRegex(journal.JournalCorruptError, f"{path} at byte offset {offset}"):
+            _recover(work_dir)
 
     @parameterized.named_parameters(
         ("crc", 0),
@@ -302,6 +344,22 @@ class JournalTest(parameterized.TestCase):
             log.recover()
             with self.assertRaisesRegex(ValueError, "Received"):
                 log.append(record)
+
+    def test_a_second_journal_on_a_directory_fails_until_the_first_closes(self):
+        work_dir = self.create_tempdir().full_path
+        first = journal.Journal(work_dir)
+        first.recover()
+        first.mark_holder("serving 127.0.0.1:5000")
+        second = journal.Journal(work_dir)
+        with self.assertRaisesRegex(
+            journal.WorkDirLockedError,
+            f"in use by another dispatcher \\(pid {os.getpid()} on .*, serving 127.0.0.1:5000\\)",
+        ):
+            second.recover()
+        first.append({"i": 0})
+        first.close()
+        self.assertEqual(second.recover(), (None, [{"i": 0}]))
+        second.close()
 
     def test_close_is_idempotent_and_ends_writing(self):
         work_dir = self.create_tempdir().full_path

@@ -7,14 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from tests import testutil
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
 
 NUM_ELEMENTS = 240
 SHARD_SIZE = 10

@@ -1,7 +1,6 @@
 """DTensor end to end: tfscale-train with the megatron layout, resharding on
 resume, and a mesh spanning two worker processes started by tfscale-launch."""
 
-import json
 import os
 import sys
 
@@ -15,22 +14,10 @@ testutil.setup_devices()
 import keras  # noqa: E402
 
 from tests import dtensor_worker_script as script  # noqa: E402
-from tfscale.train import lib  # noqa: E402
 
 
 def _train(workdir, *overrides):
-    return testutil.run_module(
-        "tfscale.train",
-        "--config=configs/transformer_dtensor.py:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.cache_dir={testutil.cache_dir()}",
-        *overrides,
-    )
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, lib.METRICS_FILE)) as f:
-        return json.load(f)
+    return testutil.train_binary(workdir, *overrides, config="configs/transformer_dtensor.py:smoke")
 
 
 class TrainBinaryTest(absltest.TestCase):
@@ -40,7 +27,7 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Memory per device", result.stderr)
         self.assertRegex(result.stderr, r"block0_mlp_up/kernel\s+\(32, 64\)\s+\(-, model\)\s+8.00 KiB\s+4.00 KiB")
-        metrics = _metrics(workdir)
+        metrics = testutil.read_metrics(workdir)
         self.assertEqual(metrics["kind"], "dtensor")
         self.assertEqual(metrics["replicas"], 2)  # the batch axis
         self.assertLen(metrics["devices"], 4)
@@ -52,7 +39,7 @@ class TrainBinaryTest(absltest.TestCase):
         # Saved at model=2, resumed at model=4: the checkpoint is resharded.
         result = _train(workdir, "--config.training.epochs=2", "--config.distribution.mesh=model=4")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        resumed = _metrics(workdir)
+        resumed = testutil.read_metrics(workdir)
         self.assertEqual(resumed["resumed_from_epoch"], 1)
         self.assertEqual(resumed["epochs_run"], 1)
         self.assertEqual(resumed["memory"]["mesh"], "model=4")

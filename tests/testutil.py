@@ -7,6 +7,7 @@ share one, and asking for the same split twice is a no-op.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -44,6 +45,26 @@ def cache_dir() -> str:
 def run_module(module: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs `python -m module args...` from the repository root."""
     return run_python("-m", module, *args, timeout=timeout)
+
+
+def train_binary(
+    workdir: str, *overrides: str, config: str = "configs/default.py:smoke", timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Runs `tfscale-train --config=CONFIG --workdir=WORKDIR OVERRIDES...` on the test data cache."""
+    return run_module(
+        "tfscale.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={cache_dir()}",
+        *overrides,
+        timeout=timeout,
+    )
+
+
+def read_metrics(workdir: str) -> dict:
+    """The `metrics.json` a training run wrote to `workdir`."""
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        return json.load(f)
 
 
 def run_python(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

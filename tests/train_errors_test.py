@@ -16,13 +16,7 @@ from tfscale.train import lib  # noqa: E402
 
 
 def _train(workdir, *args, config="configs/default.py:smoke"):
-    return testutil.run_module(
-        "tfscale.train",
-        f"--config={config}",
-        f"--workdir={workdir}",
-        f"--config.data.cache_dir={testutil.cache_dir()}",
-        *args,
-    )
+    return testutil.train_binary(workdir, *args, config=config)
 
 
 class OneLineErrorTest(absltest.TestCase):

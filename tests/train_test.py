@@ -1,6 +1,5 @@
 """End-to-end tests of tfscale-train and tfscale.train.lib.run."""
 
-import json
 import os
 import signal
 import subprocess
@@ -24,27 +23,12 @@ from tfscale.train import config as config_lib  # noqa: E402
 from tfscale.train import lib  # noqa: E402
 
 
-def _train(workdir, *overrides):
-    return testutil.run_module(
-        "tfscale.train",
-        "--config=configs/default.py:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.cache_dir={testutil.cache_dir()}",
-        *overrides,
-    )
-
-
-def _metrics(workdir):
-    with open(os.path.join(workdir, lib.METRICS_FILE)) as f:
-        return json.load(f)
-
-
 class TrainBinaryTest(absltest.TestCase):
     def test_smoke_run_writes_sane_metrics_and_resumes(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = _train(workdir)
+        result = testutil.train_binary(workdir)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        metrics = _metrics(workdir)
+        metrics = testutil.read_metrics(workdir)
         self.assertEqual(metrics["kind"], "mirrored")
         self.assertEqual(metrics["replicas"], 2)
         self.assertLen(metrics["devices"], 2)
@@ -63,9 +47,9 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertIn("Epoch 2/2", result.stdout)  # the Keras progress output
 
         # The same workdir with one more epoch trains only that epoch.
-        result = _train(workdir, "--config.training.epochs=3")
+        result = testutil.train_binary(workdir, "--config.training.epochs=3")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        resumed = _metrics(workdir)
+        resumed = testutil.read_metrics(workdir)
         self.assertEqual(resumed["resumed_from_epoch"], 2)
         self.assertEqual(resumed["epochs_run"], 1)
         self.assertEqual([h["epoch"] for h in resumed["history"]], [1, 2, 3])
@@ -75,19 +59,19 @@ class TrainBinaryTest(absltest.TestCase):
 
     def test_embedded_dispatcher_feeds_training_and_resumes(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = _train(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=1")
+        result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=1")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        metrics = _metrics(workdir)
+        metrics = testutil.read_metrics(workdir)
         self.assertRegex(metrics["dispatcher"], r"^127\.0\.0\.1:\d+$")
         self.assertGreater(metrics["eval"]["accuracy"], 0.2)
         self.assertTrue(os.listdir(os.path.join(workdir, "dispatcher")))
         self.assertNotIn("ran out of data", result.stderr)
 
         # One more epoch: the journaled job is extended, training resumes.
-        result = _train(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=2")
+        result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=2")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertNotIn("ran out of data", result.stderr)
-        resumed = _metrics(workdir)
+        resumed = testutil.read_metrics(workdir)
         self.assertEqual((resumed["resumed_from_epoch"], resumed["epochs_run"]), (1, 1))
 
     def test_kill_9_mid_epoch_with_dispatcher_resumes_from_the_checkpoint_position(self):
@@ -117,14 +101,14 @@ class TrainBinaryTest(absltest.TestCase):
         process.wait()
         self.assertFalse(os.path.exists(os.path.join(workdir, lib.METRICS_FILE)))
 
-        result = _train(workdir, *args)
+        result = testutil.train_binary(workdir, *args)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         # Without the rewind the dispatcher, already partway into epoch 2,
         # would run out of shards before the resumed epoch 2 is over.
         self.assertNotIn("ran out of data", result.stderr)
         self.assertIn("epoch 2: ", result.stderr)
         self.assertRegex(result.stderr, r"epoch 2: .* over 375 steps")
-        metrics = _metrics(workdir)
+        metrics = testutil.read_metrics(workdir)
         self.assertEqual((metrics["resumed_from_epoch"], metrics["epochs_run"]), (1, 1))
         with server_lib.server_context(
             server_lib.ServerConfig(work_dir=os.path.join(workdir, "dispatcher"))
@@ -148,15 +132,15 @@ class TrainBinaryTest(absltest.TestCase):
         self.addCleanup(server.kill)
         address = server.stdout.readline().split()[-1]
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = _train(
+        result = testutil.train_binary(
             workdir, f"--config.data.dispatcher.address={address}", "--config.training.epochs=1"
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertEqual(_metrics(workdir)["dispatcher"], address)
+        self.assertEqual(testutil.read_metrics(workdir)["dispatcher"], address)
         status = testutil.run_module("tfscale.data.dispatcher", "status", f"--address={address}")
         self.assertIn("job train [least_loaded]: epoch 1/1", status.stdout)
         self.assertIn("shards 16:", status.stdout)
-        result = _train(
+        result = testutil.train_binary(
             workdir + "2", f"--config.data.dispatcher.address={address}", "--config.training.epochs=3"
         )
         self.assertNotEqual(result.returncode, 0)
@@ -167,14 +151,14 @@ class TrainBinaryTest(absltest.TestCase):
 
     def test_one_device_override(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = _train(
+        result = testutil.train_binary(
             workdir,
             "--config.distribution.kind=one_device",
             "--config.training.epochs=1",
             "--config.data.max_train_examples=256",
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        metrics = _metrics(workdir)
+        metrics = testutil.read_metrics(workdir)
         self.assertEqual((metrics["kind"], metrics["replicas"]), ("one_device", 1))
 
     def test_bad_values_fail_clearly_and_write_nothing(self):
@@ -193,7 +177,7 @@ class TrainBinaryTest(absltest.TestCase):
         for flag, message in cases:
             with self.subTest(flag=flag):
                 workdir = os.path.join(root, "run")
-                result = _train(workdir, flag)
+                result = testutil.train_binary(workdir, flag)
                 self.assertEqual(result.returncode, 2, result.stderr[-3000:])
                 self.assertIn(message, result.stderr)
                 self.assertNotIn("Traceback", result.stderr)
@@ -229,7 +213,7 @@ class RunTest(parameterized.TestCase):
         self.assertEqual(metrics["replicas"], 2)
         self.assertEqual(metrics["history"][0]["epoch"], 1)
         self.assertEqual(metrics["eval"]["examples"], 128)
-        self.assertEqual(_metrics(workdir)["eval"], metrics["eval"])
+        self.assertEqual(testutil.read_metrics(workdir)["eval"], metrics["eval"])
 
     def test_tfds_source_through_an_embedded_dispatcher(self):
         config = self._config()
