@@ -268,6 +268,19 @@ class ErrorsTest(absltest.TestCase):
         with self.assertRaisesRegex(TypeError, "unbatched tf.data.Dataset"):
             _dtensor().distribute_dataset(lambda ctx: None, GLOBAL_BATCH)
 
+    def test_batch_axis_must_be_a_mesh_axis(self):
+        with self.assertRaisesRegex(
+            ValueError, r"batch_axis must be an axis of mesh batch=2,model=2 \(batch, model\)\. "
+            r"Received: batch_axis='bacth'"
+        ):
+            tfscale.distribution("dtensor", mesh="batch=2,model=2", batch_axis="bacth")
+
+    def test_batch_axis_defaults_to_batch_when_the_mesh_has_it(self):
+        self.assertEqual(tfscale.distribution("dtensor", mesh="batch=2,model=2").num_replicas_in_sync, 2)
+        self.assertEqual(tfscale.distribution("dtensor", mesh="model=4").num_replicas_in_sync, 1)
+        named = tfscale.distribution("dtensor", mesh="data=2,model=2", batch_axis="data")
+        self.assertEqual(named.num_replicas_in_sync, 2)
+
     def test_global_batch_not_divisible_by_batch_axis(self):
         data = tf.data.Dataset.range(8)
         with self.assertRaisesRegex(ValueError, "positive multiple of the 2 replica"):

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+from unittest import mock
 
 import tensorflow as tf
 from absl.testing import absltest
@@ -73,6 +74,20 @@ class OneLineErrorTest(absltest.TestCase):
         self.assertEqual(result.returncode, 2, result.stderr[-3000:])
         last = result.stderr.strip().splitlines()[-1]
         self.assertStartsWith(last, "tfscale-train: error: --workdir=/proc/tfscale-run cannot be written (/proc: ")
+
+    def test_single_host_kind_in_a_cluster_names_the_kind_to_use(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        tf_config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+        with mock.patch.dict(os.environ, {"TF_CONFIG": json.dumps(tf_config)}):
+            result = _train(workdir)
+        self._assert_fails(
+            result,
+            "config.distribution: kind 'mirrored' trains on one host, but this process is worker 1 "
+            "of 2 (TF_CONFIG, Slurm or Kubernetes): each would train alone on the same "
+            "checkpoints. Use --config.distribution.kind=multi_worker_mirrored, or dtensor with a "
+            "mesh over every worker's devices",
+        )
+        self.assertFalse(os.path.exists(workdir))
 
     def test_truncated_checkpoint_is_named(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")

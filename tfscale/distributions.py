@@ -238,7 +238,7 @@ def _strategy_kind(kind: str, builder: Callable[..., tf.distribute.Strategy]) ->
 def _dtensor(
     mesh: str,
     layout_map: Any = None,
-    batch_axis: str = "batch",
+    batch_axis: Optional[str] = None,
     cluster: str = "auto",
     task_index: Optional[int] = None,
 ) -> Distribution:

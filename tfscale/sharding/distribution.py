@@ -128,7 +128,7 @@ class DTensorDistribution(Distribution):
 def dtensor_distribution(
     mesh: str,
     layout_map: layout_map_lib.LayoutMapLike = None,
-    batch_axis: str = mesh_lib.BATCH_AXIS,
+    batch_axis: Optional[str] = None,
     cluster: str = "auto",
     task_index: Optional[int] = None,
 ) -> DTensorDistribution:
@@ -140,7 +140,9 @@ def dtensor_distribution(
       layout_map: a `tfscale.LayoutMap`, a preset name (`"data_parallel"`,
         `"megatron"`), rules, or a `keras.distribution.LayoutMap`; default:
         every variable replicated.
-      batch_axis: the mesh axis input batches are split over.
+      batch_axis: the mesh axis input batches are split over; default
+        `"batch"` when the mesh has that axis, else none (every device sees
+        the whole batch). A name the mesh lacks is an error.
       cluster: where the workers come from, as for `"multi_worker_mirrored"`;
         several workers make a multi-client mesh.
       task_index: this process's index in an explicit host list.
@@ -156,11 +158,18 @@ def dtensor_distribution(
             f"The layout map splits over mesh axes {missing} that mesh {spec} does not have. "
             f"Mesh axes: {', '.join(spec.names)}"
         )
-    if not isinstance(batch_axis, str) or not batch_axis:
-        raise ValueError(f"batch_axis must be a mesh axis name. Received: batch_axis={batch_axis!r}")
+    if batch_axis is None:
+        batch_axis = mesh_lib.BATCH_AXIS if mesh_lib.BATCH_AXIS in spec.names else None
+    elif not isinstance(batch_axis, str) or batch_axis not in spec.names:
+        raise ValueError(
+            f"batch_axis must be an axis of mesh {spec} ({', '.join(spec.names)}). "
+            f"Received: batch_axis={batch_axis!r}"
+        )
     multi_client = clients.initialize(cluster_lib.from_option(cluster, task_index))
     built = mesh_lib.build_mesh(spec, multi_client=multi_client)
-    options = {"mesh": str(spec), "layout_map": layout_map, "batch_axis": batch_axis}
+    options = {"mesh": str(spec), "layout_map": layout_map}
+    if batch_axis is not None:
+        options["batch_axis"] = batch_axis
     if cluster != "auto":
         options.update(cluster=cluster, task_index=task_index)
     return DTensorDistribution(strategy_lib.DTensorStrategy(built, rules, batch_axis), spec, options)

@@ -29,12 +29,12 @@ from typing import Any, Iterator
 
 import keras
 import ml_collections
-import tensorflow as tf
 from absl import logging
 
 from tfscale import devices
 from tfscale import distributions as distribution_lib
 from tfscale.sharding import memory
+from tfscale.strategies import cluster as cluster_lib
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
 from tfscale.train import files
@@ -49,6 +49,8 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.json"
+# Kinds that run on this host only: a multi-worker cluster needs another.
+_SINGLE_HOST_KINDS = ("default", "one_device", "mirrored")
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -258,6 +260,25 @@ def _check_workdir(workdir: str) -> None:
         ) from None
 
 
+def _check_single_host(kind: str) -> None:
+    """A one-host kind under a multi-worker cluster would run N independent chiefs.
+
+    Raises:
+      ValueError: when this process is one of several workers.
+    """
+    if kind not in _SINGLE_HOST_KINDS:
+        return
+    cluster = cluster_lib.resolve("auto")
+    if cluster is not None and cluster.num_workers > 1:
+        raise ValueError(
+            f"kind {kind!r} trains on one host, but this process is worker "
+            f"{cluster.task_index} of {cluster.num_workers} (TF_CONFIG, Slurm or Kubernetes): "
+            "each would train alone on the same checkpoints. Use "
+            "--config.distribution.kind=multi_worker_mirrored, or dtensor with a mesh over "
+            "every worker's devices"
+        )
+
+
 def _resume_state(backup_dir: str) -> dict[str, Any]:
     """The checkpoint state to resume ({} for a fresh run), its weights file checked."""
     try:
@@ -275,6 +296,7 @@ def _distribution(config: ml_collections.ConfigDict) -> distribution_lib.Distrib
     options = config_lib.set_options(config.distribution)
     kind = options.pop("kind")
     try:
+        _check_single_host(kind)
         valid = distribution_lib.kind_options(kind)
         ignored = sorted(set(options) - set(valid))
         if ignored:
