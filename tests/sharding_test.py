@@ -22,6 +22,8 @@ import tensorflow as tf  # noqa: E402
 from tensorflow.experimental import dtensor  # noqa: E402
 
 import tfscale  # noqa: E402
+from tfscale.sharding import mesh as mesh_lib  # noqa: E402
+from tfscale.sharding import strategy as strategy_lib  # noqa: E402
 from tfscale.sharding import variables  # noqa: E402
 from tfscale.train import models  # noqa: E402
 
@@ -285,6 +287,33 @@ class ErrorsTest(absltest.TestCase):
         data = tf.data.Dataset.range(8)
         with self.assertRaisesRegex(ValueError, "positive multiple of the 2 replica"):
             _dtensor().distribute_dataset(data, 3)
+
+
+class InputSplitTest(parameterized.TestCase):
+    @parameterized.parameters(
+        ("batch=2,model=2", "batch", 2, (0, 0, 1, 1)),
+        ("model=2,batch=2", "batch", 2, (0, 1, 0, 1)),
+        ("batch=4", "batch", 4, (0, 1, 2, 3)),
+        ("model=4", None, 1, (0, 0, 0, 0)),
+    )
+    def test_each_device_gets_the_slice_of_its_batch_position(self, spec, axis, parts, device_parts):
+        split = strategy_lib.InputSplit.of(mesh_lib.build_mesh(spec), axis)
+        self.assertEqual(split, strategy_lib.InputSplit(1, 0, parts, device_parts))
+
+    def test_a_batch_holds_one_device_batch_in_order(self):
+        dist = tfscale.distribution("dtensor", mesh="model=2,batch=2")
+        data = tf.data.Dataset.range(16).map(lambda i: (tf.fill([3], i), i))
+        iterator = iter(dist.distribute_dataset(data, 8))
+        for step in range(2):
+            x, y = next(iterator)
+            want = list(range(8 * step, 8 * step + 8))
+            self.assertEqual(variables.gather(y).numpy().tolist(), want)
+            self.assertEqual(variables.gather(x).numpy()[:, 0].tolist(), want)
+            # Devices at the same batch position (along model) hold the same slice.
+            components = [c.numpy().tolist() for c in dtensor.unpack(y)]
+            self.assertEqual(components, [want[:4], want[4:], want[:4], want[4:]])
+        with self.assertRaises(tf.errors.OutOfRangeError):  # how Keras sees the end
+            next(iterator)
 
 
 if __name__ == "__main__":

@@ -304,7 +304,7 @@ class InputSplit:
 
         clients = mesh.size // local
         groups = sorted({tuple(sorted(set(positions(c)))) for c in range(clients)})
-        mine = positions(clients and mesh.local_device_ids()[0] // local)
+        mine = positions(mesh.local_device_ids()[0] // local)
         ordered = sorted(set(mine))
         return cls(
             num_groups=len(groups),

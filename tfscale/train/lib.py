@@ -49,9 +49,10 @@ __all__ = [
 ]
 
 METRICS_FILE = "metrics.json"
+CHECKPOINTS_DIR = "checkpoints"
+
 # Kinds that run on this host only: a multi-worker cluster needs another.
 _SINGLE_HOST_KINDS = ("default", "one_device", "mirrored")
-CHECKPOINTS_DIR = "checkpoints"
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
