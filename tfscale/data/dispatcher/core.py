@@ -40,6 +40,8 @@ from typing import Any, Callable
 
 from tfscale.data.dispatcher import policies as policies_lib
 from tfscale.data.dispatcher.types import EQUALIZE
+from tfscale.data.dispatcher.types import MAX_JOBS
+from tfscale.data.dispatcher.types import MAX_WORKERS_PER_JOB
 from tfscale.data.dispatcher.types import AcquireResult
 from tfscale.data.dispatcher.types import AlreadyExists
 from tfscale.data.dispatcher.types import DispatcherError
@@ -51,7 +53,10 @@ from tfscale.data.dispatcher.types import JobSpec
 from tfscale.data.dispatcher.types import Lease
 from tfscale.data.dispatcher.types import NotFound
 from tfscale.data.dispatcher.types import Registration
+from tfscale.data.dispatcher.types import ResourceExhausted
 from tfscale.data.dispatcher.types import ShardSpec
+from tfscale.data.dispatcher.types import describe
+from tfscale.data.dispatcher.types import validate_name
 from tfscale.data.dispatcher.types import validate_position
 from tfscale.data.dispatcher.types import validate_spec
 
@@ -69,11 +74,17 @@ __all__ = [
     "Lease",
     "NotFound",
     "Registration",
+    "ResourceExhausted",
     "ShardSpec",
 ]
 
 Clock = Callable[[], float]
 MAX_SHARDS_PER_CALL = 1024
+# Status lists at most this many workers (live ones first) and counts the rest,
+# so that its reply stays under gRPC's 4 MiB with names of MAX_NAME_BYTES.
+MAX_STATUS_WORKERS = 1024
+# A heartbeat returns at most this many revoked tokens; the next one returns the rest.
+MAX_REVOKED_PER_REPLY = 100_000
 _RETRY_AFTER_S = 0.05
 
 
@@ -162,16 +173,22 @@ class DispatcherCore:
         Raises:
           InvalidArgument: for a malformed spec.
           AlreadyExists: for a different job of the same name.
+          ResourceExhausted: when MAX_JOBS jobs exist.
         """
         validate_spec(spec)
         with self._lock:
             existing = self._jobs.get(spec.name)
+            if existing is None and len(self._jobs) >= MAX_JOBS:
+                raise ResourceExhausted(
+                    f"A dispatcher holds at most {MAX_JOBS} jobs. Received: a new job "
+                    f"{describe(spec.name)}"
+                )
             if existing is not None:
                 more_epochs = dataclasses.replace(existing.spec, num_epochs=spec.num_epochs)
                 if more_epochs != spec or spec.num_epochs < existing.spec.num_epochs:
                     raise AlreadyExists(
-                        f"Job {spec.name!r} exists with a different spec (only num_epochs may "
-                        f"grow: {existing.spec.num_epochs} -> {spec.num_epochs})"
+                        f"Job {describe(spec.name)} exists with a different spec (only "
+                        f"num_epochs may grow: {existing.spec.num_epochs} -> {spec.num_epochs})"
                     )
                 if spec.num_epochs > existing.spec.num_epochs:
                     self._commit({"op": "extend_job", "job": spec.name, "num_epochs": spec.num_epochs})
@@ -186,10 +203,14 @@ class DispatcherCore:
         iterator): the shards the old one held go back to the pending ones,
         so they are not kept alive by the new one's heartbeats.
         """
-        if not worker:
-            raise InvalidArgument("worker name must not be empty")
+        validate_name("worker", worker)
         with self._lock:
             state = self._job(job)
+            if worker not in state.workers and len(state.workers) >= MAX_WORKERS_PER_JOB:
+                raise ResourceExhausted(
+                    f"A job has at most {MAX_WORKERS_PER_JOB} workers; {describe(job)} has "
+                    f"{len(state.workers)}. Received: a new worker {describe(worker)}"
+                )
             held = [t for t, a in state.leases.items() if a.lease.worker == worker]
             if worker not in state.workers or held:
                 self._commit({"op": "register", "job": job, "worker": worker})
@@ -232,8 +253,8 @@ class DispatcherCore:
                 if active.lease.worker == worker and active.committed:
                     active.deadline = now + state.spec.lease_timeout_s
             self._expire(state, now)
-            revoked = sorted(record.revoked)
-            record.revoked.clear()
+            revoked = sorted(record.revoked)[:MAX_REVOKED_PER_REPLY]
+            record.revoked.difference_update(revoked)
             return revoked
 
     def acquire(self, job: str, worker: str, max_shards: int = 1) -> AcquireResult:
@@ -305,7 +326,8 @@ class DispatcherCore:
             others = sorted(set(state.workers) - {worker})
             if others:
                 raise FailedPrecondition(
-                    f"Rewind needs a single-consumer job; {job!r} also has {others}"
+                    f"Rewind needs a single-consumer job; {describe(job)} also has "
+                    f"{describe(others, limit=200)}"
                 )
             validate_position(state.spec, position)
             self._commit({"op": "rewind", "job": job, "position": position.to_dict()})
@@ -325,7 +347,11 @@ class DispatcherCore:
             return [self._job_status(state) for state in self._jobs.values()]
 
     def status(self) -> dict[str, Any]:
-        """Jobs, workers, throughput and imbalance, for `tfscale-dispatcher status`."""
+        """Jobs, workers, throughput and imbalance, for `tfscale-dispatcher status`.
+
+        Lists at most MAX_STATUS_WORKERS workers, live ones first; `omitted_workers`
+        counts the others.
+        """
         with self._lock:
             now = self._clock()
             workers = []
@@ -342,9 +368,11 @@ class DispatcherCore:
                     )
             done = [w["completed_size"] for w in workers if w["live"]]
             mean = sum(done) / len(done) if done else 0.0
+            workers.sort(key=lambda w: not w["live"])
             return {
                 "jobs": self.jobs(),
-                "workers": workers,
+                "workers": workers[:MAX_STATUS_WORKERS],
+                "omitted_workers": max(len(workers) - MAX_STATUS_WORKERS, 0),
                 "imbalance": max(done) / mean if mean > 0 else 1.0,
                 "uptime_s": now - self._started,
             }
@@ -352,18 +380,22 @@ class DispatcherCore:
     # --- internals ------------------------------------------------------------
 
     def _job(self, job: str) -> _Job:
-        if not job:
-            raise InvalidArgument("job name must not be empty")
+        validate_name("job", job)
         state = self._jobs.get(job)
         if state is None:
-            raise NotFound(f"No job {job!r}. Jobs: {sorted(self._jobs) or 'none'}")
+            names = sorted(self._jobs)
+            listed = ", ".join(describe(n) for n in names[:10])
+            listed += ", ..." if len(names) > 10 else ""
+            raise NotFound(f"No job {describe(job)}. Jobs: {f'[{listed}]' if names else 'none'}")
         return state
 
     def _registered(self, job: str, worker: str) -> tuple[_Job, _Worker]:
         state = self._job(job)
         record = state.workers.get(worker)
         if record is None:
-            raise FailedPrecondition(f"Worker {worker!r} is not registered with job {job!r}")
+            raise FailedPrecondition(
+                f"Worker {describe(worker)} is not registered with job {describe(job)}"
+            )
         return state, record
 
     def _live_lease(self, job: str, worker: str, token: int) -> _ActiveLease:
@@ -372,11 +404,13 @@ class DispatcherCore:
         active = state.leases.get(token)
         if active is None:
             raise FailedPrecondition(
-                f"Lease {token} of job {job!r} is not active (expired, released, or its "
+                f"Lease {token} of job {describe(job)} is not active (expired, released, or its "
                 "shard was completed by another lease)"
             )
         if active.lease.worker != worker:
-            raise FailedPrecondition(f"Lease {token} belongs to {active.lease.worker!r}, not {worker!r}")
+            raise FailedPrecondition(
+                f"Lease {token} belongs to {describe(active.lease.worker)}, not {describe(worker)}"
+            )
         return active
 
     def _live_workers(self, state: _Job, now: float) -> tuple[str, ...]:

@@ -13,8 +13,17 @@ A snapshot starts a new segment. The previous snapshot and the segments after it
 so that a corrupt newest snapshot falls back to the previous one; anything older is deleted.
 Recovery thus reads one snapshot and one or two segments, never the whole history.
 
-A crash can only tear the last record of the last segment: recovery drops it and truncates
-the file before it. A bad record anywhere else raises `JournalCorruptError`.
+A crash can only tear the last record of the last segment, leaving a final line without
+its newline that is a prefix of a record (possibly followed by NUL bytes, where the file
+grew but the data never reached the disk): recovery drops it and truncates the file before
+it. Anything else raises `JournalCorruptError`, the last line included: a complete line
+that does not parse, or a final line that no prefix of a record explains (a flipped
+newline, say), may hide records that were acknowledged, and dropping them would let the
+dispatcher hand out their fencing tokens again.
+
+`dispatcher.lock` holds an exclusive `flock` while a Journal is recovered and open, and
+names its holder (pid, host, address): a second Journal on the same directory, in this
+process or another, fails with `WorkDirLockedError` instead of writing the same records.
 
 Group commit: inside `deferred_sync()`, appends are written but not fsynced, and leaving
 the context fsyncs everything appended so far; concurrent threads leaving it share fsyncs.
@@ -25,8 +34,10 @@ answer reveals a change a crash could lose) without one fsync per request.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
 import re
 import threading
 import zlib
@@ -36,8 +47,10 @@ from typing import Iterator
 from typing import Optional
 
 __all__ = [
+    "LOCK_FILE",
     "Journal",
     "JournalCorruptError",
+    "WorkDirLockedError",
 ]
 
 Record = dict[str, Any]
@@ -49,10 +62,53 @@ _SEGMENT_RE = re.compile(r"journal-(\d{12})\.log")
 _SNAPSHOT_RE = re.compile(r"snapshot-(\d{12})\.json")
 _TEMP_RE = re.compile(r"snapshot-\d{12}\.json\.tmp")
 _FRAME_RE = re.compile(rb"([0-9a-f]{8}) (\d{1,12}) (.*)")
+# What a record cut short can look like: part of the checksum, of the length, or of the payload.
+_TORN_RE = re.compile(rb"[0-9a-f]{0,8}|[0-9a-f]{8} \d{0,12}|[0-9a-f]{8} (\d{1,12}) (.*)", re.DOTALL)
+LOCK_FILE = "dispatcher.lock"
 
 
 class JournalCorruptError(ValueError):
     """A journal file holds damage that a crash cannot explain."""
+
+
+class WorkDirLockedError(OSError):
+    """Another Journal (another dispatcher) holds the work directory."""
+
+
+class _DirLock:
+    """An exclusive `flock` on `<work_dir>/dispatcher.lock`, which names its holder."""
+
+    def __init__(self, work_dir: str):
+        self._path = os.path.join(work_dir, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown holder"
+            os.close(fd)
+            raise WorkDirLockedError(
+                f"{os.path.dirname(self._path)} is in use by another dispatcher ({holder}); "
+                f"one work directory serves one dispatcher at a time (lock: {self._path})"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self.describe("starting")
+
+    def describe(self, address: str) -> None:
+        """Records the holder in the lock file, for the message of the next one."""
+        text = f"pid {os.getpid()} on {socket.gethostname()}, {address}\n".encode()
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, text, 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # Closing the last descriptor releases the flock.
+            self._fd = None
 
 
 def _encode(obj: dict[str, Any]) -> bytes:
@@ -79,6 +135,21 @@ def _decode(line: bytes) -> Optional[dict[str, Any]]:
     return obj if isinstance(obj, dict) else None
 
 
+def _is_torn(tail: bytes) -> bool:
+    """Whether `tail`, a final line without its newline, is a record cut short by a crash."""
+    written = tail.rstrip(b"\0")
+    match = _TORN_RE.fullmatch(written)
+    if match is None:
+        return False
+    length, payload = match.groups()
+    if length is None:
+        return True
+    # A whole record missing only its newline was never acknowledged (no fsync covered it).
+    return len(payload) < int(length) or (
+        len(payload) == int(length) and _decode(written) is not None
+    )
+
+
 def _read_segment(path: str, is_last: bool) -> tuple[list[Record], int]:
     """Returns the records of a segment and the byte length of its valid prefix."""
     with open(path, "rb") as f:
@@ -87,11 +158,16 @@ def _read_segment(path: str, is_last: bool) -> tuple[list[Record], int]:
     offset = 0
     while offset < len(data):
         end = data.find(b"\n", offset)
+        if end < 0 and is_last and _is_torn(data[offset:]):
+            break
         record = None if end < 0 else _decode(data[offset:end])
         if record is None:
-            if is_last and (end < 0 or end + 1 == len(data)):
-                break  # A torn final write.
-            raise JournalCorruptError(f"Corrupt record in {path} at byte offset {offset}.")
+            what = "Corrupt record" if end >= 0 else "A final line that is not a torn record"
+            raise JournalCorruptError(
+                f"{what} in {path} at byte offset {offset}. Only a record cut short at the "
+                "end of the last segment is dropped on recovery; restore the work directory "
+                "from a backup or move it aside."
+            )
         records.append(record)
         offset = end + 1
     return records, offset
@@ -123,7 +199,8 @@ class Journal:
     Threads that append concurrently can share fsyncs with `deferred_sync()`.
 
     Args:
-      work_dir: the directory of the journal (created if missing). One Journal at a time.
+      work_dir: the directory of the journal (created if missing). One Journal at a time:
+        `recover()` locks it until `close()`.
       fsync: whether `append()` fsyncs, making a record durable when it returns.
       snapshot_every: records after which `should_snapshot()` turns true.
 
@@ -157,6 +234,7 @@ class Journal:
         self._synced = 0  # How many of those are durable.
         self._sync_lock = threading.Lock()  # Held by the thread running a group fsync.
         self._deferring = threading.local()
+        self._dir_lock = _DirLock(work_dir)
 
     def __enter__(self) -> Journal:
         return self
@@ -181,27 +259,43 @@ class Journal:
           appended after it, in order.
 
         Raises:
-          JournalCorruptError: a record other than the last one is damaged, or no
-            snapshot is usable.
+          JournalCorruptError: a record is damaged in a way a crash cannot explain, or
+            no snapshot is usable.
+          WorkDirLockedError: another Journal holds the directory.
         """
         with self._lock:
             self._check_open()
             if self._recovered:
                 raise RuntimeError(f"recover() was called already on {self._dir}.")
             os.makedirs(self._dir, exist_ok=True)
-            for name in os.listdir(self._dir):
-                if _TEMP_RE.fullmatch(name):
-                    os.remove(os.path.join(self._dir, name))
-            segments = self._list(_SEGMENT_RE)
-            self._base, state = self._load_base(segments)
-            tail = [seq for seq in segments if seq > self._base]
-            records = []
-            for seq in tail:
-                records.extend(self._replay(seq, is_last=seq == tail[-1]))
-            self._open_segment(max(tail, default=self._base + 1))
-            self._since_snapshot = len(records)
-            self._recovered = True
-            return state, records
+            self._dir_lock.acquire()
+            try:
+                return self._recover_locked()
+            except BaseException:
+                self._dir_lock.release()
+                raise
+
+    def mark_holder(self, address: str) -> None:
+        """Names what holds the directory (e.g. "serving 127.0.0.1:5000") in its lock file."""
+        with self._lock:
+            self._check_ready()
+            self._dir_lock.describe(address)
+
+    def _recover_locked(self) -> tuple[Optional[State], list[Record]]:
+        """Recovers the state; the caller holds the directory lock."""
+        for name in os.listdir(self._dir):
+            if _TEMP_RE.fullmatch(name):
+                os.remove(os.path.join(self._dir, name))
+        segments = self._list(_SEGMENT_RE)
+        self._base, state = self._load_base(segments)
+        tail = [seq for seq in segments if seq > self._base]
+        records = []
+        for seq in tail:
+            records.extend(self._replay(seq, is_last=seq == tail[-1]))
+        self._open_segment(max(tail, default=self._base + 1))
+        self._since_snapshot = len(records)
+        self._recovered = True
+        return state, records
 
     def append(self, record: Record) -> None:
         """Appends one record; with `fsync=True` it is durable when this returns.
@@ -305,6 +399,7 @@ class Journal:
                     self._file.close()
                 self._file = None
                 self._closed = True
+                self._dir_lock.release()
 
     def _check_open(self) -> None:
         if self._closed:

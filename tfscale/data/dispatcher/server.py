@@ -1,8 +1,12 @@
 """The dispatcher's gRPC face: servicer, authentication, server lifecycle.
 
 The servicer only translates: requests become `DispatcherCore` calls, and
-one context manager, `_status_codes`, maps the core's errors to gRPC status
-codes. `DispatcherServer` owns the gRPC server, the core and its journal.
+one context manager, `_status_codes`, maps every exception to a gRPC status
+code (the core's errors to theirs, anything else to INTERNAL: never UNKNOWN).
+A request whose bytes do not decode gets INVALID_ARGUMENT, one over
+`max_request_bytes` RESOURCE_EXHAUSTED. `DispatcherServer` owns the gRPC
+server, the core and its journal, whose work directory it locks: a second
+server on the same `work_dir` fails, naming the first.
 
 With a journal, each call runs in the journal's `deferred_sync()`: the core
 writes its records without waiting for an fsync (and so without holding its
@@ -23,10 +27,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import hmac
+import ipaddress
+import os
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import grpc
+from absl import logging
 
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
@@ -36,19 +44,25 @@ from tfscale.data.dispatcher import wire
 
 __all__ = [
     "AUTH_METADATA_KEY",
+    "OMITTED_WORKERS_METADATA_KEY",
     "DispatcherServer",
     "ServerConfig",
     "server_context",
 ]
 
 AUTH_METADATA_KEY = "authorization"
+# Trailing metadata of a Status reply that left workers out: how many.
+OMITTED_WORKERS_METADATA_KEY = "tfscale-omitted-workers"
 
 _CODES = {
     core.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     core.NotFound: grpc.StatusCode.NOT_FOUND,
     core.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     core.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    core.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
+# Status details travel in a header, which gRPC clients cap at 8 KiB by default.
+_MAX_DETAILS_BYTES = 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,33 +74,51 @@ class ServerConfig:
       host: interface to bind; loopback unless told otherwise.
       work_dir: journal and snapshots; `None` keeps state in memory only.
       auth_token: when set, every RPC must carry `authorization: Bearer <token>`.
+      auth_token_file: a file holding `auth_token` instead (read at start; a
+        warning if its group or others can read it).
       tls_cert_file: PEM certificate chain; with `tls_key_file`, serve TLS.
       tls_key_file: PEM private key.
       max_threads: gRPC worker threads.
       expire_interval_s: how often overdue leases are expired in the background.
       fsync: make each journal write durable before answering.
       snapshot_every: journal records between snapshots.
+      max_request_bytes: larger requests get RESOURCE_EXHAUSTED.
     """
 
     port: int = 0
     host: str = "127.0.0.1"
     work_dir: Optional[str] = None
     auth_token: Optional[str] = None
+    auth_token_file: Optional[str] = None
     tls_cert_file: Optional[str] = None
     tls_key_file: Optional[str] = None
     max_threads: int = 32
     expire_interval_s: float = 0.25
     fsync: bool = True
     snapshot_every: int = 10_000
+    max_request_bytes: int = 64 * 2**20
+
+
+def _details(error: BaseException) -> str:
+    """The error's message, cut to what a status header carries."""
+    text = str(error) or type(error).__name__
+    data = text.encode()
+    if len(data) <= _MAX_DETAILS_BYTES:
+        return text
+    return data[:_MAX_DETAILS_BYTES].decode(errors="ignore") + f"... ({len(data)} bytes)"
 
 
 @contextlib.contextmanager
 def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
-    """Maps the core's errors to gRPC status codes (the one place that does)."""
+    """Maps every exception to a gRPC status code (the one place that does)."""
     try:
         yield
     except core.DispatcherError as e:
-        context.abort(_CODES[type(e)], str(e))
+        code = next(c for kind, c in _CODES.items() if isinstance(e, kind))
+        context.abort(code, _details(e))
+    except Exception as e:  # A bug or a failing disk: say so rather than UNKNOWN.
+        logging.exception("Dispatcher request failed")
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {_details(e)}")
 
 
 class _Servicer(pb_grpc.ShardDispatcherServicer):
@@ -101,7 +133,7 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
             durable = contextlib.nullcontext()
         else:
             durable = self._journal.deferred_sync()
-        with durable, _status_codes(context):
+        with _status_codes(context), durable:
             yield
 
     def CreateJob(self, request: pb.CreateJobRequest, context: Any) -> pb.CreateJobResponse:
@@ -170,14 +202,19 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
 
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
         with self._serving(context):
-            return wire.status_to_proto(self._core.status())
+            status = self._core.status()
+            if status["omitted_workers"]:
+                context.set_trailing_metadata(
+                    ((OMITTED_WORKERS_METADATA_KEY, str(status["omitted_workers"])),)
+                )
+            return wire.status_to_proto(status)
 
 
 class _TokenAuth(grpc.ServerInterceptor):
     """Rejects every RPC without `authorization: Bearer <token>`."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}"
+        self._expected = f"Bearer {token}".encode()
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
@@ -186,28 +223,81 @@ class _TokenAuth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation: Callable, details: Any) -> Any:
         metadata = dict(details.invocation_metadata or ())
-        if metadata.get(AUTH_METADATA_KEY) != self._expected:
+        presented = metadata.get(AUTH_METADATA_KEY, "")
+        if isinstance(presented, str):
+            presented = presented.encode()
+        # In constant time, so that response times do not reveal the token byte by byte.
+        if not hmac.compare_digest(presented, self._expected):
             return self._deny
         return continuation(details)
+
+
+class _Undecodable(NamedTuple):
+    """What a request whose bytes do not parse deserializes to."""
+
+    error: str
+
+
+class _DecodeErrors(grpc.ServerInterceptor):
+    """Answers INVALID_ARGUMENT to undecodable requests (gRPC itself answers INTERNAL)."""
+
+    def intercept_service(self, continuation: Callable, details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        parse, behavior = handler.request_deserializer, handler.unary_unary
+
+        def lenient(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf's DecodeError, or anything a parser raises
+                return _Undecodable(f"{type(e).__name__}: {e}")
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"The request to {details.method} is not a valid protocol message "
+                    f"({request.error})",
+                )
+            return behavior(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            checked, request_deserializer=lenient, response_serializer=handler.response_serializer
+        )
 
 
 class DispatcherServer:
     """A dispatcher serving over gRPC; `start`, `join` and `stop` are safe to repeat.
 
+    With a `work_dir`, the constructor recovers the journal and locks the
+    directory until `stop()`; the lock file names this process and, once
+    started, its address.
+
     Args:
       config: a `ServerConfig`.
       clock: the core's clock (tests inject one).
+
+    Raises:
+      journal_lib.WorkDirLockedError: another dispatcher uses `work_dir`.
+      journal_lib.JournalCorruptError: the journal cannot be recovered.
     """
 
     def __init__(self, config: ServerConfig = ServerConfig(), clock: Callable[[], float] = None):
         self._config = config
         self._journal = None
+        kwargs = {"clock": clock} if clock else {}
         if config.work_dir:
             self._journal = journal_lib.Journal(
                 config.work_dir, fsync=config.fsync, snapshot_every=config.snapshot_every
             )
-        kwargs = {"clock": clock} if clock else {}
-        self.core = core.DispatcherCore(journal=self._journal, **kwargs)
+            try:
+                self.core = core.DispatcherCore(journal=self._journal, **kwargs)
+            except BaseException:
+                self._journal.close()
+                raise
+        else:
+            self.core = core.DispatcherCore(**kwargs)
         self._server: Optional[grpc.Server] = None
         self._port: Optional[int] = None
         self._stopped = threading.Event()
@@ -221,24 +311,50 @@ class DispatcherServer:
         return f"{self._config.host}:{self._port}"
 
     def start(self) -> "DispatcherServer":
+        """Binds and serves.
+
+        Raises:
+          OSError: the address cannot be bound (another server holds the port,
+            even one of this process: SO_REUSEPORT is off), or a TLS or token
+            file cannot be read.
+          ValueError: a TLS certificate without a key (or the reverse), an auth
+            token twice or an empty token file.
+        """
         if self._server is not None:
             return self
-        interceptors = [_TokenAuth(self._config.auth_token)] if self._config.auth_token else []
+        credentials = self._credentials()
+        token = self._auth_token()
+        interceptors = [_TokenAuth(token)] if token else []
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=self._config.max_threads),
-            interceptors=interceptors,
+            interceptors=interceptors + [_DecodeErrors()],
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", self._config.max_request_bytes),
+            ],
         )
         pb_grpc.add_ShardDispatcherServicer_to_server(_Servicer(self.core, self._journal), server)
         address = f"{self._config.host}:{self._config.port}"
-        credentials = self._credentials()
-        if credentials is None:
-            self._port = server.add_insecure_port(address)
-        else:
-            self._port = server.add_secure_port(address, credentials)
-        if not self._port:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError as e:  # gRPC's "Failed to bind to address"
+            raise OSError(f"Could not bind the dispatcher to {address}: {e}") from None
+        if not port:
             raise OSError(f"Could not bind the dispatcher to {address}")
+        self._port = port
+        if credentials is None and not _is_loopback(self._config.host):
+            logging.warning(
+                "The dispatcher listens on %s without TLS: requests%s travel in the clear. "
+                "Pass a TLS certificate and key, or bind a loopback address.",
+                self.target, " and the auth token" if token else ""
+            )
         server.start()
         self._server = server
+        if self._journal is not None:
+            self._journal.mark_holder(f"serving {self.target}")
         self._expirer = threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True)
         self._expirer.start()
         return self
@@ -249,6 +365,7 @@ class DispatcherServer:
             self._server.wait_for_termination()
 
     def stop(self, grace_s: float = 0.5) -> None:
+        """Stops serving and closes the journal, releasing the work directory."""
         self._stopped.set()
         if self._server is not None:
             self._server.stop(grace_s).wait()
@@ -268,9 +385,42 @@ class DispatcherServer:
         with open(cert, "rb") as c, open(key, "rb") as k:
             return grpc.ssl_server_credentials([(k.read(), c.read())])
 
+    def _auth_token(self) -> Optional[str]:
+        token, path = self._config.auth_token, self._config.auth_token_file
+        if token and path:
+            raise ValueError(
+                "Pass the auth token or a file holding it, not both. Received: auth_token=<set>, "
+                f"auth_token_file={path!r}"
+            )
+        return _read_token_file(path) if path else token
+
     def _expire_loop(self) -> None:
         while not self._stopped.wait(self._config.expire_interval_s):
             self.core.expire_all()
+
+
+def _read_token_file(path: str) -> str:
+    """The token in `path`, with a warning if its group or others can read it."""
+    with open(path) as f:
+        mode = os.fstat(f.fileno()).st_mode & 0o777
+        token = f.read().strip()
+    if mode & 0o044:
+        logging.warning(
+            "The auth token file %s is readable by its group or others (mode %03o); "
+            "run `chmod 600 %s`.", path, mode, path
+        )
+    if not token:
+        raise ValueError(f"The auth token file {path} is empty")
+    return token
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
 
 
 @contextlib.contextmanager

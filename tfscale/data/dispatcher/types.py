@@ -13,6 +13,7 @@ validate_spec(spec)
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 from tfscale.data.dispatcher import policies as policies_lib
@@ -28,14 +29,37 @@ __all__ = [
     "InvalidArgument",
     "JobSpec",
     "Lease",
+    "MAX_EPOCHS",
+    "MAX_JOBS",
+    "MAX_LEASE_TIMEOUT_S",
+    "MAX_NAME_BYTES",
+    "MAX_SHARDS_PER_JOB",
+    "MAX_SHARD_SIZE",
+    "MAX_WORKERS_PER_JOB",
     "NotFound",
     "Registration",
+    "ResourceExhausted",
     "ShardSpec",
+    "describe",
+    "validate_name",
     "validate_position",
     "validate_spec",
 ]
 
 EQUALIZE = ("none", "pad", "drop")
+
+# Limits that keep every count the dispatcher sums inside int64 and every reply
+# inside gRPC's default 4 MiB: names and lists bound what one request may add,
+# and jobs and workers bound what Status lists.
+MAX_NAME_BYTES = 1024
+MAX_SHARDS_PER_JOB = 1_000_000
+MAX_SHARD_SIZE = 2**40
+MAX_EPOCHS = 1_000_000
+MAX_TOTAL_SIZE = 2**62  # sum of the shard sizes times num_epochs
+MAX_LEASE_TIMEOUT_S = 86_400.0
+MAX_JOBS = 1024
+MAX_WORKERS_PER_JOB = 4096
+_INT64 = (-(2**63), 2**63 - 1)
 
 
 class DispatcherError(Exception):
@@ -56,6 +80,33 @@ class FailedPrecondition(DispatcherError):
 
 class AlreadyExists(DispatcherError):
     """A job of that name exists with a different spec."""
+
+
+class ResourceExhausted(DispatcherError):
+    """The request would exceed one of the dispatcher's limits (jobs, workers)."""
+
+
+def describe(value: Any, limit: int = 64) -> str:
+    """`repr(value)`, shortened so that an error message stays small."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value.encode())} bytes" if isinstance(value, str) else f"{len(text)} characters"
+    return f"{text[:limit]}... ({size})"
+
+
+def validate_name(kind: str, name: Any) -> None:
+    """Raises InvalidArgument unless `name` is a non-empty str of at most MAX_NAME_BYTES."""
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{kind} name must be a string. Received: {describe(name)}")
+    if not name:
+        raise InvalidArgument(f"{kind} name must not be empty")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise InvalidArgument(
+            f"{kind} name must be at most {MAX_NAME_BYTES} bytes. Received: {size} bytes "
+            f"({describe(name)})"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +231,7 @@ def validate_position(spec: JobSpec, position: InputPosition) -> None:
     shards = range(len(spec.shards))
     bad = (
         not 0 <= position.epoch < spec.num_epochs
+        or len(position.done) > len(shards)
         or not set(position.done) <= set(shards)
         or (position.partial is not None and (
             position.partial[0] not in shards
@@ -189,38 +241,69 @@ def validate_position(spec: JobSpec, position: InputPosition) -> None:
     )
     if bad:
         raise InvalidArgument(
-            f"Input position {position} is outside job {spec.name!r} "
+            f"Input position {describe(position, limit=200)} is outside job {describe(spec.name)} "
             f"({len(spec.shards)} shards, {spec.num_epochs} epochs)"
         )
 
 
+def _check_int(field: str, value: Any, low: int, high: int) -> None:
+    if type(value) is not int:
+        problem = f"be an int in [{low}, {high}]"
+    elif value < low:
+        problem = f"be >= {low}"
+    elif value > high:
+        problem = f"be <= {high}"
+    else:
+        return
+    raise InvalidArgument(f"{field} must {problem}. Received: {field}={describe(value)}")
+
+
 def validate_spec(spec: JobSpec) -> None:
-    """Raises InvalidArgument for a malformed job spec."""
-    if not spec.name:
-        raise InvalidArgument("job name must not be empty")
+    """Raises InvalidArgument for a malformed job spec, naming the field and the value."""
+    validate_name("job", spec.name)
     if not spec.shards:
-        raise InvalidArgument(f"job {spec.name!r} has no shards")
-    names = [s.name for s in spec.shards]
-    if len(set(names)) != len(names) or not all(names):
-        raise InvalidArgument(f"job {spec.name!r}: shard names must be unique and non-empty")
-    if any(s.size < 0 for s in spec.shards):
-        raise InvalidArgument(f"job {spec.name!r}: shard sizes must be >= 0")
-    if spec.num_epochs < 1:
-        raise InvalidArgument(f"num_epochs must be >= 1. Received: num_epochs={spec.num_epochs}")
-    if not spec.lease_timeout_s > 0:
+        raise InvalidArgument(f"job {describe(spec.name)} has no shards")
+    if len(spec.shards) > MAX_SHARDS_PER_JOB:
         raise InvalidArgument(
-            f"lease_timeout_s must be positive. Received: lease_timeout_s={spec.lease_timeout_s}"
+            f"A job may have at most {MAX_SHARDS_PER_JOB} shards. Received: {len(spec.shards)} "
+            f"shards in job {describe(spec.name)}"
+        )
+    for index, shard in enumerate(spec.shards):
+        validate_name(f"shard {index}", shard.name)
+        _check_int(f"shards[{index}].size", shard.size, 0, MAX_SHARD_SIZE)
+    if len({s.name for s in spec.shards}) != len(spec.shards):
+        raise InvalidArgument(f"job {describe(spec.name)}: shard names must be unique")
+    _check_int("num_epochs", spec.num_epochs, 1, MAX_EPOCHS)
+    total = sum(s.size for s in spec.shards) * spec.num_epochs
+    if total > MAX_TOTAL_SIZE:
+        raise InvalidArgument(
+            f"The shard sizes times num_epochs must sum to at most 2**62. Received: {total} "
+            f"(job {describe(spec.name)}, num_epochs={spec.num_epochs})"
+        )
+    _check_int("seed", spec.seed, *_INT64)
+    timeout = spec.lease_timeout_s
+    if (
+        type(timeout) not in (int, float)
+        or not math.isfinite(timeout)
+        or not 0 < timeout <= MAX_LEASE_TIMEOUT_S
+    ):
+        raise InvalidArgument(
+            f"lease_timeout_s must be positive and finite, at most {MAX_LEASE_TIMEOUT_S:g}. "
+            f"Received: lease_timeout_s={describe(timeout)}"
         )
     if spec.equalize not in EQUALIZE:
         raise InvalidArgument(
-            f"equalize must be one of {', '.join(EQUALIZE)}. Received: equalize={spec.equalize!r}"
+            f"equalize must be one of {', '.join(EQUALIZE)}. "
+            f"Received: equalize={describe(spec.equalize)}"
         )
-    if spec.num_consumers < 0 or (spec.equalize != "none") != (spec.num_consumers > 0):
+    _check_int("num_consumers", spec.num_consumers, 0, MAX_WORKERS_PER_JOB)
+    if (spec.equalize != "none") != (spec.num_consumers > 0):
         raise InvalidArgument(
             "equalize needs num_consumers >= 1 and num_consumers needs equalize. Received: "
             f"num_consumers={spec.num_consumers}, equalize={spec.equalize!r}"
         )
     if spec.policy not in policies_lib.POLICIES:
         raise InvalidArgument(
-            f"Unknown policy {spec.policy!r}. Valid policies: {', '.join(sorted(policies_lib.POLICIES))}"
+            f"Unknown policy {describe(spec.policy)}. Valid policies: "
+            f"{', '.join(sorted(policies_lib.POLICIES))}"
         )

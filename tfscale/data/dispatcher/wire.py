@@ -17,6 +17,8 @@ __all__ = [
     "status_to_proto",
 ]
 
+_INT64_MAX = 2**63 - 1
+
 
 def job_spec_to_proto(spec: core.JobSpec) -> pb.JobSpec:
     return pb.JobSpec(
@@ -88,8 +90,15 @@ def position_to_proto(job: str, worker: str, position: core.InputPosition) -> pb
 
 def status_to_proto(status: dict[str, Any]) -> pb.StatusResponse:
     return pb.StatusResponse(
-        jobs=[pb.JobStatus(**job) for job in status["jobs"]],
-        workers=[pb.WorkerStatus(**worker) for worker in status["workers"]],
+        jobs=[pb.JobStatus(**_saturated(job)) for job in status["jobs"]],
+        workers=[pb.WorkerStatus(**_saturated(worker)) for worker in status["workers"]],
         imbalance=status["imbalance"],
         uptime_s=status["uptime_s"],
     )
+
+
+def _saturated(fields: dict[str, Any]) -> dict[str, Any]:
+    """Caps ints at int64's maximum: totals that grow with every rewind could pass it."""
+    return {
+        k: min(v, _INT64_MAX) if type(v) is int else v for k, v in fields.items()
+    }
