@@ -51,18 +51,12 @@ _ERRORS = {
 
 
 def read_token_file(path: Optional[str]) -> Optional[str]:
-    """The auth token stored in `path` (None for no path).
+    """The auth token stored in `path` (None for no path); warns if others can read it.
 
     Raises:
       ValueError: if the file is empty.
     """
-    if not path:
-        return None
-    with open(path) as f:
-        token = f.read().strip()
-    if not token:
-        raise ValueError(f"The auth token file {path} is empty")
-    return token
+    return server_lib.read_token_file(path) if path else None
 
 
 class DispatcherClient:

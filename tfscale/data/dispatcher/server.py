@@ -47,6 +47,7 @@ __all__ = [
     "OMITTED_WORKERS_METADATA_KEY",
     "DispatcherServer",
     "ServerConfig",
+    "read_token_file",
     "server_context",
 ]
 
@@ -392,14 +393,14 @@ class DispatcherServer:
                 "Pass the auth token or a file holding it, not both. Received: auth_token=<set>, "
                 f"auth_token_file={path!r}"
             )
-        return _read_token_file(path) if path else token
+        return read_token_file(path) if path else token
 
     def _expire_loop(self) -> None:
         while not self._stopped.wait(self._config.expire_interval_s):
             self.core.expire_all()
 
 
-def _read_token_file(path: str) -> str:
+def read_token_file(path: str) -> str:
     """The token in `path`, with a warning if its group or others can read it."""
     with open(path) as f:
         mode = os.fstat(f.fileno()).st_mode & 0o777
