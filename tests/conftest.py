@@ -13,6 +13,7 @@ from absl import flags
 LONG = (
     "tests/bench_test.py",
     "tests/dispatcher_process_test.py::WorkersTest",
+    "tests/dispatcher_restart_test.py::ManyRestartsTest",
     "tests/launch_test.py::LaunchTrainingTest",
     "tests/launch_test.py::ResizeTest",
     "tests/multi_worker_test.py",

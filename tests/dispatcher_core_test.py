@@ -305,7 +305,7 @@ class LimitTest(parameterized.TestCase):
         self.assertLess(len(str(raised.exception)), 2000)
 
 
-class RecoveryTest(absltest.TestCase):
+class RecoveryTest(parameterized.TestCase):
     def test_state_survives_a_restart(self):
         work_dir = self.create_tempdir().full_path
         journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=7)
@@ -327,6 +327,80 @@ class RecoveryTest(absltest.TestCase):
         restarted.complete("job", "w1", more[0].token)
         (new,) = restarted.acquire("job", "w0", 1).leases
         self.assertGreater(new.token, max(l.token for l in held + list(more)))
+
+    def test_restored_leases_outlive_the_lease_timeout_by_the_grace(self):
+        work_dir = self.create_tempdir().full_path
+        journal = journal_lib.Journal(work_dir, fsync=False)
+        dispatcher, _ = _core(_spec(2), workers=("live", "dead"), journal=journal)
+        leases = {}
+        for worker in ("live", "dead"):
+            (leases[worker],) = dispatcher.acquire("job", worker, 1).leases
+            dispatcher.commit("job", worker, leases[worker].token)
+        journal.close()
+
+        clock = FakeClock()
+        restarted = core.DispatcherCore(
+            clock=clock, journal=journal_lib.Journal(work_dir, fsync=False),
+            restore_grace_s=3 * TIMEOUT,
+        )
+        clock.now += 2 * TIMEOUT  # past the lease timeout: "live" is still reconnecting
+        restarted.expire_all()
+        self.assertEqual(restarted.heartbeat("job", "live"), [])
+        clock.now += TIMEOUT / 2
+        self.assertEqual(restarted.heartbeat("job", "live"), [])
+        clock.now += TIMEOUT / 2 + 0.1  # past the grace
+        restarted.expire_all()
+        restarted.complete("job", "live", leases["live"].token)
+        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+            restarted.complete("job", "dead", leases["dead"].token)
+        (again,) = restarted.acquire("job", "live", 1).leases
+        self.assertEqual(again.shard_index, leases["dead"].shard_index)
+
+    def test_restore_grace_must_be_finite_and_not_negative(self):
+        for grace in (-1.0, float("inf"), float("nan")):
+            with self.assertRaisesRegex(ValueError, "restore_grace_s must be finite"):
+                core.DispatcherCore(restore_grace_s=grace)
+
+    @parameterized.named_parameters(
+        ("replay", 1000), ("snapshot_and_replay", 3), ("snapshot", 1)
+    )
+    def test_throughput_estimates_survive_a_restart(self, snapshot_every):
+        work_dir = self.create_tempdir().full_path
+        journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
+        spec = _spec(4, "adaptive", sizes=[10] * 4)
+        dispatcher, clock = _core(spec, workers=("fast", "slow"), journal=journal)
+        (a,) = dispatcher.acquire("job", "fast", 1).leases
+        (b,) = dispatcher.acquire("job", "slow", 1).leases
+        clock.now += 1
+        dispatcher.complete("job", "fast", a.token)
+        clock.now += 9
+        dispatcher.complete("job", "slow", b.token)
+        journal.close()
+
+        restarted, _ = _core(
+            journal=journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
+        )
+        speeds = {w["worker"]: w["throughput"] for w in restarted.status()["workers"]}
+        self.assertAlmostEqual(speeds["fast"], 10.0)
+        self.assertAlmostEqual(speeds["slow"], 1.0)
+        # The adaptive policy still knows the slow worker: nothing it would finish last.
+        restarted.acquire("job", "fast", 1)
+        self.assertEqual(restarted.acquire("job", "slow", 1).leases, ())
+
+    def test_completions_journaled_without_their_time_leave_throughput_unknown(self):
+        work_dir = self.create_tempdir().full_path
+        with journal_lib.Journal(work_dir, fsync=False) as journal:
+            journal.recover()
+            journal.append_many([
+                {"op": "create_job", "spec": _spec(2).to_dict()},
+                {"op": "register", "job": "job", "worker": "w0"},
+                {"op": "grant", "job": "job", "worker": "w0", "shard": 0, "epoch": 0,
+                 "token": 1, "speculative": False},
+                {"op": "complete", "job": "job", "token": 1},
+            ])
+        restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False))
+        (worker,) = restarted.status()["workers"]
+        self.assertEqual((worker["completed_size"], worker["throughput"]), (1, 0.0))
 
 
 if __name__ == "__main__":

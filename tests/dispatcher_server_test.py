@@ -1,7 +1,10 @@
 """Tests for the dispatcher's gRPC server and client, on loopback."""
 
+import dataclasses
 import os
 import subprocess
+import threading
+import time
 
 import grpc
 from absl.testing import absltest
@@ -16,6 +19,11 @@ from tfscale.data.dispatcher import server as server_lib
 SPEC = core.JobSpec(
     "train", tuple(core.ShardSpec(f"range:{i}:{i + 1}", 1) for i in range(8)), lease_timeout_s=30
 )
+
+
+def _read_range(name):
+    start, stop = name.split(":")[1:]
+    return range(int(start), int(stop))
 
 
 def _raw_stub(target, metadata=None):
@@ -100,6 +108,88 @@ class ServerTest(parameterized.TestCase):
     def test_target_before_start(self):
         with self.assertRaisesRegex(RuntimeError, "after start"):
             server_lib.DispatcherServer().target
+
+
+class OutageTest(absltest.TestCase):
+    """A dispatcher that goes away (on the same port and work_dir) and comes back."""
+
+    def setUp(self):
+        super().setUp()
+        config = server_lib.ServerConfig(work_dir=self.create_tempdir().full_path, fsync=False)
+        self.server = server_lib.DispatcherServer(config).start()
+        self.config = dataclasses.replace(config, port=int(self.server.target.rsplit(":", 1)[1]))
+        self.addCleanup(lambda: self.server.stop())
+        client_lib.DispatcherClient(self.server.target).create_job(SPEC)
+
+    def _restart_after(self, outage_s):
+        self.server.stop()
+
+        def restart():
+            time.sleep(outage_s)
+            self.server = server_lib.DispatcherServer(self.config).start()
+
+        thread = threading.Thread(target=restart)
+        thread.start()
+        self.addCleanup(thread.join)
+
+    def test_the_default_timeout_outlasts_long_outages(self):
+        client = client_lib.DispatcherClient(self.server.target)
+        self.assertEqual(client.unavailable_timeout_s, 600)
+        with self.assertRaisesRegex(ValueError, "Received: unavailable_timeout_s=0"):
+            client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=0)
+
+    def test_a_call_waits_out_an_outage_shorter_than_the_timeout(self):
+        client = client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=4)
+        self._restart_after(2.0)
+        start = time.monotonic()
+        (job,) = client.list_jobs()
+        self.assertEqual(job.name, "train")
+        self.assertBetween(time.monotonic() - start, 1.9, 4)
+
+    def test_an_outage_longer_than_the_timeout_is_a_clear_error(self):
+        client = client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=1)
+        self._restart_after(2.5)
+        with self.assertRaisesRegex(
+            client_lib.DispatcherUnavailable,
+            r"127\.0\.0\.1:\d+ was unreachable for 1\.\d s \(unavailable_timeout_s=1\)",
+        ) as raised:
+            client.list_jobs()
+        self.assertIsInstance(raised.exception, grpc.RpcError)
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAVAILABLE)
+
+    def test_a_consumer_fails_promptly_when_the_outage_outlasts_the_timeout(self):
+        client = client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=1)
+        stream = iter(client_lib.ShardConsumer(client, "train", "w0", _read_range))
+        next(stream)
+        self.server.stop()
+        start = time.monotonic()
+        with self.assertRaises(client_lib.DispatcherUnavailable):
+            list(stream)
+        self.assertLess(time.monotonic() - start, 3)  # no retrying to give leases back
+
+
+class PrefetchTest(absltest.TestCase):
+    def test_a_prefetched_lease_outlives_training_on_the_shard_before(self):
+        # Training each shard takes longer than a lease timeout: the second
+        # lease of a batch must not expire while the first is trained.
+        spec = dataclasses.replace(SPEC, shards=SPEC.shards[:4], lease_timeout_s=0.5)
+        reads = []
+
+        def read(name):
+            reads.append(name)
+            return _read_range(name)
+
+        with server_lib.server_context() as server:
+            client = client_lib.DispatcherClient(server.target)
+            client.create_job(spec)
+            consumer = client_lib.ShardConsumer(client, "train", "w0", read, max_shards=2)
+            elements = []
+            for element in consumer:
+                elements.append(element)
+                time.sleep(0.8)
+        self.assertEqual(sorted(elements), [0, 1, 2, 3])
+        self.assertEqual(sorted(reads), sorted(s.name for s in spec.shards))
+        self.assertEqual((consumer.dropped, consumer.lost), ([], []))
 
 
 class AuthTest(absltest.TestCase):

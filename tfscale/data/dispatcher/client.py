@@ -2,7 +2,11 @@
 
 `DispatcherClient` turns the protocol into Python calls and gRPC errors into
 the core's exceptions, retrying while the dispatcher is unreachable (it may
-be restarting). `ShardConsumer` is a worker's loop: register, heartbeat from
+be restarting) for up to `unavailable_timeout_s`, then raising
+`DispatcherUnavailable`. Its channel reconnects within a second of the
+dispatcher's return (gRPC's default backoff grows to minutes), so that a
+restarted dispatcher hears from its workers well within the grace it gives
+their leases. `ShardConsumer` is a worker's loop: register, heartbeat from
 a background thread, acquire leases, read each shard, commit it (the
 dispatcher picks one winner among duplicate readers), hand its elements on,
 and complete it once the last one was taken. A shard read twice (a
@@ -36,7 +40,9 @@ from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import wire
 
 __all__ = [
+    "DEFAULT_UNAVAILABLE_TIMEOUT_S",
     "DispatcherClient",
+    "DispatcherUnavailable",
     "ShardConsumer",
     "read_token_file",
 ]
@@ -48,6 +54,33 @@ _ERRORS = {
     grpc.StatusCode.FAILED_PRECONDITION: core.FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: core.AlreadyExists,
 }
+DEFAULT_UNAVAILABLE_TIMEOUT_S = 600.0
+# Reconnect attempts while the dispatcher is down: every 0.1 s at first, at
+# most 1 s apart (gRPC's defaults: 1 s, growing to 120 s).
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+)
+_MAX_RETRY_SLEEP_S = 0.25
+_RPC_TIMEOUT_S = 30.0
+
+
+class DispatcherUnavailable(grpc.RpcError):
+    """The dispatcher stayed unreachable for longer than `unavailable_timeout_s`.
+
+    An `RpcError` with code UNAVAILABLE, so callers that handle those keep working.
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return self._message
 
 
 def read_token_file(path: Optional[str]) -> Optional[str]:
@@ -66,7 +99,13 @@ class DispatcherClient:
       address: `host:port`.
       auth_token: the server's token, if it requires one.
       tls_root_cert_file: PEM root certificate to talk TLS.
-      unavailable_timeout_s: how long to retry while the server is unreachable.
+      unavailable_timeout_s: how long a call retries while the server is
+        unreachable (a restart, an outage) before it raises
+        `DispatcherUnavailable`: the longest dispatcher outage that training
+        survives.
+
+    Raises:
+      ValueError: for an `unavailable_timeout_s` that is not positive.
     """
 
     def __init__(
@@ -74,13 +113,19 @@ class DispatcherClient:
         address: str,
         auth_token: Optional[str] = None,
         tls_root_cert_file: Optional[str] = None,
-        unavailable_timeout_s: float = 60.0,
+        unavailable_timeout_s: float = DEFAULT_UNAVAILABLE_TIMEOUT_S,
     ):
+        if not unavailable_timeout_s > 0:
+            raise ValueError(
+                "unavailable_timeout_s must be positive. "
+                f"Received: unavailable_timeout_s={unavailable_timeout_s}"
+            )
         if tls_root_cert_file:
             with open(tls_root_cert_file, "rb") as f:
-                channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(f.read()))
+                credentials = grpc.ssl_channel_credentials(f.read())
+            channel = grpc.secure_channel(address, credentials, options=_CHANNEL_OPTIONS)
         else:
-            channel = grpc.insecure_channel(address)
+            channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._channel = channel
         self._stub = pb_grpc.ShardDispatcherStub(channel)
         self._metadata = ((server_lib.AUTH_METADATA_KEY, f"Bearer {auth_token}"),) if auth_token else ()
@@ -131,20 +176,33 @@ class DispatcherClient:
     def close(self) -> None:
         self._channel.close()
 
+    @property
+    def unavailable_timeout_s(self) -> float:
+        return self._unavailable_timeout_s
+
     def _call(self, method: str, request: Any) -> Any:
-        deadline = time.monotonic() + self._unavailable_timeout_s
+        start = time.monotonic()
         delay = 0.05
         while True:
             try:
-                return getattr(self._stub, method)(request, metadata=self._metadata, timeout=30)
+                return getattr(self._stub, method)(
+                    request, metadata=self._metadata, timeout=_RPC_TIMEOUT_S
+                )
             except grpc.RpcError as e:
                 code = e.code()
                 if code in _ERRORS:
                     raise _ERRORS[code](e.details()) from None
-                if code != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                if code != grpc.StatusCode.UNAVAILABLE:
                     raise
+                waited = time.monotonic() - start
+                if waited > self._unavailable_timeout_s:
+                    raise DispatcherUnavailable(
+                        f"The dispatcher at {self.address} was unreachable for {waited:.1f} s "
+                        f"(unavailable_timeout_s={self._unavailable_timeout_s:g}); last error: "
+                        f"{e.details()}"
+                    ) from None
             time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            delay = min(delay * 2, _MAX_RETRY_SLEEP_S)
 
 
 class ShardConsumer:
@@ -156,7 +214,16 @@ class ShardConsumer:
     its elements, and complete the lease when the consumer asks for the
     element after the shard's last. Closing the iterator early (or the
     process dying) gives the unfinished leases back. Iteration ends with
-    the job.
+    the job, or raises `DispatcherUnavailable` when the dispatcher stays
+    unreachable longer than the client's `unavailable_timeout_s`.
+
+    The leases of a batch are read and committed as soon as they are granted,
+    before the first shard's elements are handed on: heartbeats renew only
+    committed leases, so a prefetched lease left uncommitted while training
+    consumes the shards before it would expire after `lease_timeout_s` and
+    its shard would be read again. The batch's shards are thus held in
+    memory together (`max_shards` of them), and reading them must take less
+    than `lease_timeout_s`.
 
     When the job equalizes its consumers (`num_consumers`, `equalize`),
     every consumer yields the same number of elements per epoch: with
@@ -176,6 +243,9 @@ class ShardConsumer:
     Attributes:
       delivered: (epoch, shard name) of each shard completed, in order.
       dropped: the same for shards read but not handed on (lost races).
+      lost: the same for shards handed on whose lease was lost before they
+        were completed (heartbeats failed for a whole lease timeout): they
+        may reach training again through another lease.
       per_epoch: elements yielded in each epoch, padding included.
     """
 
@@ -202,6 +272,7 @@ class ShardConsumer:
         self._equalize = "none"
         self.delivered: list[tuple[int, str]] = []
         self.dropped: list[tuple[int, str]] = []
+        self.lost: list[tuple[int, str]] = []
         self.per_epoch: dict[int, int] = {}
         self._epoch = 0
         self._held: list[T] = []  # drop: committed, not yet allowed out
@@ -229,8 +300,9 @@ class ShardConsumer:
                 unfinished = list(result.leases)
                 yield from self._close_epochs(unfinished[0].epoch)  # one epoch per batch
                 if self._equalize == "none":
+                    claimed = [self._claim(lease) for lease in unfinished]
                     while unfinished:
-                        yield from self._deliver(unfinished[0])
+                        yield from self._deliver(unfinished[0], claimed.pop(0))
                         unfinished.pop(0)
                     continue
                 # Equalized consumers wait for each other at epoch ends, so
@@ -241,6 +313,9 @@ class ShardConsumer:
                 for lease, elements in settled:
                     if elements is not None:
                         yield from self._hand_on(lease, elements)
+        except DispatcherUnavailable:
+            unfinished = []  # Nobody to give them to: they expire there.
+            raise
         finally:
             stop.set()
             self._give_back(unfinished)
@@ -288,20 +363,24 @@ class ShardConsumer:
             random.Random(key).shuffle(elements)
         return elements[lease.offset:]
 
-    def _deliver(self, lease: core.Lease) -> Iterator[T]:
-        """Read, commit, hand on, then complete (after the last element is taken)."""
+    def _claim(self, lease: core.Lease) -> Optional[list[T]]:
+        """Read and commit; the elements, or None for a lost race."""
         elements = self._read(lease)
-        if self._commit(lease):
-            self._log.append((lease.epoch, lease.shard_index, lease.offset, len(elements)))
-            yield from self._emit(elements)
-            self._complete(lease)
+        return elements if self._commit(lease) else None
+
+    def _deliver(self, lease: core.Lease, elements: Optional[list[T]]) -> Iterator[T]:
+        """Hand a claimed shard on, then complete it (after the last element is taken)."""
+        if elements is None:
+            return
+        self._log.append((lease.epoch, lease.shard_index, lease.offset, len(elements)))
+        yield from self._emit(elements)
+        self._complete(lease)
 
     def _settle(self, lease: core.Lease) -> Optional[list[T]]:
         """Read, commit and complete; the elements, or None for a lost race."""
-        elements = self._read(lease)
-        if not self._commit(lease):
-            return None
-        self._complete(lease)
+        elements = self._claim(lease)
+        if elements is not None:
+            self._complete(lease)
         return elements
 
     def _hand_on(self, lease: core.Lease, elements: list[T]) -> Iterator[T]:
@@ -371,6 +450,7 @@ class ShardConsumer:
             # Only when heartbeats failed for a whole lease timeout: the shard
             # went to another reader after these elements were handed on.
             logging.warning("Shard %s delivered, but its lease was lost: %s", lease.shard_name, e)
+            self.lost.append((lease.epoch, lease.shard_name))
             return
         self.delivered.append((lease.epoch, lease.shard_name))
 

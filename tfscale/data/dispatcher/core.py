@@ -3,7 +3,15 @@
 Pure Python and transport-free: the gRPC servicer only translates requests
 into these calls. Every state change is applied through `_apply`, which is
 also what recovery replays from the journal, so the state after a restart is
-the state before the crash (lease deadlines restart at recovery time).
+the state before the crash. The clock does not carry over a restart, so:
+
+- lease deadlines restart at recovery time, with a grace period: a restored
+  lease lives `max(lease_timeout_s, restore_grace_s)` from recovery, so a
+  live worker that is still reconnecting (gRPC backoff, its retry loop)
+  keeps the leases it renews; a dead worker's come back after the grace;
+- throughput: each completion's record carries the time its worker spent on
+  the shard (`busy_s`), so replay restores every worker's estimate rather
+  than stamping all the completions with one recovery time.
 
 A lease is read, then committed (claimed for delivery: the first commit of
 a shard wins and revokes its other leases), then completed once the shard's
@@ -13,9 +21,10 @@ Guarantees:
 - each shard is completed exactly once per epoch; a commit or completion of
   a lease that lost the race (a speculative backup, or an expired lease that
   was re-leased) gets `FailedPrecondition`, so its reader drops the shard;
-- a lease whose worker stops heartbeating expires after `lease_timeout_s`;
-  its shard, even if committed, becomes pending again (at the front) and its
-  token is fenced: a worker dying mid-shard loses nothing;
+- a lease whose worker stops heartbeating expires after `lease_timeout_s`
+  (after a restart: the grace above, if longer); its shard, even if
+  committed, becomes pending again (at the front) and its token is fenced:
+  a worker dying mid-shard loses nothing;
 - a rejected request changes no state.
 
 Example:
@@ -36,7 +45,7 @@ import dataclasses
 import random
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from tfscale.data.dispatcher import policies as policies_lib
 from tfscale.data.dispatcher.types import EQUALIZE
@@ -86,6 +95,9 @@ MAX_STATUS_WORKERS = 1024
 # A heartbeat returns at most this many revoked tokens; the next one returns the rest.
 MAX_REVOKED_PER_REPLY = 100_000
 _RETRY_AFTER_S = 0.05
+# How long a restored lease lives after recovery, at least: enough for the
+# workers' clients to notice the restart and heartbeat again.
+DEFAULT_RESTORE_GRACE_S = 10.0
 
 
 @dataclasses.dataclass
@@ -94,6 +106,9 @@ class _Worker:
     last_seen: float
     completed_shards: int = 0
     completed_size: int = 0
+    # Size and time of the completions whose time is known (journal records
+    # written before completions carried their `busy_s` have none).
+    timed_size: int = 0
     busy_s: float = 0.0
     revoked: set = dataclasses.field(default_factory=set)
     # When this worker last completed a shard (this process's clock; not restored).
@@ -101,7 +116,7 @@ class _Worker:
 
     @property
     def throughput(self) -> float:
-        return self.completed_size / self.busy_s if self.busy_s > 0 else 0.0
+        return self.timed_size / self.busy_s if self.busy_s > 0 else 0.0
 
 
 @dataclasses.dataclass
@@ -150,9 +165,26 @@ class DispatcherCore:
     Args:
       clock: seconds, monotonic; injectable for tests.
       journal: a recovered `journal.Journal`, or None for memory only.
+      restore_grace_s: a lease restored from the journal lives at least this
+        long after recovery (and at least its job's `lease_timeout_s`), so
+        that its worker has time to reconnect and renew it.
+
+    Raises:
+      ValueError: for a negative or non-finite `restore_grace_s`.
     """
 
-    def __init__(self, clock: Clock = time.monotonic, journal: Any = None):
+    def __init__(
+        self,
+        clock: Clock = time.monotonic,
+        journal: Any = None,
+        restore_grace_s: float = DEFAULT_RESTORE_GRACE_S,
+    ):
+        if not 0 <= restore_grace_s < float("inf"):
+            raise ValueError(
+                "restore_grace_s must be finite and >= 0. "
+                f"Received: restore_grace_s={restore_grace_s}"
+            )
+        self._restore_grace_s = float(restore_grace_s)
         self._clock = clock
         self._journal = journal
         self._lock = threading.RLock()
@@ -244,6 +276,7 @@ class DispatcherCore:
         its grant unless the worker commits it. A grant whose reply was lost
         (the dispatcher died after journaling it) is known to no worker, so
         it must expire rather than be kept alive by its worker's heartbeats.
+        A renewal never shortens a deadline (a restored lease's grace).
         """
         with self._lock:
             state, record = self._registered(job, worker)
@@ -251,7 +284,7 @@ class DispatcherCore:
             record.last_seen = now
             for active in state.leases.values():
                 if active.lease.worker == worker and active.committed:
-                    active.deadline = now + state.spec.lease_timeout_s
+                    active.deadline = max(active.deadline, now + state.spec.lease_timeout_s)
             self._expire(state, now)
             revoked = sorted(record.revoked)[:MAX_REVOKED_PER_REPLY]
             record.revoked.difference_update(revoked)
@@ -301,8 +334,9 @@ class DispatcherCore:
           FailedPrecondition: the lease is stale or lost the race.
         """
         with self._lock:
-            self._live_lease(job, worker, token)
-            self._commit({"op": "complete", "job": job, "token": token})
+            active = self._live_lease(job, worker, token)
+            busy_s = self._busy_s(self._jobs[job], active, self._clock())
+            self._commit({"op": "complete", "job": job, "token": token, "busy_s": busy_s})
 
     def release(self, job: str, worker: str, token: int) -> None:
         """Gives a lease back unread: its shard is pending again."""
@@ -413,6 +447,17 @@ class DispatcherCore:
             )
         return active
 
+    @staticmethod
+    def _busy_s(state: _Job, active: _ActiveLease, now: float) -> float:
+        """The time the lease's worker spent on its shard, if completed at `now`.
+
+        A worker holding several leases reads them one after another: a
+        shard's time starts at its grant or at the previous completion,
+        whichever is later, so overlapping leases are not counted twice.
+        """
+        previous = state.workers[active.lease.worker].last_completed_at
+        return max(now - max(active.granted_at, previous), 1e-6)
+
     def _live_workers(self, state: _Job, now: float) -> tuple[str, ...]:
         timeout = state.spec.lease_timeout_s
         return tuple(w.name for w in state.workers.values() if now - w.last_seen <= timeout)
@@ -506,7 +551,7 @@ class DispatcherCore:
             self._apply_commit(state, record["token"])
         elif op == "complete":
             self._apply_commit(state, record["token"])
-            self._apply_complete(state, record["token"], now)
+            self._apply_complete(state, record["token"], record.get("busy_s"), now)
         elif op in ("release", "expire"):
             self._end_lease(state, record["token"], revoke=op == "expire")
         else:
@@ -574,16 +619,16 @@ class DispatcherCore:
         counts = state.epoch_counts.setdefault(lease.epoch, {})
         counts[lease.worker] = counts.get(lease.worker, 0) + sign * lease.size
 
-    def _apply_complete(self, state: _Job, token: int, now: float) -> None:
-        active = state.leases.pop(token)
-        lease = active.lease
+    def _apply_complete(
+        self, state: _Job, token: int, busy_s: Optional[float], now: float
+    ) -> None:
+        lease = state.leases.pop(token).lease
         record = state.workers[lease.worker]
         record.completed_shards += 1
         record.completed_size += lease.size
-        # A worker holding several leases reads them one after another: a
-        # shard's time starts at its grant or at the previous completion,
-        # whichever is later, so overlapping leases are not counted twice.
-        record.busy_s += max(now - max(active.granted_at, record.last_completed_at), 1e-6)
+        if busy_s is not None:  # None: an old record, whose time is unknown
+            record.timed_size += lease.size
+            record.busy_s += busy_s
         record.last_completed_at = now
         state.done.add(lease.shard_index)
         state.offsets.pop(lease.shard_index, None)
@@ -614,6 +659,10 @@ class DispatcherCore:
             self._restore(snapshot, now)
         for record in records:
             self._apply(record, now)
+        for state in self._jobs.values():
+            lifetime = max(state.spec.lease_timeout_s, self._restore_grace_s)
+            for active in state.leases.values():
+                active.deadline = now + lifetime
 
     def _restore(self, snapshot: dict[str, Any], now: float) -> None:
         self._next_token = snapshot["next_token"]
@@ -626,7 +675,10 @@ class DispatcherCore:
             state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
             state.offsets = {int(k): v for k, v in saved["offsets"].items()}
             for w in saved["workers"]:
-                state.workers[w["name"]] = _Worker(**{**w, "last_seen": now, "revoked": set(w["revoked"]), "last_completed_at": 0.0})
+                if "timed_size" not in w:  # an old snapshot: forget the times
+                    w = {**w, "timed_size": 0, "busy_s": 0.0}
+                fresh = {"last_seen": now, "revoked": set(w["revoked"]), "last_completed_at": 0.0}
+                state.workers[w["name"]] = _Worker(**{**w, **fresh})
             for saved_lease in saved["leases"]:
                 committed = saved_lease.pop("committed")
                 lease = Lease(**saved_lease)

@@ -84,6 +84,10 @@ class ServerConfig:
       fsync: make each journal write durable before answering.
       snapshot_every: journal records between snapshots.
       max_request_bytes: larger requests get RESOURCE_EXHAUSTED.
+      restore_grace_s: after a restart, a lease restored from the journal
+        lives at least this long (and at least its `lease_timeout_s`), so
+        that live workers reconnect before their leases expire; a dead
+        worker's shards go to others this long after the restart.
     """
 
     port: int = 0
@@ -98,6 +102,7 @@ class ServerConfig:
     fsync: bool = True
     snapshot_every: int = 10_000
     max_request_bytes: int = 64 * 2**20
+    restore_grace_s: float = core.DEFAULT_RESTORE_GRACE_S
 
 
 def _details(error: BaseException) -> str:
@@ -287,7 +292,9 @@ class DispatcherServer:
     def __init__(self, config: ServerConfig = ServerConfig(), clock: Callable[[], float] = None):
         self._config = config
         self._journal = None
-        kwargs = {"clock": clock} if clock else {}
+        kwargs = {"restore_grace_s": config.restore_grace_s}
+        if clock:
+            kwargs["clock"] = clock
         if config.work_dir:
             self._journal = journal_lib.Journal(
                 config.work_dir, fsync=config.fsync, snapshot_every=config.snapshot_every
