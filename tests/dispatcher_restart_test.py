@@ -76,7 +76,7 @@ class RestartTest(absltest.TestCase):
                 server.stop()
                 time.sleep(outage_s)
                 server = server_lib.DispatcherServer(config).start()
-            self.assertTrue(paced.running, "the job ended before the last restart")
+            self.assertTrue(paced.running, f"the job ended before the last restart: {paced.error!r}")
             paced.hurry()
             self.assertTrue(paced.join(timeout_s=60), "the consumer did not finish")
         finally:
