@@ -6,6 +6,7 @@ import os
 import pty
 import subprocess
 import sys
+from unittest import mock
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -66,6 +67,16 @@ class ConsoleTest(parameterized.TestCase):
     def test_log_ranks_all_writes_no_files_unless_asked(self):
         _, out, _ = _launch("print('x')", nproc_per_node=2, log_ranks=None)
         self.assertNotIn("[tfscale-launch]", out)
+
+    def test_the_command_line_writes_no_files_unless_log_dir_is_given(self):
+        # absl's --log_dir defaults to $TEST_TMPDIR, which test runners set.
+        with mock.patch.dict(os.environ, {"TEST_TMPDIR": self.create_tempdir().full_path}):
+            result = testutil.run_module(
+                "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--",
+                sys.executable, "-c", "print('x')",
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stdout.splitlines(), ["[0] x", "[1] x"])
 
     def test_a_rewritten_line_is_printed_once_off_a_terminal(self):
         logs = self.create_tempdir().full_path

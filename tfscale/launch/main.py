@@ -91,8 +91,10 @@ def main(argv: Sequence[str]) -> None:
             master_port=_MASTER_PORT.value,
             max_restarts=_MAX_RESTARTS.value,
             log_ranks=local.parse_ranks(_LOG_RANKS.value),
-            # absl.logging defines --log_dir; the launcher gives it the same meaning.
-            log_dir=flags.FLAGS.log_dir or None,
+            # absl.logging defines --log_dir; the launcher gives it the same
+            # meaning, but only when given: absl's default comes from
+            # $TEST_TMPDIR, which test runners such as bazel set.
+            log_dir=flags.FLAGS.log_dir if flags.FLAGS["log_dir"].present else None,
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
