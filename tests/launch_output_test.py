@@ -76,7 +76,7 @@ class ConsoleTest(parameterized.TestCase):
                 sys.executable, "-c", "print('x')",
             )
         self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(result.stdout.splitlines(), ["[0] x", "[1] x"])
+        self.assertEqual(sorted(result.stdout.splitlines()), ["[0] x", "[1] x"])
 
     def test_a_rewritten_line_is_printed_once_off_a_terminal(self):
         logs = self.create_tempdir().full_path
