@@ -195,6 +195,23 @@ class StatusCommandTest(absltest.TestCase):
         self.assertEqual(allowed.returncode, 0, allowed.stderr[-2000:])
         self.assertIn("job audit [round_robin]", allowed.stdout)
 
+    def test_serve_takes_snapshot_interval_and_restore_grace(self):
+        work_dir = self.create_tempdir().full_path
+        flags = ("--snapshot_interval=3", "--restore_grace_s=0.5")
+        dispatcher = Dispatcher(work_dir, *_serve_flags(), *flags)
+        self.addCleanup(dispatcher.stop)
+        client = client_lib.DispatcherClient(dispatcher.address)
+        client.register_worker("audit", "w0")
+        for lease in client.acquire("audit", "w0", 2).leases:
+            client.complete("audit", "w0", lease.token)
+        # create + register + 2 grants + 2 completions: at least one snapshot at 3 records.
+        self.assertNotEmpty(glob.glob(os.path.join(work_dir, "snapshot-*.json")))
+        result = testutil.run_module(
+            "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-2000:])
+        self.assertIn("2 completed", result.stdout)
+
     def test_serve_rejects_bad_shards(self):
         result = testutil.run_module(
             "tfscale.data.dispatcher", "serve", "--shards=/nonexistent/*.tfrecord"
@@ -247,6 +264,21 @@ class CommandErrorsTest(parameterized.TestCase):
             ["serve", "--policy=fastest"],
             "flag --policy=fastest: value should be one of "
             "<adaptive|consistent_hash|least_loaded|round_robin>",
+        ),
+        (
+            "snapshot_interval_zero",
+            ["serve", "--snapshot_interval=0"],
+            "flag --snapshot_interval=0: 0 is not a positive integer",
+        ),
+        (
+            "restore_grace_negative",
+            ["serve", "--restore_grace_s=-1"],
+            "flag --restore_grace_s=-1.0: expected a finite number of seconds >= 0",
+        ),
+        (
+            "restore_grace_infinite",
+            ["serve", "--restore_grace_s=inf"],
+            "flag --restore_grace_s=inf: expected a finite number of seconds >= 0",
         ),
         ("unknown_flag", ["serve", "--frobnicate=1"], "Unknown command line flag 'frobnicate'"),
         (

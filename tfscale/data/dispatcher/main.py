@@ -6,6 +6,7 @@ Usage:
 tfscale-dispatcher serve --port=0 --work_dir=/tmp/dispatcher --policy=adaptive \\
     --shards='/data/train-*.tfrecord' [--job=train --num_epochs=3 --seed=0 \\
     --lease_timeout_s=30 --num_consumers=N --equalize=pad|drop \\
+    --snapshot_interval=10000 --restore_grace_s=10 \\
     --auth_token_file=TOKEN --tls_cert_file=C --tls_key_file=K]
 tfscale-dispatcher status --address=127.0.0.1:40123 [--auth_token_file=TOKEN]
 ```
@@ -23,6 +24,7 @@ refusing dispatcher, an unreadable file, an address that cannot be bound).
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import socket
@@ -60,6 +62,17 @@ _NUM_CONSUMERS = flags.DEFINE_integer(
 )
 _EQUALIZE = flags.DEFINE_enum(
     "equalize", "none", list(core.EQUALIZE), "Equal element counts per epoch: pad or drop."
+)
+_SNAPSHOT_INTERVAL = flags.DEFINE_integer(
+    "snapshot_interval",
+    server_lib.ServerConfig.snapshot_every,
+    "Journal records between snapshots (serve); recovery replays at most this many.",
+    lower_bound=1,
+)
+_RESTORE_GRACE_S = flags.DEFINE_float(
+    "restore_grace_s",
+    server_lib.ServerConfig.restore_grace_s,
+    "Seconds a lease restored after a restart lives at least (serve).",
 )
 _AUTH_TOKEN_FILE = flags.DEFINE_string("auth_token_file", None, "File holding the auth token.")
 _TLS_CERT_FILE = flags.DEFINE_string("tls_cert_file", None, "PEM certificate chain (serve).")
@@ -114,6 +127,8 @@ def serve() -> None:
         auth_token=_read_token(),
         tls_cert_file=_TLS_CERT_FILE.value,
         tls_key_file=_TLS_KEY_FILE.value,
+        snapshot_every=_SNAPSHOT_INTERVAL.value,
+        restore_grace_s=_RESTORE_GRACE_S.value,
     )
     try:
         server = server_lib.DispatcherServer(config)  # recovers the journal in work_dir
@@ -266,6 +281,12 @@ def _is_host_port(address: Optional[str]) -> bool:
 
 
 flags.register_validator(_ADDRESS, _is_host_port, message="expected HOST:PORT, PORT in [1, 65535]")
+# `math.isfinite` as well: absl parses `inf` and `nan` as floats.
+flags.register_validator(
+    _RESTORE_GRACE_S,
+    lambda seconds: math.isfinite(seconds) and seconds >= 0,
+    message="expected a finite number of seconds >= 0",
+)
 
 
 def _parse_flags(argv: Sequence[str]) -> list[str]:
