@@ -219,6 +219,94 @@ class LeaseTest(absltest.TestCase):
         self.assertEqual(live, {"w0": False, "w1": True})
 
 
+def _read_slowly(dispatcher, clock, job, workers, duration):
+    """Advances the clock by `duration` while `workers` heartbeat (a long read)."""
+    steps = int(duration / (TIMEOUT * 0.4)) + 1
+    for _ in range(steps):
+        clock.now += duration / steps
+        for worker in workers:
+            dispatcher.heartbeat(job, worker)
+
+
+class SlowShardTest(parameterized.TestCase):
+    @parameterized.parameters("round_robin", "least_loaded", "consistent_hash", "adaptive")
+    def test_a_read_longer_than_the_lease_timeout_finishes(self, policy):
+        dispatcher, clock = _core(_spec(1, policy), workers=("w0",))
+        (first,) = dispatcher.acquire("job", "w0", 1).leases
+        _read_slowly(dispatcher, clock, "job", ["w0"], 1.5 * TIMEOUT)
+        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+            dispatcher.commit("job", "w0", first.token)
+        (second,) = dispatcher.acquire("job", "w0", 1).leases
+        self.assertEqual(second.shard_index, first.shard_index)
+        _read_slowly(dispatcher, clock, "job", ["w0"], 1.5 * TIMEOUT)
+        dispatcher.commit("job", "w0", second.token)
+        dispatcher.complete("job", "w0", second.token)
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_lease_lifetimes_double_up_to_the_cap(self):
+        dispatcher, clock = _core(_spec(1), workers=("w0",))
+        lifetimes = []
+        for _ in range(core.MAX_LEASE_DOUBLINGS + 2):
+            granted = clock.now
+            (lease,) = dispatcher.acquire("job", "w0", 1).leases
+            while dispatcher.heartbeat("job", "w0") != [lease.token]:
+                clock.now += 1.0
+            lifetimes.append(clock.now - granted - 1.0)
+        expected = [TIMEOUT * 2**min(n, core.MAX_LEASE_DOUBLINGS) for n in range(len(lifetimes))]
+        self.assertEqual(lifetimes, expected)
+
+    def test_a_consistent_hash_owner_gets_its_expired_shard_back(self):
+        dispatcher, clock = _core(_spec(8, "consistent_hash"), workers=("w0", "w1"))
+        (slow,) = dispatcher.acquire("job", "w0", 1).leases
+        _read_slowly(dispatcher, clock, "job", ["w0", "w1"], 1.5 * TIMEOUT)
+        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+            dispatcher.commit("job", "w0", slow.token)
+        others = dispatcher.acquire("job", "w1", 8).leases  # w1 does not steal it
+        self.assertNotIn(slow.shard_index, [lease.shard_index for lease in others])
+        (again,) = dispatcher.acquire("job", "w0", 1).leases
+        self.assertEqual(again.shard_index, slow.shard_index)
+        _read_slowly(dispatcher, clock, "job", ["w0", "w1"], 1.5 * TIMEOUT)
+        dispatcher.complete("job", "w0", again.token)
+        for worker in ("w0", "w1"):
+            while leases := dispatcher.acquire("job", worker, 8).leases:
+                for lease in leases:
+                    dispatcher.complete("job", worker, lease.token)
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    def test_a_dead_consistent_hash_owners_shards_move_to_a_live_worker(self):
+        dispatcher, clock = _core(_spec(8, "consistent_hash"), workers=("w0", "w1"))
+        held = dispatcher.acquire("job", "w0", 8).leases
+        self.assertNotEmpty(held)
+        mine = dispatcher.acquire("job", "w1", 8).leases
+        self.assertLen(held + mine, 8)
+        for lease in mine:
+            dispatcher.complete("job", "w1", lease.token)
+        clock.now += TIMEOUT + 1  # w0 died holding its leases
+        taken = dispatcher.acquire("job", "w1", 8).leases
+        self.assertCountEqual([l.shard_index for l in taken], [l.shard_index for l in held])
+        for lease in taken:
+            dispatcher.complete("job", "w1", lease.token)
+        self.assertTrue(dispatcher.jobs()[0]["finished"])
+
+    @parameterized.parameters(1, 1000)
+    def test_slow_shards_survive_a_restart(self, snapshot_every):
+        work_dir = self.create_tempdir().full_path
+        journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
+        dispatcher, clock = _core(_spec(1), workers=("w0",), journal=journal)
+        dispatcher.acquire("job", "w0", 1)
+        clock.now += TIMEOUT + 1
+        dispatcher.expire_all()
+        journal.close()
+
+        restarted, clock = _core(
+            journal=journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
+        )
+        restarted.register_worker("job", "w0")
+        (lease,) = restarted.acquire("job", "w0", 1).leases
+        _read_slowly(restarted, clock, "job", ["w0"], 1.5 * TIMEOUT)
+        restarted.complete("job", "w0", lease.token)
+
+
 class ExactlyOnceTest(parameterized.TestCase):
     @parameterized.parameters("round_robin", "least_loaded", "consistent_hash", "adaptive")
     def test_every_shard_completed_once_per_epoch(self, policy):

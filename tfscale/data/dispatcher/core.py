@@ -6,7 +6,7 @@ also what recovery replays from the journal, so the state after a restart is
 the state before the crash. The clock does not carry over a restart, so:
 
 - lease deadlines restart at recovery time, with a grace period: a restored
-  lease lives `max(lease_timeout_s, restore_grace_s)` from recovery, so a
+  lease lives `max(its lifetime, restore_grace_s)` from recovery, so a
   live worker that is still reconnecting (gRPC backoff, its retry loop)
   keeps the leases it renews; a dead worker's come back after the grace;
 - throughput: each completion's record carries the time its worker spent on
@@ -25,6 +25,9 @@ Guarantees:
   (after a restart: the grace above, if longer); its shard, even if
   committed, becomes pending again (at the front) and its token is fenced:
   a worker dying mid-shard loses nothing;
+- a shard whose read outlasts its lease is not read forever: each time a
+  lease of it expires uncommitted, its next leases live twice as long (up
+  to `2**MAX_LEASE_DOUBLINGS` lease timeouts), under every policy;
 - a rejected request changes no state.
 
 Example:
@@ -95,6 +98,9 @@ MAX_STATUS_WORKERS = 1024
 # A heartbeat returns at most this many revoked tokens; the next one returns the rest.
 MAX_REVOKED_PER_REPLY = 100_000
 _RETRY_AFTER_S = 0.05
+# A shard's leases live at most this many doublings of `lease_timeout_s`. The
+# cap bounds how long an orphaned grant (its reply lost) of a slow shard waits.
+MAX_LEASE_DOUBLINGS = 6
 # How long a restored lease lives after recovery, at least: enough for the
 # workers' clients to notice the restart and heartbeat again.
 DEFAULT_RESTORE_GRACE_S = 10.0
@@ -138,6 +144,9 @@ class _Job:
         self.workers: dict[str, _Worker] = {}
         self.leases: dict[int, _ActiveLease] = {}
         self.grants = 0
+        # shard -> how many of its leases expired uncommitted (a slow read), for
+        # the job's lifetime: a shard slow to read is slow in every epoch.
+        self.slow: dict[int, int] = {}
         # epoch -> worker -> size of the shards it committed in that epoch
         self.epoch_counts: dict[int, dict[str, int]] = {}
         self.start_epoch(0)
@@ -158,6 +167,11 @@ class _Job:
     def holders(self, shard: int) -> list[int]:
         return [t for t, a in self.leases.items() if a.lease.shard_index == shard]
 
+    def lifetime(self, shard: int) -> float:
+        """How long a new lease of `shard` lives unless committed."""
+        doublings = min(self.slow.get(shard, 0), MAX_LEASE_DOUBLINGS)
+        return self.spec.lease_timeout_s * 2**doublings
+
 
 class DispatcherCore:
     """Jobs, epochs, shards and leases, safe to call from many threads.
@@ -166,7 +180,7 @@ class DispatcherCore:
       clock: seconds, monotonic; injectable for tests.
       journal: a recovered `journal.Journal`, or None for memory only.
       restore_grace_s: a lease restored from the journal lives at least this
-        long after recovery (and at least its job's `lease_timeout_s`), so
+        long after recovery (and at least its shard's lease lifetime), so
         that its worker has time to reconnect and renew it.
 
     Raises:
@@ -272,10 +286,11 @@ class DispatcherCore:
     def heartbeat(self, job: str, worker: str) -> list[int]:
         """Renews the worker's committed leases; returns tokens it has lost since.
 
-        Uncommitted leases are not renewed: one lives `lease_timeout_s` from
-        its grant unless the worker commits it. A grant whose reply was lost
-        (the dispatcher died after journaling it) is known to no worker, so
-        it must expire rather than be kept alive by its worker's heartbeats.
+        Uncommitted leases are not renewed: one lives `lease_timeout_s` (more
+        for a shard whose leases expired before) from its grant unless the
+        worker commits it. A grant whose reply was lost (the dispatcher died
+        after journaling it) is known to no worker, so it must expire rather
+        than be kept alive by its worker's heartbeats.
         A renewal never shortens a deadline (a restored lease's grace).
         """
         with self._lock:
@@ -552,8 +567,10 @@ class DispatcherCore:
         elif op == "complete":
             self._apply_commit(state, record["token"])
             self._apply_complete(state, record["token"], record.get("busy_s"), now)
-        elif op in ("release", "expire"):
-            self._end_lease(state, record["token"], revoke=op == "expire")
+        elif op == "release":
+            self._end_lease(state, record["token"], revoke=False)
+        elif op == "expire":
+            self._apply_expire(state, record["token"])
         else:
             raise ValueError(f"Unknown journal record op {op!r}")
 
@@ -563,6 +580,15 @@ class DispatcherCore:
             return
         for token in [t for t, a in state.leases.items() if a.lease.worker == worker]:
             self._end_lease(state, token, revoke=True)
+
+    def _apply_expire(self, state: _Job, token: int) -> None:
+        # Heartbeats do not renew an uncommitted lease (see `heartbeat`), so a
+        # read that outlasts the lease would fail again on every re-grant; its
+        # shard's next leases live longer instead.
+        if not state.leases[token].committed:
+            shard = state.leases[token].lease.shard_index
+            state.slow[shard] = state.slow.get(shard, 0) + 1
+        self._end_lease(state, token, revoke=True)
 
     def _end_lease(self, state: _Job, token: int, revoke: bool) -> None:
         """Ends a lease unfinished: its shard is pending again unless held or done."""
@@ -600,7 +626,7 @@ class DispatcherCore:
         )
         if not record["speculative"]:
             state.pending.remove(shard)
-        state.leases[lease.token] = _ActiveLease(lease, now, now + state.spec.lease_timeout_s)
+        state.leases[lease.token] = _ActiveLease(lease, now, now + state.lifetime(shard))
         state.grants += 1
         self._next_token = max(self._next_token, lease.token + 1)
 
@@ -645,6 +671,7 @@ class DispatcherCore:
                  "done": sorted(state.done), "grants": state.grants,
                  "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
                  "offsets": {str(k): v for k, v in state.offsets.items()},
+                 "slow": {str(k): v for k, v in state.slow.items()},
                  "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
                              for w in state.workers.values()],
                  "leases": [dataclasses.asdict(a.lease) | {"committed": a.committed}
@@ -660,9 +687,9 @@ class DispatcherCore:
         for record in records:
             self._apply(record, now)
         for state in self._jobs.values():
-            lifetime = max(state.spec.lease_timeout_s, self._restore_grace_s)
             for active in state.leases.values():
-                active.deadline = now + lifetime
+                lifetime = state.lifetime(active.lease.shard_index)
+                active.deadline = now + max(lifetime, self._restore_grace_s)
 
     def _restore(self, snapshot: dict[str, Any], now: float) -> None:
         self._next_token = snapshot["next_token"]
@@ -674,6 +701,7 @@ class DispatcherCore:
             state.grants = saved["grants"]
             state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
             state.offsets = {int(k): v for k, v in saved["offsets"].items()}
+            state.slow = {int(k): v for k, v in saved.get("slow", {}).items()}
             for w in saved["workers"]:
                 if "timed_size" not in w:  # an old snapshot: forget the times
                     w = {**w, "timed_size": 0, "busy_s": 0.0}

@@ -14,9 +14,10 @@ Policies, by name (`make_policy(name)`):
 - `"least_loaded"`: least connections weighted by shard size. Pending shards go
   largest first, and only while the requester stays within one (largest) shard
   of the least-loaded other worker; an idle requester always gets one.
-- `"consistent_hash"`: bounded-load rendezvous hashing of shard names onto
-  worker names. The same worker set gives the same owners in every epoch and
-  process, so workers keep their shards (and their caches); it never steals.
+- `"consistent_hash"`: consistent hashing of shard names onto a ring of
+  virtual worker nodes. The same worker set gives the same owners in every
+  epoch and process, so workers keep their shards (and their caches); a
+  join or leave moves (and recomputes) only its share; it never steals.
 - `"adaptive"`: throughput-weighted. A worker of unknown speed gets one small
   shard (a probe); faster workers get more and larger shards; a slower one
   gets only shards it can finish before the others would finish the rest;
@@ -35,6 +36,7 @@ selection.shards  # e.g. (0, 3)
 from __future__ import annotations
 
 import abc
+import bisect
 import dataclasses
 import hashlib
 import math
@@ -61,6 +63,10 @@ ShardIndex = int
 WorkerName = str
 # Shard name -> owning worker name.
 Assignment = dict[str, WorkerName]
+
+# Ring points per worker of `consistent_hash`: at 20k shards and 64 workers the
+# shares lie within 0.84 and 1.16 of the mean (standard deviation 8%).
+DEFAULT_VIRTUAL_NODES = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,59 +267,159 @@ class LeastLoaded(Policy):
         return least + max(view.sizes[shard] for shard in candidates)
 
 
-def _score(shard_name: str, worker: WorkerName) -> int:
-    """A stable 64-bit rendezvous score; Python's `hash()` is salted per process."""
-    data = shard_name.encode("utf-8") + b"\x00" + worker.encode("utf-8")
+def _hash(key: str) -> int:
+    """A stable 64-bit hash; Python's `hash()` is salted per process."""
+    data = key.encode("utf-8", "surrogatepass")  # names may hold lone surrogates
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-class ConsistentHash(Policy):
-    """Bounded-load rendezvous hashing of shard names onto workers.
+def _vnode_key(worker: WorkerName, replica: int) -> str:
+    # Only digits follow the last NUL, so distinct (worker, replica) give distinct keys.
+    return f"{worker}\x00{replica}"
 
-    Each shard, in name order, goes to the highest-scoring worker that is below
-    capacity `ceil(load_factor * num_shards / num_workers)`, the score being a
-    stable 64-bit hash of (shard name, worker name). The assignment depends only
-    on the shard names and the worker set, so it is the same in every epoch and
-    process; when a worker joins or leaves, few shards change owner. A worker
-    gets only its own pending shards: this policy never steals.
+
+class _Ring:
+    """A consistent-hash ring of shards and virtual nodes, updated in place.
+
+    A shard belongs to the worker of the first virtual node at or after the
+    shard's hash (wrapping around); virtual nodes of equal hash are ordered by
+    worker name. A join takes only the shards in the new virtual nodes'
+    segments, a leave hands on only the leaving worker's shards: each
+    membership change recomputes the owners of the shards that move, and
+    counts them in `recomputed`.
+    """
+
+    def __init__(self, shard_names: Sequence[str], virtual_nodes: int) -> None:
+        self._virtual_nodes = virtual_nodes
+        hashes = [_hash(name) for name in shard_names]
+        # Shard indices sorted by hash, and their hashes, for segment lookups.
+        self._by_hash = sorted(range(len(hashes)), key=lambda shard: (hashes[shard], shard))
+        self._sorted_hashes = [hashes[shard] for shard in self._by_hash]
+        self._hashes = hashes
+        self._nodes: list[tuple[int, WorkerName]] = []
+        self.owners: list[Optional[WorkerName]] = [None] * len(hashes)
+        self._owned: dict[WorkerName, set[ShardIndex]] = {}
+        self.recomputed = 0
+
+    @property
+    def workers(self) -> frozenset[WorkerName]:
+        return frozenset(self._owned)
+
+    def update(self, workers: Sequence[WorkerName]) -> None:
+        """Makes `workers` the ring's worker set, moving only the shards that change owner."""
+        wanted = set(workers)
+        for worker in sorted(self._owned.keys() - wanted):
+            self._leave(worker)
+        joining = sorted(wanted - self._owned.keys())
+        if not self._owned and joining:  # every shard moves: place them all at once
+            for worker in joining:
+                self._owned[worker] = set()
+                self._nodes.extend(self._vnodes(worker))
+            self._nodes.sort()
+            self._reassign(range(len(self.owners)))
+            return
+        for worker in joining:
+            self._join(worker)
+
+    def _vnodes(self, worker: WorkerName) -> list[tuple[int, WorkerName]]:
+        return [(_hash(_vnode_key(worker, r)), worker) for r in range(self._virtual_nodes)]
+
+    def _owner_of(self, shard: ShardIndex) -> WorkerName:
+        i = bisect.bisect_left(self._nodes, (self._hashes[shard], ""))
+        return self._nodes[i % len(self._nodes)][1]
+
+    def _reassign(self, shards: Sequence[ShardIndex]) -> None:
+        for shard in shards:
+            old = self.owners[shard]
+            new = self._owner_of(shard) if self._nodes else None
+            self.recomputed += 1
+            if old == new:
+                continue
+            if old is not None:
+                self._owned[old].discard(shard)
+            if new is not None:
+                self._owned[new].add(shard)
+            self.owners[shard] = new
+
+    def _leave(self, worker: WorkerName) -> None:
+        gone = set(self._vnodes(worker))
+        self._nodes = [node for node in self._nodes if node not in gone]
+        self._reassign(sorted(self._owned[worker]))
+        del self._owned[worker]
+
+    def _join(self, worker: WorkerName) -> None:
+        self._owned[worker] = set()
+        for node in self._vnodes(worker):
+            bisect.insort(self._nodes, node)
+        moved = set()
+        for node in self._vnodes(worker):
+            moved.update(self._segment(bisect.bisect_left(self._nodes, node)))
+        self._reassign(sorted(moved))
+
+    def _segment(self, i: int) -> list[ShardIndex]:
+        """Shards whose hash lies in (hash of node i-1, hash of node i], wrapping."""
+        low, high = self._nodes[i - 1][0], self._nodes[i][0]
+        left = bisect.bisect_right(self._sorted_hashes, low)
+        right = bisect.bisect_right(self._sorted_hashes, high)
+        if low < high:
+            return self._by_hash[left:right]
+        if low == high:  # an equal-hash predecessor owns them still
+            return []
+        return self._by_hash[left:] + self._by_hash[:right]
+
+
+class ConsistentHash(Policy):
+    """Consistent hashing of shard names onto a ring of virtual worker nodes.
+
+    Each worker places `virtual_nodes` points on a 64-bit ring (stable hashes
+    of its name); a shard belongs to the worker of the first point at or
+    after its name's hash. The assignment depends only on the shard names
+    and the live worker set, so it is the same in every epoch and process.
+    When a worker joins, it takes only shards from the segments its points
+    split; when one leaves, only its own shards move, each to the next point
+    on the ring. Only those moved shards are recomputed, so a membership
+    change costs the moved share, not the whole job. More virtual nodes
+    even out the shares (about `1 / sqrt(virtual_nodes)` relative spread). A
+    worker gets only its own pending shards: this policy never steals.
 
     Args:
-      load_factor: how far above the mean a worker's shard count may go; >= 1.0.
+      virtual_nodes: ring points per worker; >= 1.
 
     Raises:
-      ValueError: for a `load_factor` below 1.0.
+      ValueError: for fewer than one virtual node.
 
     Example:
 
     ```python
-    policy = ConsistentHash(load_factor=1.25)
+    policy = ConsistentHash(virtual_nodes=128)
     owners = policy.assignment(["a", "b", "c", "d"], ["worker-0", "worker-1"])
-    sorted(owners)  # ['a', 'b', 'c', 'd']; no worker owns more than 3
+    sorted(owners)  # ['a', 'b', 'c', 'd']
     ```
     """
 
     name = "consistent_hash"
 
-    def __init__(self, load_factor: float = 1.25) -> None:
-        if not load_factor >= 1.0:
-            raise ValueError(f"load_factor must be >= 1.0. Received: load_factor={load_factor}")
-        self._load_factor = float(load_factor)
-        self._cache_key: Optional[tuple[tuple[str, ...], tuple[WorkerName, ...]]] = None
-        self._cache: Assignment = {}
-        # (id of view.names, workers) -> owner of each shard index
-        self._view_key: Optional[tuple[int, int, tuple[WorkerName, ...]]] = None
-        self._view_owners: list[WorkerName] = []
+    def __init__(self, virtual_nodes: int = DEFAULT_VIRTUAL_NODES) -> None:
+        if not (isinstance(virtual_nodes, int) and virtual_nodes >= 1):
+            raise ValueError(
+                f"virtual_nodes must be an int >= 1. Received: virtual_nodes={virtual_nodes!r}"
+            )
+        self._virtual_nodes = virtual_nodes
+        self._ring: Optional[_Ring] = None
+        # The `view.names` the ring was built for: held, so that its id is not reused.
+        self._ring_names: Optional[Union[Sequence[str], Mapping[int, str]]] = None
 
     @property
-    def load_factor(self) -> float:
-        return self._load_factor
+    def virtual_nodes(self) -> int:
+        return self._virtual_nodes
+
+    @property
+    def recomputed(self) -> int:
+        """Shard owners computed so far by `select` (a measure of its work)."""
+        return self._ring.recomputed if self._ring is not None else 0
 
     def __repr__(self) -> str:
-        return f"ConsistentHash(load_factor={self._load_factor})"
-
-    def capacity(self, num_shards: int, num_workers: int) -> int:
-        """The most shards one worker may own."""
-        return math.ceil(self._load_factor * num_shards / num_workers)
+        return f"ConsistentHash(virtual_nodes={self._virtual_nodes})"
 
     def assignment(self, shard_names: Sequence[str], workers: Sequence[WorkerName]) -> Assignment:
         """Maps every shard name to its owning worker.
@@ -328,7 +434,13 @@ class ConsistentHash(Policy):
         Raises:
           ValueError: when `workers` is empty but `shard_names` is not.
         """
-        return dict(self._owners(shard_names, workers))
+        if shard_names and not workers:
+            raise ValueError(
+                f"Cannot assign {len(shard_names)} shards to no workers. Received: workers=()"
+            )
+        ring = _Ring(shard_names, self._virtual_nodes)
+        ring.update(workers)
+        return dict(zip(shard_names, ring.owners))
 
     def select(self, view: PolicyView, max_shards: int) -> Selection:
         _check_max_shards(max_shards)
@@ -343,41 +455,15 @@ class ConsistentHash(Policy):
                 own.append(shard)
         return Selection(shards=tuple(own))
 
-    def _shard_owners(self, view: PolicyView) -> list[WorkerName]:
-        """Owner by shard index, recomputed only when the workers change."""
-        key = (id(view.names), len(view.names), tuple(view.live_workers))
-        if key != self._view_key:
+    def _shard_owners(self, view: PolicyView) -> list[Optional[WorkerName]]:
+        """Owner by shard index; a change of live workers moves only their share."""
+        if view.names is not self._ring_names:
             names = [view.names[shard] for shard in range(len(view.names))]
-            owners = self._owners(names, view.live_workers)
-            self._view_owners = [owners[name] for name in names]
-            self._view_key = key
-        return self._view_owners
-
-    def _owners(self, shard_names: Sequence[str], workers: Sequence[WorkerName]) -> Assignment:
-        """Like `assignment`, but returns the cached dict itself."""
-        key = (tuple(shard_names), tuple(workers))
-        if key != self._cache_key:
-            self._cache = self._compute(*key)
-            self._cache_key = key
-        return self._cache
-
-    def _compute(self, shard_names: tuple[str, ...], workers: tuple[WorkerName, ...]) -> Assignment:
-        if not shard_names:
-            return {}
-        if not workers:
-            raise ValueError(
-                f"Cannot assign {len(shard_names)} shards to no workers. Received: workers=()"
-            )
-        capacity = self.capacity(len(shard_names), len(workers))
-        load = {worker: 0 for worker in workers}
-        owners = {}
-        for shard_name in sorted(shard_names):
-            # Name breaks score ties, so the result does not depend on the workers' order.
-            ranked = sorted(workers, key=lambda w: (-_score(shard_name, w), w))
-            owner = next(w for w in ranked if load[w] < capacity)
-            owners[shard_name] = owner
-            load[owner] += 1
-        return owners
+            self._ring = _Ring(names, self._virtual_nodes)
+            self._ring_names = view.names
+        if self._ring.workers != frozenset(view.live_workers):
+            self._ring.update(view.live_workers)
+        return self._ring.owners
 
 
 class Adaptive(Policy):
