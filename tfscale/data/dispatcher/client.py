@@ -222,8 +222,9 @@ class ShardConsumer:
     committed leases, so a prefetched lease left uncommitted while training
     consumes the shards before it would expire after `lease_timeout_s` and
     its shard would be read again. The batch's shards are thus held in
-    memory together (`max_shards` of them), and reading them must take less
-    than `lease_timeout_s`.
+    memory together (`max_shards` of them). A read that outlasts its lease
+    is not lost work for long: the shard is granted again with a lease twice
+    as long each time (up to 64 lease timeouts).
 
     When the job equalizes its consumers (`num_consumers`, `equalize`),
     every consumer yields the same number of elements per epoch: with
