@@ -3,7 +3,6 @@
 import collections
 import dataclasses
 import heapq
-import math
 import random
 from typing import Mapping
 from typing import Optional
@@ -13,6 +12,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from tfscale.data.dispatcher import hash_ring
 from tfscale.data.dispatcher import policies
 
 
@@ -373,7 +373,7 @@ class ConsistentHashTest(parameterized.TestCase):
     def test_repeated_calls_use_the_cached_owners(self):
         policy = policies.ConsistentHash()
         view = make_view("w0", ["w0", "w1"], range(20))
-        with mock.patch.object(policies, "_hash", wraps=policies._hash) as hashed:
+        with mock.patch.object(hash_ring, "stable_hash", wraps=hash_ring.stable_hash) as hashed:
             policy.select(view, max_shards=1)
             calls = hashed.call_count
             policy.select(view, max_shards=1)

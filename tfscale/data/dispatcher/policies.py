@@ -36,15 +36,15 @@ selection.shards  # e.g. (0, 3)
 from __future__ import annotations
 
 import abc
-import bisect
 import dataclasses
-import hashlib
 import math
 import statistics
 from typing import Mapping
 from typing import Optional
 from typing import Sequence
 from typing import Union
+
+from tfscale.data.dispatcher import hash_ring
 
 __all__ = [
     "POLICIES",
@@ -267,107 +267,6 @@ class LeastLoaded(Policy):
         return least + max(view.sizes[shard] for shard in candidates)
 
 
-def _hash(key: str) -> int:
-    """A stable 64-bit hash; Python's `hash()` is salted per process."""
-    data = key.encode("utf-8", "surrogatepass")  # names may hold lone surrogates
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
-
-
-def _vnode_key(worker: WorkerName, replica: int) -> str:
-    # Only digits follow the last NUL, so distinct (worker, replica) give distinct keys.
-    return f"{worker}\x00{replica}"
-
-
-class _Ring:
-    """A consistent-hash ring of shards and virtual nodes, updated in place.
-
-    A shard belongs to the worker of the first virtual node at or after the
-    shard's hash (wrapping around); virtual nodes of equal hash are ordered by
-    worker name. A join takes only the shards in the new virtual nodes'
-    segments, a leave hands on only the leaving worker's shards: each
-    membership change recomputes the owners of the shards that move, and
-    counts them in `recomputed`.
-    """
-
-    def __init__(self, shard_names: Sequence[str], virtual_nodes: int) -> None:
-        self._virtual_nodes = virtual_nodes
-        hashes = [_hash(name) for name in shard_names]
-        # Shard indices sorted by hash, and their hashes, for segment lookups.
-        self._by_hash = sorted(range(len(hashes)), key=lambda shard: (hashes[shard], shard))
-        self._sorted_hashes = [hashes[shard] for shard in self._by_hash]
-        self._hashes = hashes
-        self._nodes: list[tuple[int, WorkerName]] = []
-        self.owners: list[Optional[WorkerName]] = [None] * len(hashes)
-        self._owned: dict[WorkerName, set[ShardIndex]] = {}
-        self.recomputed = 0
-
-    @property
-    def workers(self) -> frozenset[WorkerName]:
-        return frozenset(self._owned)
-
-    def update(self, workers: Sequence[WorkerName]) -> None:
-        """Makes `workers` the ring's worker set, moving only the shards that change owner."""
-        wanted = set(workers)
-        for worker in sorted(self._owned.keys() - wanted):
-            self._leave(worker)
-        joining = sorted(wanted - self._owned.keys())
-        if not self._owned and joining:  # every shard moves: place them all at once
-            for worker in joining:
-                self._owned[worker] = set()
-                self._nodes.extend(self._vnodes(worker))
-            self._nodes.sort()
-            self._reassign(range(len(self.owners)))
-            return
-        for worker in joining:
-            self._join(worker)
-
-    def _vnodes(self, worker: WorkerName) -> list[tuple[int, WorkerName]]:
-        return [(_hash(_vnode_key(worker, r)), worker) for r in range(self._virtual_nodes)]
-
-    def _owner_of(self, shard: ShardIndex) -> WorkerName:
-        i = bisect.bisect_left(self._nodes, (self._hashes[shard], ""))
-        return self._nodes[i % len(self._nodes)][1]
-
-    def _reassign(self, shards: Sequence[ShardIndex]) -> None:
-        for shard in shards:
-            old = self.owners[shard]
-            new = self._owner_of(shard) if self._nodes else None
-            self.recomputed += 1
-            if old == new:
-                continue
-            if old is not None:
-                self._owned[old].discard(shard)
-            if new is not None:
-                self._owned[new].add(shard)
-            self.owners[shard] = new
-
-    def _leave(self, worker: WorkerName) -> None:
-        gone = set(self._vnodes(worker))
-        self._nodes = [node for node in self._nodes if node not in gone]
-        self._reassign(sorted(self._owned[worker]))
-        del self._owned[worker]
-
-    def _join(self, worker: WorkerName) -> None:
-        self._owned[worker] = set()
-        for node in self._vnodes(worker):
-            bisect.insort(self._nodes, node)
-        moved = set()
-        for node in self._vnodes(worker):
-            moved.update(self._segment(bisect.bisect_left(self._nodes, node)))
-        self._reassign(sorted(moved))
-
-    def _segment(self, i: int) -> list[ShardIndex]:
-        """Shards whose hash lies in (hash of node i-1, hash of node i], wrapping."""
-        low, high = self._nodes[i - 1][0], self._nodes[i][0]
-        left = bisect.bisect_right(self._sorted_hashes, low)
-        right = bisect.bisect_right(self._sorted_hashes, high)
-        if low < high:
-            return self._by_hash[left:right]
-        if low == high:  # an equal-hash predecessor owns them still
-            return []
-        return self._by_hash[left:] + self._by_hash[:right]
-
-
 class ConsistentHash(Policy):
     """Consistent hashing of shard names onto a ring of virtual worker nodes.
 
@@ -405,7 +304,7 @@ class ConsistentHash(Policy):
                 f"virtual_nodes must be an int >= 1. Received: virtual_nodes={virtual_nodes!r}"
             )
         self._virtual_nodes = virtual_nodes
-        self._ring: Optional[_Ring] = None
+        self._ring: Optional[hash_ring.HashRing] = None
         # The `view.names` the ring was built for: held, so that its id is not reused.
         self._ring_names: Optional[Union[Sequence[str], Mapping[int, str]]] = None
 
@@ -438,7 +337,7 @@ class ConsistentHash(Policy):
             raise ValueError(
                 f"Cannot assign {len(shard_names)} shards to no workers. Received: workers=()"
             )
-        ring = _Ring(shard_names, self._virtual_nodes)
+        ring = hash_ring.HashRing(shard_names, self._virtual_nodes)
         ring.update(workers)
         return dict(zip(shard_names, ring.owners))
 
@@ -459,7 +358,7 @@ class ConsistentHash(Policy):
         """Owner by shard index; a change of live workers moves only their share."""
         if view.names is not self._ring_names:
             names = [view.names[shard] for shard in range(len(view.names))]
-            self._ring = _Ring(names, self._virtual_nodes)
+            self._ring = hash_ring.HashRing(names, self._virtual_nodes)
             self._ring_names = view.names
         if self._ring.workers != frozenset(view.live_workers):
             self._ring.update(view.live_workers)
