@@ -34,7 +34,7 @@ BENCHMARKS = {
     "faults": (
         "faults.py",
         ["--quick", "--systems=tfscale,tf.data"],
-        ["summary"],
+        ["summary", "journal_restart"],
         "faults.png",
     ),
     "dispatcher_grant_rate": (

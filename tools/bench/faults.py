@@ -28,7 +28,17 @@ Scenarios (`--scenarios`):
   TensorFlow beforehand, so both systems are down for about as long);
 - `trainer_kill+dispatcher_restart`: both, in that order;
 - `data_worker_kill` (tf.data only; tfscale has no separate reader tier):
-  SIGKILL of one tf.data `WorkerServer` at `--kill_at`.
+  SIGKILL of one tf.data `WorkerServer` at `--kill_at`;
+- `dispatcher_restarts` (tfscale only): `--restarts` SIGKILLs of the
+  dispatcher, each followed `--downtime_s` later by a restart on the same
+  port and work_dir, the k-th once k/(restarts+1) of the ids were trained;
+  run it with a short `--lease_timeout_s` (2). Also reported: `restart_s`,
+  the median time from starting a restarted dispatcher to its listening
+  (its stdout is polled every 50 ms; `faults_restarts.py` times it finer).
+
+Unless `--nojournal_restart`, `faults_restarts.py` also times the restart of
+a dispatcher whose work_dir holds a long journal (`--journal_records`), with
+snapshots off and every `--snapshot_interval` records.
 
 What "reached training" means, the same for every setup: a trainer takes
 `--batch` ids from its input, computes for `--step_s`, then commits the step
@@ -53,7 +63,13 @@ All traffic is on 127.0.0.1.
 
   .venv/bin/python tools/bench/faults.py --out=/tmp/tfscale_bench/faults --repeats=5
 
-A smoke run (< 90 s: one run of the combined scenario per setup, 24 shards):
+Repeated restarts only:
+
+  .venv/bin/python tools/bench/faults.py --systems=tfscale --scenarios=dispatcher_restarts \\
+      --restarts=20 --lease_timeout_s=2 --repeats=1 --out=/tmp/tfscale_bench/faults_restarts
+
+A smoke run (< 2 min: one run of the combined scenario per setup, 2 restarts,
+24 shards, a short journal):
 
   .venv/bin/python tools/bench/faults.py --quick --out=/tmp/tfscale_bench/faults_quick
 """
@@ -78,6 +94,8 @@ from typing import Optional
 from absl import app
 from absl import flags
 
+import faults_restarts
+
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WORKER = os.path.join(_REPO, "tools", "bench", "fault_worker.py")
 _SYSTEMS = ("tfscale", "tfscale-pipeline", "tf.data")
@@ -86,14 +104,17 @@ _SCENARIOS = (
     "dispatcher_restart",
     "trainer_kill+dispatcher_restart",
     "data_worker_kill",
+    "dispatcher_restarts",
 )
-_QUICK_SCENARIOS = ["trainer_kill+dispatcher_restart"]
+_QUICK_SCENARIOS = ["trainer_kill+dispatcher_restart", "dispatcher_restarts"]
 
 _OUT = flags.DEFINE_string("out", "/tmp/tfscale_bench/faults", "Output directory.")
 _REPEATS = flags.DEFINE_integer(
     "repeats", 5, "Runs per system and scenario (medians are reported)."
 )
-_QUICK = flags.DEFINE_bool("quick", False, "Smoke run: 1 repeat, 24 shards, the combined scenario.")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "Smoke run: 1 repeat, 24 shards, the combined scenario, 2 restarts."
+)
 _SYSTEMS_FLAG = flags.DEFINE_list("systems", list(_SYSTEMS), f"Systems: {', '.join(_SYSTEMS)}.")
 _SCENARIOS_FLAG = flags.DEFINE_list(
     "scenarios", list(_SCENARIOS), f"Scenarios: {', '.join(_SCENARIOS)}."
@@ -110,6 +131,9 @@ flags.DEFINE_string("policy", "round_robin", "tfscale shard policy.")
 flags.DEFINE_float("kill_at", 0.25, "Fraction of the epoch trained when a process is killed.")
 flags.DEFINE_float("restart_at", 0.5, "Fraction of the epoch trained when the dispatcher dies.")
 flags.DEFINE_float("downtime_s", 1.0, "Seconds the dispatcher stays dead.")
+flags.DEFINE_integer("restarts", 20, "Dispatcher restarts in the dispatcher_restarts scenario.")
+flags.DEFINE_float("restore_grace_s", 10.0, "tfscale dispatcher --restore_grace_s.")
+flags.DEFINE_integer("snapshot_interval", 10_000, "tfscale dispatcher --snapshot_interval.")
 flags.DEFINE_float(
     "timeout_s", 30.0, "Seconds after the last fault before survivors count as stalled."
 )
@@ -136,6 +160,9 @@ class Settings:
       restart_at: epoch fraction at which the dispatcher dies.
       downtime_s: seconds before the dispatcher restarts.
       timeout_s: seconds after the last fault before survivors count as stalled.
+      restarts: dispatcher restarts in the `dispatcher_restarts` scenario.
+      restore_grace_s: tfscale's lifetime floor of a lease restored after a restart.
+      snapshot_interval: tfscale journal records between snapshots.
     """
 
     num_shards: int
@@ -150,6 +177,9 @@ class Settings:
     restart_at: float
     downtime_s: float
     timeout_s: float
+    restarts: int
+    restore_grace_s: float
+    snapshot_interval: int
 
     @property
     def num_ids(self) -> int:
@@ -274,8 +304,8 @@ class _System:
     def prepare_restart(self) -> None:
         """Readies a restart ahead of time (tf.data: a standby that imported TensorFlow)."""
 
-    def restart_dispatcher(self) -> None:
-        """Starts a dispatcher on the same port and work_dir; returns once it serves."""
+    def restart_dispatcher(self, name: str) -> None:
+        """Starts dispatcher `name` on the same port and work_dir; returns once it serves."""
         raise NotImplementedError
 
     def start_data_workers(self) -> None:
@@ -299,11 +329,13 @@ class _Tfscale(_System):
             "-m", "tfscale.data.dispatcher", "serve", port=self.port, work_dir=self.work_dir
         )
         argv += _argv(shards=f"range:{s.num_ids}:{s.shard_size}", job="audit", policy=s.policy)
-        self.procs.start(name, argv + _argv(num_epochs=1, lease_timeout_s=s.lease_timeout_s))
+        argv += _argv(num_epochs=1, lease_timeout_s=s.lease_timeout_s)
+        argv += _argv(restore_grace_s=s.restore_grace_s, snapshot_interval=s.snapshot_interval)
+        self.procs.start(name, argv)
         self.procs.wait_for_line(name, "tfscale-dispatcher listening on", _START_TIMEOUT_S.value)
 
-    def restart_dispatcher(self) -> None:
-        self.start_dispatcher("restarted_dispatcher")
+    def restart_dispatcher(self, name: str) -> None:
+        self.start_dispatcher(name)
 
 
 class _TfscalePipeline(_Tfscale):
@@ -321,7 +353,8 @@ class _TfData(_System):
         self.procs.start("restarted_dispatcher", self._dispatcher_argv(self._start_file))
         self.procs.wait_for_line("restarted_dispatcher", "STANDBY", _START_TIMEOUT_S.value)
 
-    def restart_dispatcher(self) -> None:
+    def restart_dispatcher(self, name: str) -> None:
+        del name  # the standby of `prepare_restart`
         with open(self._start_file, "w"):
             pass
         self.procs.wait_for_line("restarted_dispatcher", "READY", _START_TIMEOUT_S.value)
@@ -372,7 +405,10 @@ class _Run:
         self.system = _make_system(system, self.procs, settings)
         self.trainers = [f"trainer{i}" for i in range(settings.trainers)]
         self.victim = self.trainers[1 % len(self.trainers)]
+        self.faults = set(scenario.split("+"))
+        self.dispatcher = "dispatcher"
         self.events: dict[str, float] = {}
+        self.restart_s: list[float] = []
 
     def logs(self) -> dict[str, TrainerLog]:
         return {name: TrainerLog.read(self.procs.path(f"{name}.log")) for name in self.trainers}
@@ -388,7 +424,7 @@ class _Run:
         try:
             self.system.start_dispatcher()
             self.system.start_data_workers()
-            if "dispatcher_restart" in self.scenario:
+            if "dispatcher_restart" in self.faults:
                 self.system.prepare_restart()
             self.events["start"] = time.time()
             self.system.start_trainers(self.trainers)
@@ -403,18 +439,32 @@ class _Run:
     def _inject_faults(self) -> None:
         s = self.settings
         deadline = time.time() + _START_TIMEOUT_S.value + s.timeout_s
-        if "trainer_kill" in self.scenario:
+        if "trainer_kill" in self.faults:
             if _wait(self._victim_holds_work, self.going, deadline):
                 self.events["trainer_killed"] = self.procs.kill(self.victim)
-        if self.scenario == "data_worker_kill":
+        if "data_worker_kill" in self.faults:
             if _wait(lambda: self.trained() >= s.kill_at * s.num_ids, self.going, deadline):
                 self.events["data_worker_killed"] = self.procs.kill("data_worker0")
-        if "dispatcher_restart" in self.scenario:
+        if "dispatcher_restart" in self.faults:
             if _wait(lambda: self.trained() >= s.restart_at * s.num_ids, self.going, deadline):
-                self.events["dispatcher_killed"] = self.procs.kill("dispatcher")
-                time.sleep(s.downtime_s)
-                self.system.restart_dispatcher()
-                self.events["dispatcher_restarted"] = time.time()
+                self._restart_dispatcher("")
+        if "dispatcher_restarts" in self.faults:
+            for k in range(1, s.restarts + 1):
+                due = k / (s.restarts + 1) * s.num_ids
+                deadline = time.time() + _START_TIMEOUT_S.value + s.timeout_s
+                if not _wait(lambda: self.trained() >= due, self.going, deadline):
+                    break
+                self._restart_dispatcher(f"_{k}")
+
+    def _restart_dispatcher(self, suffix: str) -> None:
+        """Kills the running dispatcher and starts `restarted_dispatcher<suffix>`."""
+        self.events[f"dispatcher_killed{suffix}"] = self.procs.kill(self.dispatcher)
+        time.sleep(self.settings.downtime_s)
+        self.dispatcher = f"restarted_dispatcher{suffix}"
+        started = time.time()
+        self.system.restart_dispatcher(self.dispatcher)
+        self.events[f"dispatcher_restarted{suffix}"] = time.time()
+        self.restart_s.append(self.events[f"dispatcher_restarted{suffix}"] - started)
 
     def _victim_holds_work(self) -> bool:
         s = self.settings
@@ -457,8 +507,13 @@ class _Run:
         missing = sum(1 for i in range(s.num_ids) if counts[i] == 0)
         faults = {k: v for k, v in self.events.items() if k not in ("start", "end")}
         started = self.events.get("start", 0.0)  # the trainers' start; the servers were up
-        expected = {"trainer_kill": 1, "dispatcher_restart": 2, "data_worker_kill": 1}
-        wanted = sum(n for k, n in expected.items() if k in self.scenario)
+        expected = {
+            "trainer_kill": 1,
+            "dispatcher_restart": 2,
+            "data_worker_kill": 1,
+            "dispatcher_restarts": 2 * s.restarts,
+        }
+        wanted = sum(n for k, n in expected.items() if k in self.faults)
         return {
             "system": self.system_name,
             "scenario": self.scenario,
@@ -469,6 +524,7 @@ class _Run:
             "relay_s": self._relay_s(logs),
             "stall_s": self._stall_s(logs, faults, self.events.get("end")),
             "epoch_s": self._epoch_s(logs),
+            "restart_s": round(statistics.median(self.restart_s), 3) if self.restart_s else None,
             "trained_per_trainer": {
                 n: sum(len(ids) for _, ids in log.steps) for n, log in logs.items()
             },
@@ -507,7 +563,7 @@ class _Run:
 def _settings() -> Settings:
     settings = Settings(**{f.name: flags.FLAGS[f.name].value for f in dataclasses.fields(Settings)})
     if _QUICK.value:
-        return dataclasses.replace(settings, num_shards=24, timeout_s=20.0)
+        return dataclasses.replace(settings, num_shards=24, timeout_s=20.0, restarts=2)
     return settings
 
 
@@ -526,6 +582,8 @@ def _cases() -> list[tuple[str, str]]:
         for scenario in scenarios
         for system in systems
         if not (scenario == "data_worker_kill" and system.startswith("tfscale"))
+        # tf.data restarts into one standby prepared ahead, so it restarts once.
+        and not (scenario == "dispatcher_restarts" and system == "tf.data")
     ]
 
 
@@ -534,6 +592,9 @@ def _stats(values: list) -> Optional[dict]:
     if not values:
         return None
     return {"median": statistics.median(values), "max": max(values), "n": len(values)}
+
+
+_METRICS = ("duplicates", "missing", "relay_s", "stall_s", "epoch_s", "restart_s")
 
 
 def _summarize(runs: list[dict]) -> dict:
@@ -546,10 +607,7 @@ def _summarize(runs: list[dict]) -> dict:
             "scenario": group[0]["scenario"],
             "runs": len(group),
             "outcomes": dict(collections.Counter(r["outcome"].split(":")[0] for r in group)),
-            **{
-                metric: _stats([r[metric] for r in group])
-                for metric in ("duplicates", "missing", "relay_s", "stall_s", "epoch_s")
-            },
+            **{metric: _stats([r[metric] for r in group]) for metric in _METRICS},
         }
         for key, group in summary.items()
     }
@@ -607,12 +665,12 @@ def _cell(stats: Optional[dict], digits: int = 0) -> str:
 
 
 def _print_table(summary: dict) -> None:
-    row_format = "{:16s} {:31s} {:14s} {:>12s} {:>13s} {:>11s} {:>11s} {:>11s}"
+    row_format = "{:16s} {:31s} {:14s} {:>12s} {:>13s} {:>11s} {:>11s} {:>11s} {:>11s}"
     print(row_format.format("system", "scenario", "outcomes", "dup med(max)", "miss med(max)",
-                            "re-lease s", "stall s", "epoch s"))  # fmt: skip
+                            "re-lease s", "stall s", "epoch s", "restart s"))  # fmt: skip
     for row in summary.values():
         outcomes = ",".join(f"{k}:{v}" for k, v in row["outcomes"].items())
-        times = [_cell(row[metric], 1) for metric in ("relay_s", "stall_s", "epoch_s")]
+        times = [_cell(row[m], 1) for m in ("relay_s", "stall_s", "epoch_s", "restart_s")]
         counts = [_cell(row["duplicates"]), _cell(row["missing"])]
         print(row_format.format(row["system"], row["scenario"], outcomes, *counts, *times))
 
@@ -641,9 +699,13 @@ def main(argv: list[str]) -> None:
                 print(
                     f"[{repeat + 1}/{repeats}] {system:16s} {scenario:32s} "
                     f"dup={result['duplicates']:<4d} miss={result['missing']:<4d} "
-                    f"re-lease={result['relay_s']} stall={result['stall_s']} {result['outcome']}",
+                    f"re-lease={result['relay_s']} stall={result['stall_s']} "
+                    f"restart={result['restart_s']} {result['outcome']}",
                     flush=True,
                 )
+        journal = faults_restarts.journal_restarts(
+            settings.snapshot_interval, os.path.join(scratch, "journal"), _QUICK.value
+        )
     finally:
         if not _KEEP_LOGS.value:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -653,12 +715,16 @@ def main(argv: list[str]) -> None:
         "repeats": repeats,
         "summary": summary,
         "runs": runs,
+        "journal_restart": journal,
     }
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:
         json.dump(results, f, indent=2)
     _plot(summary, os.path.join(_OUT.value, "faults.png"))
     _print_table(summary)
-    print(f"wrote {_OUT.value}/results.json and faults.png")
+    if journal:
+        faults_restarts.plot(journal, os.path.join(_OUT.value, "journal_restart.png"))
+        faults_restarts.print_table(journal)
+    print(f"wrote {_OUT.value}/results.json and its plots")
 
 
 if __name__ == "__main__":
