@@ -120,8 +120,7 @@ class KindSwitchTest(absltest.TestCase):
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("config.distribution: kind 'mirrored' takes no layout_map, mesh; ignored", result.stderr)
-        with open(os.path.join(workdir, lib.METRICS_FILE)) as f:
-            self.assertEqual(json.load(f)["kind"], "mirrored")
+        self.assertEqual(testutil.read_metrics(workdir)["kind"], "mirrored")
 
 
 class TensorBoardTest(absltest.TestCase):
