@@ -132,7 +132,7 @@ class RequestOrderTest(parameterized.TestCase):
             dispatcher.acquire("job", "w9")
         self.assertEqual(dispatcher.jobs()[0]["grants"], 0)
 
-    @parameterized.parameters(0, -1, core.MAX_SHARDS_PER_CALL + 1)
+    @parameterized.parameters(-1, core.MAX_SHARDS_PER_CALL + 1)
     def test_bad_max_shards_is_invalid(self, max_shards):
         dispatcher, _ = _core(_spec())
         with self.assertRaisesRegex(core.InvalidArgument, f"Received: max_shards={max_shards}"):

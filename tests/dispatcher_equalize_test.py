@@ -8,6 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards
@@ -41,7 +42,7 @@ def _run(equalize, num_consumers=3, policy="least_loaded"):
                     yield element
 
             client = client_lib.DispatcherClient(server.target)
-            consumers.append(client_lib.ShardConsumer(client, "eq", f"w{i}", read, max_shards=1))
+            consumers.append(feed_lib.ShardConsumer(client, "eq", f"w{i}", read, max_shards=1))
             elements.append([])
             threads.append(
                 threading.Thread(target=lambda c=consumers[-1], out=elements[-1]: out.extend(c))

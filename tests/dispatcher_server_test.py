@@ -11,6 +11,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
@@ -61,7 +62,14 @@ class ServerTest(parameterized.TestCase):
         self.assertEqual(status.workers[0].worker, "w0")
 
     @parameterized.parameters(
-        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="w0", max_shards=0),
+        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="w0", max_shards=-1),
+             code=grpc.StatusCode.INVALID_ARGUMENT),
+        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="w0", max_shards=1,
+                                                      claim=7),
+             code=grpc.StatusCode.INVALID_ARGUMENT),
+        dict(call="Acquire",
+             request=pb.AcquireRequest(job="train", worker="w0", max_shards=1, complete=[1],
+                                       progress=[pb.ShardProgress(token=1, offset=-5)]),
              code=grpc.StatusCode.INVALID_ARGUMENT),
         dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="ghost", max_shards=1),
              code=grpc.StatusCode.FAILED_PRECONDITION),
@@ -159,7 +167,7 @@ class OutageTest(absltest.TestCase):
 
     def test_a_consumer_fails_promptly_when_the_outage_outlasts_the_timeout(self):
         client = client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=1)
-        stream = iter(client_lib.ShardConsumer(client, "train", "w0", _read_range))
+        stream = iter(feed_lib.ShardConsumer(client, "train", "w0", _read_range))
         next(stream)
         self.server.stop()
         start = time.monotonic()
@@ -182,14 +190,14 @@ class PrefetchTest(absltest.TestCase):
         with server_lib.server_context() as server:
             client = client_lib.DispatcherClient(server.target)
             client.create_job(spec)
-            consumer = client_lib.ShardConsumer(client, "train", "w0", read, max_shards=2)
+            consumer = feed_lib.ShardConsumer(client, "train", "w0", read, max_shards=2)
             elements = []
             for element in consumer:
                 elements.append(element)
                 time.sleep(0.8)
         self.assertEqual(sorted(elements), [0, 1, 2, 3])
         self.assertEqual(sorted(reads), sorted(s.name for s in spec.shards))
-        self.assertEqual((consumer.dropped, consumer.lost), ([], []))
+        self.assertEqual(consumer.lost, [])
 
 
 class AuthTest(absltest.TestCase):

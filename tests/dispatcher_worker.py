@@ -13,6 +13,7 @@ import sys
 import time
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import shards
 
 
@@ -30,12 +31,12 @@ def main(address, job, worker, out, delay, hang_after):
             yield element
 
     client = client_lib.DispatcherClient(address)
-    consumer = client_lib.ShardConsumer(client, job, worker, read, max_shards=1)
+    consumer = feed_lib.ShardConsumer(client, job, worker, read, max_shards=1)
     with open(out, "a") as f:
         for element in consumer:
             f.write(f"{element}\n")
             f.flush()
-    print(f"DONE delivered={len(consumer.delivered)} dropped={len(consumer.dropped)}", flush=True)
+    print(f"DONE delivered={len(consumer.delivered)} lost={len(consumer.lost)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,41 @@
-"""Input through the shard dispatcher, as a `tf.data.Dataset`.
+"""Input through the shard dispatcher, as a `tf.data.Dataset` whose elements stay in tf.data.
+
+The leases flow beside the elements: a `LeaseFeed` (Python, per shard)
+yields the runs of shards to read; tf.data reads them with the user's
+`reader`, several shards at once (a parallel interleave with a cycle length
+and a bounded buffer per shard), and hands their elements on in the runs'
+order, one shard after another, so that a count of consumed elements maps
+to a position in the shards. After each run's last element comes a marker
+that never leaves the pipeline: when the consumer asks past it, one Python
+call books the shard finished (its completion rides on the next acquire).
 
 Example:
 
 ```python
 from tfscale.data import dispatched
-from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import readers
 
-data = dispatched.DispatchedInput(
-    "127.0.0.1:40123", "train", shards.read,
-    output_signature=tf.TensorSpec([], tf.int64), worker="worker-0")
-for element in data.dataset: ...
-position = data.position(consumed=1000)  # save it with the checkpoint
+source = dispatched.DispatchedInput(
+    "127.0.0.1:40123", "train", readers.records((28, 28, 1)), worker="worker-0")
+for element in source.dataset: ...
+source.report_consumed(1000)           # training consumed 1000 elements
+position = source.position(consumed=1000)  # save it with the checkpoint
 ```
 """
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any, Callable, Iterable, Optional
+import threading
+from typing import Any, Optional
 
 import tensorflow as tf
+from absl import logging
 
+from tfscale.data import identity
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import feed as feed_lib
+from tfscale.data.dispatcher import readers as readers_lib
 
 __all__ = [
     "DispatchedInput",
@@ -31,73 +43,99 @@ __all__ = [
     "dispatched_dataset",
 ]
 
+# Parallel interleave with a per-shard buffer: an upstream internal (the
+# public `interleave` sizes the buffer by `block_length`, unbounded here).
+try:
+    from tensorflow.python.data.ops import interleave_op as _interleave_op
+
+    _PARALLEL_INTERLEAVE = _interleave_op._ParallelInterleaveDataset  # pylint: disable=protected-access
+except (ImportError, AttributeError):  # pragma: no cover - a TF without it
+    _PARALLEL_INTERLEAVE = None
+# One shard at a time in the output (elements of a shard are consecutive).
+_WHOLE_SHARD = 2**62
+
 
 def default_worker_name() -> str:
-    """`<type>-<index>` of this task from TF_CONFIG, else `worker-0`.
-
-    The name must be stable across restarts (it keeps a worker's shard
-    affinity and lets a resumed run rewind its own position) and unique
-    among a job's consumers: processes without TF_CONFIG that share a job
-    must each pass their own `worker`.
-    """
-    task = json.loads(os.environ.get("TF_CONFIG", "{}") or "{}").get("task", {})
-    return f"{task.get('type', 'worker')}-{task.get('index', 0)}"
+    """This task's stable name from the resolved cluster (`identity.worker_name()`)."""
+    return identity.worker_name()
 
 
 class DispatchedInput:
     """Elements of the shards a dispatcher leases to this worker, as a dataset.
 
-    The worker registers, heartbeats from a background thread, leases up to
-    `max_shards` shards at a time, reads each with `read_fn(shard_name)`,
-    commits it before handing its elements on (a shard read twice, by a
-    speculative backup or after an expired lease, reaches training once),
-    and completes it after its last element was taken. Iterators closed
-    early give their shards back. The dataset ends with the job's last epoch.
+    Each iteration of `dataset` registers the worker, heartbeats from a
+    background thread, leases shards `max_shards` at a time (each acquire
+    carries the completions due and asks for the next leases while the
+    current shards are read), and reads up to `cycle_length` shards at once
+    with `reader(name)`, each buffering at most `buffer_elements` elements
+    ahead. A shard counts for its epoch once the consumer asked past its
+    last element; an iterator closed early gives its shards back. The
+    dataset ends with the job's last epoch.
 
-    `position(consumed)` is where training stands after consuming that many
-    elements of the latest iterator, for saving with a checkpoint;
-    `rewind(position)` moves the job back to it before a resumed run
-    (single-consumer jobs).
+    `report_consumed(n)` tells the dispatcher (with the heartbeats) how far
+    training got: a shard whose lease ends unfinished (this worker died) is
+    leased again at that offset. `position(n)` is where training stands after
+    `n` elements, for a checkpoint; `rewind(position)` moves a
+    single-consumer job back to it before a resumed run.
 
     Args:
       address: the dispatcher's `host:port`.
       job: the job name.
-      read_fn: shard name -> its elements (e.g. `shards.read`).
-      output_signature: `tf.TypeSpec`s of one element, as for
-        `tf.data.Dataset.from_generator`.
+      reader: shard name (a scalar `tf.string` tensor) -> `tf.data.Dataset`
+        (see `tfscale.data.dispatcher.readers`).
       worker: this worker's stable name; `default_worker_name()` if None.
-      max_shards: leases asked for per call.
-      shuffle_seed: shuffle each shard's elements (the same way on every read).
+      max_shards: leases asked for per acquire.
+      cycle_length: shards read at once.
+      buffer_elements: elements each shard being read may buffer.
+      shuffle_buffer: shuffle each shard's elements through a buffer of this
+        many, seeded per (seed, epoch, shard), so a shard read again in an
+        epoch comes out in the same order (0: no shuffle).
+      seed: seeds the per-shard shuffles.
       auth_token: the dispatcher's token, if it requires one.
       tls_root_cert_file: PEM root certificate for TLS.
+
+    Raises:
+      ValueError: for a non-positive `max_shards`, `cycle_length` or
+        `buffer_elements`, or a negative `shuffle_buffer`.
     """
 
     def __init__(
         self,
         address: str,
         job: str,
-        read_fn: Callable[[str], Iterable[Any]],
+        reader: readers_lib.Reader,
         *,
-        output_signature: Any,
         worker: Optional[str] = None,
         max_shards: int = 2,
-        shuffle_seed: Optional[int] = None,
+        cycle_length: int = 4,
+        buffer_elements: int = 256,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
         auth_token: Optional[str] = None,
         tls_root_cert_file: Optional[str] = None,
     ):
+        for name, value, low in (("max_shards", max_shards, 1), ("cycle_length", cycle_length, 1),
+                                 ("buffer_elements", buffer_elements, 1),
+                                 ("shuffle_buffer", shuffle_buffer, 0)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
         self.worker = worker or default_worker_name()
         self.job = job
         self._client = client_lib.DispatcherClient(
             address, auth_token=auth_token, tls_root_cert_file=tls_root_cert_file
         )
-        self._read_fn = read_fn
+        self._reader = reader
         self._max_shards = max_shards
-        self._shuffle_seed = shuffle_seed
+        self._cycle_length = cycle_length
+        self._buffer_elements = buffer_elements
+        self._shuffle_buffer = shuffle_buffer
+        self._seed = seed
         self._base = core.InputPosition()
-        self._latest: Optional[client_lib.ShardConsumer] = None
-        self.dataset = tf.data.Dataset.from_generator(
-            self._generate, output_signature=output_signature
-        )
+        self._lock = threading.Lock()
+        self._feeds: dict[int, feed_lib.LeaseFeed] = {}  # slot id -> its feed
+        self._ends: dict[int, int] = {}  # feed id -> stream index of its latest marker
+        self._latest: Optional[feed_lib.LeaseFeed] = None
+        self.dataset = self._build()
 
     def rewind(self, position: core.InputPosition) -> None:
         """Moves the job back to `position`; later iterators start there."""
@@ -105,23 +143,111 @@ class DispatchedInput:
         self._client.rewind(self.job, self.worker, position)
         self._base = position
 
+    def report_consumed(self, consumed: int) -> None:
+        """Training consumed the first `consumed` elements of the latest iterator."""
+        if self._latest is not None:
+            self._latest.report_consumed(consumed)
+
     def position(self, consumed: int) -> core.InputPosition:
         """The position after `consumed` elements of the latest iterator."""
         if self._latest is None:
             return self._base
         return self._latest.position(consumed, self._base)
 
-    def _generate(self) -> Iterable[Any]:
-        consumer = client_lib.ShardConsumer(
-            self._client, self.job, self.worker, self._read_fn, self._max_shards,
-            shuffle_seed=self._shuffle_seed,
+    @property
+    def feed(self) -> Optional[feed_lib.LeaseFeed]:
+        """The latest iterator's lease feed (its delivered / lost shards)."""
+        return self._latest
+
+    # --- the pipeline -------------------------------------------------------------
+
+    def _build(self) -> tf.data.Dataset:
+        signature = (
+            tf.TensorSpec([], tf.int64),  # slot id
+            tf.TensorSpec([], tf.string),  # shard name
+            tf.TensorSpec([], tf.int64),  # offset
+            tf.TensorSpec([], tf.int64),  # count (-1: all)
+            tf.TensorSpec([], tf.bool),  # repeat
+            tf.TensorSpec([], tf.int64),  # seed
         )
-        self._latest = consumer
-        yield from consumer
+        slots = tf.data.Dataset.from_generator(self._slots, output_signature=signature)
+        if _PARALLEL_INTERLEAVE is not None:
+            runs = _PARALLEL_INTERLEAVE(
+                slots, self._open, cycle_length=self._cycle_length, block_length=_WHOLE_SHARD,
+                num_parallel_calls=self._cycle_length,
+                buffer_output_elements=self._buffer_elements, prefetch_input_elements=1,
+                deterministic=True,
+            )
+        else:  # pragma: no cover
+            logging.warning("Parallel shard reads unavailable: reading one shard at a time")
+            runs = slots.flat_map(self._open)
+        return runs.enumerate().filter(self._keep).map(lambda index, tagged: tagged[0])
+
+    def _slots(self):
+        """The generator behind the slots dataset: one `LeaseFeed` per iterator."""
+        feed = feed_lib.LeaseFeed(
+            self._client, self.job, self.worker, self._max_shards, seed=self._seed
+        )
+        self._latest = feed
+        with self._lock:
+            self._ends[id(feed)] = -1
+        try:
+            for slot in feed.slots():
+                with self._lock:
+                    self._feeds[slot.id] = feed
+                yield (slot.id, slot.name, slot.offset, slot.count, slot.repeat, slot.seed)
+        finally:
+            feed.close()
+
+    def _open(self, slot_id, name, offset, count, repeat, seed) -> tf.data.Dataset:
+        """One run's elements, tagged (element, False, id), then a marker (dummy, True, id)."""
+        body = self._reader(name)
+        spec = body.element_spec
+        if self._shuffle_buffer:
+            body = body.shuffle(self._shuffle_buffer, seed=seed)
+        body = body.repeat(tf.where(repeat, tf.constant(-1, tf.int64), 1)).skip(offset).take(count)
+        flags = tf.data.Dataset.from_tensors((False, slot_id)).repeat()
+        tagged = tf.data.Dataset.zip((body, flags)).map(lambda e, f: (e, f[0], f[1]))
+        marker = tf.data.Dataset.from_tensors((_dummy(spec), True, slot_id))
+        return tagged.concatenate(marker)
+
+    def _keep(self, index: tf.Tensor, tagged: tuple) -> tf.Tensor:
+        _, is_marker, slot_id = tagged
+        return tf.cond(
+            is_marker,
+            lambda: tf.py_function(self._finished, [slot_id, index], tf.bool),
+            lambda: tf.constant(True),
+        )
+
+    def _finished(self, slot_id: tf.Tensor, index: tf.Tensor) -> bool:
+        """At a run's marker: the consumer asked past its last element."""
+        slot_id, index = int(slot_id), int(index)
+        with self._lock:
+            feed = self._feeds.pop(slot_id, None)
+            if feed is None:
+                return False
+            count = index - self._ends[id(feed)] - 1
+            self._ends[id(feed)] = index
+        feed.finished(slot_id, count)
+        return False
+
+
+def _dummy(spec: Any) -> Any:
+    """A placeholder element of `spec` (zeros; unknown dimensions are 0)."""
+
+    def zeros(s: Any) -> tf.Tensor:
+        if not isinstance(s, tf.TensorSpec):
+            raise TypeError(
+                "Dispatched readers must yield dense tensors (nests of tf.TensorSpec). "
+                f"Received an element spec with {s}"
+            )
+        return tf.zeros([d if d is not None else 0 for d in s.shape.as_list()], s.dtype)
+
+    return tf.nest.map_structure(zeros, spec)
 
 
 def dispatched_dataset(
-    address: str, job: str, read_fn: Callable[[str], Iterable[Any]], **kwargs: Any
+    address: str, job: str, reader: readers_lib.Reader, **kwargs: Any
 ) -> tf.data.Dataset:
-    """`DispatchedInput(address, job, read_fn, **kwargs).dataset`."""
-    return DispatchedInput(address, job, read_fn, **kwargs).dataset
+    """`DispatchedInput(address, job, reader, **kwargs).dataset`."""
+    return DispatchedInput(address, job, reader, **kwargs).dataset

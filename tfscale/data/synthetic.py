@@ -124,7 +124,8 @@ def ensure_shards(cache_dir: Optional[str] = None, split: str = "train") -> list
 
     The shards are written to a temporary directory and renamed into place,
     so a crash never leaves a partial set and concurrent writers (several
-    workers starting at once) agree on one copy.
+    workers starting at once) agree on one copy. Their record counts go
+    with them, in a `counts.json` sidecar (see `records.shard_counts`).
 
     Args:
       cache_dir: root of the cache; `default_cache_dir()` when `None`.
@@ -149,11 +150,14 @@ def _write_split(root: str, split: str) -> None:
     staging = tempfile.mkdtemp(prefix=f".{split}-", dir=root)
     try:
         images, labels = generate(num_examples, seed)
-        files = []
+        files, counts = [], {}
         for shard, ids in enumerate(np.array_split(np.arange(num_examples), num_shards)):
             name = f"{NAME}-{split}.tfrecord-{shard:05d}-of-{num_shards:05d}"
             records.write_examples(os.path.join(staging, name), images[ids], labels[ids], ids)
             files.append(name)
+            counts[name] = len(ids)
+        # In the staging directory, so the counts appear with the shards or not at all.
+        records.write_counts(staging, counts)
         info = {"name": NAME, "version": VERSION, "split": split, "files": files,
                 "num_examples": num_examples, "seed": seed}
         with open(os.path.join(staging, "info.json"), "w") as f:

@@ -16,6 +16,7 @@ validate(config)
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Optional
 
 import ml_collections
@@ -98,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
                 "max_shards": 2,
                 "lease_timeout_s": 30.0,
                 "auth_token_file": config_dict.placeholder(str),
+                # PEM root certificate of a TLS dispatcher.
+                "tls_root_cert_file": config_dict.placeholder(str),
+                # Shards read at once.
+                "cycle_length": 4,
                 "tfds_shards": 16,
                 # Several synchronous workers get equal element counts per
                 # epoch: "pad" (never short of a step) or "drop".
@@ -226,8 +231,15 @@ def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
     _check(options.max_shards, "data.dispatcher.max_shards", int, lambda v: 1 <= v <= 1024, "in [1, 1024]")
     _check(options.lease_timeout_s, "data.dispatcher.lease_timeout_s", float, lambda v: v > 0,
            "a positive number")
+    _check(options.cycle_length, "data.dispatcher.cycle_length", int, lambda v: 1 <= v <= 64, "in [1, 64]")
     _check(options.tfds_shards, "data.dispatcher.tfds_shards", int, lambda v: 1 <= v <= 100, "in [1, 100]")
     _check(options.equalize, "data.dispatcher.equalize", str, lambda v: v in ("drop", "pad"), "drop or pad")
+    for name in ("auth_token_file", "tls_root_cert_file"):
+        path = options[name]
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(
+                f"config.data.dispatcher.{name} must name an existing file. Received: {name}={path!r}"
+            )
 
 
 def _check(value: Any, name: str, kind: type, ok: Any, expected: str) -> None:

@@ -3,13 +3,15 @@
 With `config.data.dispatcher.address` (an external `tfscale-dispatcher`) or
 `config.data.dispatcher.embedded=True` (an in-process dispatcher journaling
 to `workdir/dispatcher`), the train split's shard files are leased to this
-worker one by one instead of being read in full; the job is created from the
+worker instead of being read in full (several at once, in tf.data, with
+`config.data.dispatcher.cycle_length`); the job is created from the
 split; an existing job of that name is extended if only its epoch count is
 lower, and used as it is if it differs otherwise (e.g. one that
 `tfscale-dispatcher serve --shards=...` created).
 
 Dispatched input keeps the dispatcher's order (each epoch's seeded shard
-permutation, each shard shuffled on read) instead of a local shuffle buffer,
+permutation, each shard shuffled through `config.data.shuffle_buffer` with a
+seed per epoch and shard) instead of one shuffle buffer across shards,
 so the elements training consumed are a prefix of what the dispatcher
 delivered: `TrainInput.position(consumed)` is saved with each checkpoint,
 and a single-worker run resuming from a checkpoint first rewinds the job to
@@ -43,6 +45,7 @@ from tfscale.data import sources
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import readers
 from tfscale.data.dispatcher import shards as shards_lib
 from tfscale.train import config as config_lib
 
@@ -61,7 +64,8 @@ class TrainInput:
     steps_per_epoch, image_shape, num_classes, shard_policy (how
     `distribute_dataset` splits it among workers; OFF when dispatched),
     dispatcher (the address used, or None), dispatched (the
-    `DispatchedInput`, for its position, or None)."""
+    `DispatchedInput` of a single worker, for its position, or None),
+    source (the `DispatchedInput`, for progress reports, or None)."""
 
     dataset: tf.data.Dataset
     steps_per_epoch: int
@@ -70,12 +74,18 @@ class TrainInput:
     shard_policy: _ShardPolicy = _ShardPolicy.AUTO
     dispatcher: Optional[str] = None
     dispatched: Optional[dispatched.DispatchedInput] = None
+    source: Optional[dispatched.DispatchedInput] = None
 
     def position(self, consumed: int) -> Optional[dict[str, Any]]:
         """The dispatched input position after `consumed` elements, as JSON."""
         if self.dispatched is None:
             return None
         return self.dispatched.position(consumed).to_dict()
+
+    def report_consumed(self, consumed: int) -> None:
+        """Tells the dispatcher (if any) that training consumed `consumed` elements."""
+        if self.source is not None:
+            self.source.report_consumed(consumed)
 
 
 def train_input(
@@ -124,7 +134,7 @@ def _dispatched(
     num_workers: int,
 ) -> TrainInput:
     options = config.data.dispatcher
-    shards, count = _shards(config, split)
+    shards, count = _shards(config, split, workdir)
     steps = _steps(config, count)  # before anything starts or is written
     address = options.address
     token = client_lib.read_token_file(options.auth_token_file)
@@ -143,15 +153,23 @@ def _dispatched(
         num_consumers=num_workers if num_workers > 1 else 0,
         equalize=options.equalize if num_workers > 1 else "none",
     )
-    _ensure_job(address, token, spec)
+    _ensure_job(address, token, spec, options.tls_root_cert_file)
+    if split.files:
+        reader = readers.records(split.image_shape)
+    else:
+        reader = readers.tfds_slices(
+            [s.name for s in shards], data_dir=config.data.tfds_data_dir
+        )
     source = dispatched.DispatchedInput(
         address,
         options.job,
-        shards_lib.read,
-        output_signature=_signature(split) if split.files else _tfds_signature(split),
+        reader,
         max_shards=options.max_shards,
-        shuffle_seed=config.seed,
+        cycle_length=options.cycle_length,
+        shuffle_buffer=config.data.shuffle_buffer or 0,
+        seed=config.seed,
         auth_token=token,
+        tls_root_cert_file=options.tls_root_cert_file,
     )
     single_worker = num_workers == 1
     if single_worker:
@@ -167,12 +185,17 @@ def _dispatched(
         _ShardPolicy.OFF,
         address,
         source if single_worker else None,
+        source,
     )
 
 
-def _ensure_job(address: str, token: Optional[str], spec: core.JobSpec) -> None:
+def _ensure_job(
+    address: str, token: Optional[str], spec: core.JobSpec, tls_root_cert_file: Optional[str]
+) -> None:
     """Creates (or extends) the job; an existing different one must have the epochs."""
-    client = client_lib.DispatcherClient(address, auth_token=token)
+    client = client_lib.DispatcherClient(
+        address, auth_token=token, tls_root_cert_file=tls_root_cert_file
+    )
     try:
         client.create_job(spec)  # no-op if it exists; more epochs extend it
     except core.AlreadyExists:
@@ -188,13 +211,19 @@ def _ensure_job(address: str, token: Optional[str], spec: core.JobSpec) -> None:
         client.close()
 
 
-def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tuple[list, int]:
-    """The train shards and their element count (whole shards within the limit)."""
+def _shards(
+    config: ml_collections.ConfigDict, split: sources.SplitData, workdir: str
+) -> tuple[list, int]:
+    """The train shards and their element count (whole shards within the limit).
+
+    Counts come from the shards' `counts.json`, else from a cache in the
+    workdir (counted once): no start reads the data through.
+    """
     if not split.files:
         name = config.data.source[len("tfds:"):]
         spec = f"tfds:{name}:{config.data.train_split}:{config.data.dispatcher.tfds_shards}"
         return shards_lib.expand(spec), split.num_examples
-    counts = [records.count(f) for f in split.files]
+    counts = records.shard_counts(split.files, cache_dir=workdir)
     limit = config.data.max_train_examples or sum(counts)
     chosen, total = [], 0
     for path, n in zip(split.files, counts):
@@ -203,18 +232,6 @@ def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tupl
         chosen.append(core.ShardSpec(path, n))
         total += n
     return chosen, total
-
-
-def _signature(split: sources.SplitData) -> dict[str, tf.TensorSpec]:
-    return {
-        "image": tf.TensorSpec(split.image_shape, tf.float32),
-        "label": tf.TensorSpec([], tf.int64),
-        "id": tf.TensorSpec([], tf.int64),
-    }
-
-
-def _tfds_signature(split: sources.SplitData) -> tuple[tf.TensorSpec, tf.TensorSpec]:
-    return (tf.TensorSpec(split.image_shape, tf.uint8), tf.TensorSpec([], tf.int64))
 
 
 def _file_element(element: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:

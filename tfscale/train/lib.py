@@ -25,7 +25,7 @@ import contextlib
 import os
 import tempfile
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import keras
 import ml_collections
@@ -132,7 +132,7 @@ def _fit(
     throughput = callbacks_lib.Throughput(
         global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
     )
-    consumed = _ConsumedElements(global_batch // dist.num_workers)
+    consumed = _ConsumedElements(global_batch // dist.num_workers, train.report_consumed)
     epochs = list(resume.get("extra", {}).get("history", []))
 
     def checkpoint_extra(epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
@@ -213,15 +213,28 @@ class _ConsumedElements(keras.callbacks.Callback):
     """Counts the input elements this worker's training steps consumed in this fit.
 
     Runs after `BackupAndRestore` restored the optimizer's step counter.
+    With `report`, passes the count on at most every `REPORT_EVERY_S` (a
+    dispatched input tells its dispatcher, so that a shard whose worker dies
+    is read again from the first element not trained).
     """
 
-    def __init__(self, per_worker_batch: int):
+    REPORT_EVERY_S = 0.5
+
+    def __init__(self, per_worker_batch: int, report: Optional[Callable[[int], None]] = None):
         super().__init__()
         self._per_worker_batch = per_worker_batch
         self._start = 0
+        self._report = report
+        self._reported_at = 0.0
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._start = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+        now = time.monotonic()
+        if self._report is not None and now - self._reported_at >= self.REPORT_EVERY_S:
+            self._reported_at = now
+            self._report(self.count)
 
     @property
     def count(self) -> int:

@@ -62,6 +62,7 @@ from absl import app
 from absl import flags
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import policies
 from tfscale.data.dispatcher import server as server_lib
@@ -269,7 +270,7 @@ def _run_dispatcher(
             for client, name in zip(clients, names):
                 client.register_worker("bench", name)
             sources = [
-                lambda c=c, n=n: client_lib.ShardConsumer(
+                lambda c=c, n=n: feed_lib.ShardConsumer(
                     c, "bench", n, shards_lib.read, max_shards=max_shards
                 )
                 for c, n in zip(clients, names)

@@ -41,6 +41,7 @@ from absl import app
 from absl import flags
 
 from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import shards
 
 _ROLES = (
@@ -102,7 +103,7 @@ def _logged_read(log: TextIO) -> Callable[[str], list[int]]:
 
 def _tfscale_ids(log: TextIO) -> Iterable[int]:
     client = client_lib.DispatcherClient(_ADDRESS.value)
-    return client_lib.ShardConsumer(
+    return feed_lib.ShardConsumer(
         client, _JOB.value, _NAME.value, _logged_read(log), max_shards=1
     )
 

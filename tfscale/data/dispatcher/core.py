@@ -15,7 +15,16 @@ the state before the crash. The clock does not carry over a restart, so:
 
 A lease is read, then committed (claimed for delivery: the first commit of
 a shard wins and revokes its other leases), then completed once the shard's
-elements were consumed.
+elements were consumed. A streaming reader, which hands elements on as it
+reads, has its leases committed at grant (`claim="commit"`); equalized
+consumers have them completed at grant (`claim="complete"`). An acquire also
+carries the completions, releases and progress that are due, so that one
+round trip serves a grant.
+
+Workers report how far training has consumed into each leased shard (with
+heartbeats and acquires). When a lease ends unfinished (its worker died,
+restarted or gave it back), its shard goes back pending at that offset, and
+the next lease of it skips the elements trained already.
 
 Guarantees:
 - each shard is completed exactly once per epoch; a commit or completion of
@@ -92,6 +101,8 @@ __all__ = [
 
 Clock = Callable[[], float]
 MAX_SHARDS_PER_CALL = 1024
+CLAIMS = ("none", "commit", "complete")
+MAX_TOKENS_PER_CALL = 10_000
 # Status lists at most this many workers (live ones first) and counts the rest,
 # so that its reply stays under gRPC's 4 MiB with names of MAX_NAME_BYTES.
 MAX_STATUS_WORKERS = 1024
@@ -131,6 +142,8 @@ class _ActiveLease:
     granted_at: float
     deadline: float
     committed: bool = False
+    # How far training consumed into the shard (absolute offset), as reported.
+    progress: int = 0
 
 
 class _Job:
@@ -149,6 +162,8 @@ class _Job:
         self.slow: dict[int, int] = {}
         # epoch -> worker -> size of the shards it committed in that epoch
         self.epoch_counts: dict[int, dict[str, int]] = {}
+        # Leases completed at grant, until the acquire that granted them replies.
+        self.completed_at_grant: dict[int, Lease] = {}
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
@@ -259,7 +274,10 @@ class DispatcherCore:
                 )
             held = [t for t, a in state.leases.items() if a.lease.worker == worker]
             if worker not in state.workers or held:
-                self._commit({"op": "register", "job": job, "worker": worker})
+                self._commit_many(
+                    self._progress_records(state, held)
+                    + [{"op": "register", "job": job, "worker": worker}]
+                )
             state.workers[worker].last_seen = self._clock()
             spec = state.spec
             return Registration(
@@ -283,8 +301,14 @@ class DispatcherCore:
                 ceiling=max(values, default=0),
             )
 
-    def heartbeat(self, job: str, worker: str) -> list[int]:
+    def heartbeat(
+        self, job: str, worker: str, progress: Optional[dict[int, int]] = None
+    ) -> list[int]:
         """Renews the worker's committed leases; returns tokens it has lost since.
+
+        `progress` maps a lease token to how far training consumed into its
+        shard (an absolute element offset); tokens no longer active are
+        ignored (the reply's revoked tokens tell the worker).
 
         Uncommitted leases are not renewed: one lives `lease_timeout_s` (more
         for a shard whose leases expired before) from its grant unless the
@@ -293,10 +317,12 @@ class DispatcherCore:
         than be kept alive by its worker's heartbeats.
         A renewal never shortens a deadline (a restored lease's grace).
         """
+        progress = _checked_progress(progress)
         with self._lock:
             state, record = self._registered(job, worker)
             now = self._clock()
             record.last_seen = now
+            self._note_progress(state, worker, progress)
             for active in state.leases.values():
                 if active.lease.worker == worker and active.committed:
                     active.deadline = max(active.deadline, now + state.spec.lease_timeout_s)
@@ -305,23 +331,61 @@ class DispatcherCore:
             record.revoked.difference_update(revoked)
             return revoked
 
-    def acquire(self, job: str, worker: str, max_shards: int = 1) -> AcquireResult:
-        """Leases up to `max_shards` shards to the worker, per the job's policy."""
-        if not 1 <= max_shards <= MAX_SHARDS_PER_CALL:
+    def acquire(
+        self,
+        job: str,
+        worker: str,
+        max_shards: int = 1,
+        claim: str = "none",
+        complete: tuple[int, ...] = (),
+        release: tuple[int, ...] = (),
+        progress: Optional[dict[int, int]] = None,
+    ) -> AcquireResult:
+        """Settles what is due, then leases up to `max_shards` shards per the policy.
+
+        Args:
+          max_shards: 0 to MAX_SHARDS_PER_CALL; 0 only settles.
+          claim: `"none"`, `"commit"` (the leases are committed at grant) or
+            `"complete"` (completed at grant).
+          complete: tokens whose shard's last element was consumed.
+          release: tokens given back unfinished (at their progress).
+          progress: token -> absolute offset training consumed into its shard.
+
+        Tokens of `complete` and `release` that are no longer active come
+        back in `rejected`; they do not fail the call.
+
+        Raises:
+          InvalidArgument: for a bad `max_shards`, `claim` or progress (and
+            then nothing changes).
+        """
+        if not 0 <= max_shards <= MAX_SHARDS_PER_CALL:
             raise InvalidArgument(
-                f"max_shards must be in [1, {MAX_SHARDS_PER_CALL}]. Received: max_shards={max_shards}"
+                f"max_shards must be in [0, {MAX_SHARDS_PER_CALL}]. Received: max_shards={max_shards}"
             )
+        if max(len(complete), len(release), len(progress or {})) > MAX_TOKENS_PER_CALL:
+            raise InvalidArgument(
+                f"An acquire settles at most {MAX_TOKENS_PER_CALL} tokens of each kind. Received: "
+                f"{len(complete)} to complete, {len(release)} to release, "
+                f"{len(progress or {})} progress reports"
+            )
+        if claim not in CLAIMS:
+            raise InvalidArgument(f"claim must be one of {', '.join(CLAIMS)}. Received: claim={claim!r}")
+        progress = _checked_progress(progress)
         with self._lock:
             state, record = self._registered(job, worker)
             now = self._clock()
             record.last_seen = now
+            self._note_progress(state, worker, progress)
+            rejected = self._settle(state, worker, complete, release, now)
             self._expire(state, now)
             if state.finished:
-                return AcquireResult(end_of_job=True)
+                return AcquireResult(end_of_job=True, rejected=rejected)
+            if max_shards == 0:
+                return AcquireResult(rejected=rejected)
             selection = state.policy.select(self._view(state, worker, now), max_shards)
             grants = self._checked_grants(state, worker, selection, max_shards)
             if not grants:
-                return AcquireResult(retry_after_s=_RETRY_AFTER_S)
+                return AcquireResult(retry_after_s=_RETRY_AFTER_S, rejected=rejected)
             records = []
             for shard, speculative in grants:
                 records.append(
@@ -329,8 +393,13 @@ class DispatcherCore:
                      "epoch": state.epoch, "token": self._next_token + len(records),
                      "speculative": speculative}
                 )
+                if claim != "none" and not speculative:
+                    records[-1]["claim"] = claim
+            leases = [r["token"] for r in records]
             self._commit_many(records)
-            return AcquireResult(leases=tuple(state.leases[r["token"]].lease for r in records))
+            return AcquireResult(
+                leases=tuple(self._granted(state, t) for t in leases), rejected=rejected
+            )
 
     def commit(self, job: str, worker: str, token: int) -> None:
         """Claims the lease's shard for delivery; the first commit of a shard wins.
@@ -357,7 +426,11 @@ class DispatcherCore:
         """Gives a lease back unread: its shard is pending again."""
         with self._lock:
             self._live_lease(job, worker, token)
-            self._commit({"op": "release", "job": job, "token": token})
+            state = self._jobs[job]
+            self._commit_many(
+                self._progress_records(state, [token])
+                + [{"op": "release", "job": job, "token": token}]
+            )
 
     def rewind(self, job: str, worker: str, position: InputPosition) -> None:
         """Moves a single-consumer job back to a training checkpoint's position.
@@ -520,7 +593,60 @@ class DispatcherCore:
     def _expire(self, state: _Job, now: float) -> None:
         overdue = [t for t, a in state.leases.items() if a.deadline < now]
         if overdue:
-            self._commit_many([{"op": "expire", "job": state.spec.name, "token": t} for t in overdue])
+            self._commit_many(
+                self._progress_records(state, overdue)
+                + [{"op": "expire", "job": state.spec.name, "token": t} for t in overdue]
+            )
+
+    def _progress_records(self, state: _Job, tokens: list[int]) -> list[dict[str, Any]]:
+        """Journal records of the progress of leases about to end unfinished."""
+        return [
+            {"op": "progress", "job": state.spec.name, "token": t,
+             "offset": state.leases[t].progress}
+            for t in tokens
+            if state.leases[t].progress > state.leases[t].lease.offset
+        ]
+
+    def _note_progress(self, state: _Job, worker: str, progress: dict[int, int]) -> None:
+        """Records reported progress (in memory: journaled when a lease ends)."""
+        for token, offset in progress.items():
+            active = state.leases.get(token)
+            if active is not None and active.lease.worker == worker and active.committed:
+                active.progress = max(active.progress, offset)
+
+    def _settle(
+        self, state: _Job, worker: str, complete: tuple[int, ...], release: tuple[int, ...],
+        now: float,
+    ) -> tuple[int, ...]:
+        """Completes and releases the worker's leases; the tokens no longer active."""
+        self._expire(state, now)
+        rejected, records = [], []
+        done = [t for t in dict.fromkeys(complete) if t in state.leases
+                and state.leases[t].lease.worker == worker]
+        rejected += [t for t in dict.fromkeys(complete) if t not in done]
+        for token in done:
+            # Shards completed together were read together: they share the time.
+            busy_s = self._busy_s(state, state.leases[token], now) / len(done)
+            records.append(
+                {"op": "complete", "job": state.spec.name, "token": token, "busy_s": busy_s}
+            )
+        ending = []
+        for token in dict.fromkeys(release):
+            active = state.leases.get(token)
+            if active is None or active.lease.worker != worker or token in complete:
+                rejected.append(token)
+                continue
+            ending.append(token)
+        records += self._progress_records(state, ending)
+        records += [{"op": "release", "job": state.spec.name, "token": t} for t in ending]
+        if records:
+            self._commit_many(records)
+        return tuple(rejected)
+
+    def _granted(self, state: _Job, token: int) -> Lease:
+        """A lease just granted (completed at grant: no longer active)."""
+        active = state.leases.get(token)
+        return active.lease if active is not None else state.completed_at_grant.pop(token)
 
     def _job_status(self, state: _Job) -> dict[str, Any]:
         leased = {a.lease.shard_index for a in state.leases.values()}
@@ -569,6 +695,9 @@ class DispatcherCore:
             self._apply_complete(state, record["token"], record.get("busy_s"), now)
         elif op == "release":
             self._end_lease(state, record["token"], revoke=False)
+        elif op == "progress":
+            active = state.leases[record["token"]]
+            active.progress = max(active.progress, record["offset"])
         elif op == "expire":
             self._apply_expire(state, record["token"])
         else:
@@ -596,6 +725,8 @@ class DispatcherCore:
         if active.committed:
             self._count(state, active.lease, -1)
         shard = active.lease.shard_index
+        if active.progress > active.lease.offset and shard not in state.done:
+            state.offsets[shard] = max(state.offsets.get(shard, 0), active.progress)
         if shard not in state.done and not state.holders(shard):
             state.pending.insert(0, shard)
         if revoke:
@@ -629,6 +760,12 @@ class DispatcherCore:
         state.leases[lease.token] = _ActiveLease(lease, now, now + state.lifetime(shard))
         state.grants += 1
         self._next_token = max(self._next_token, lease.token + 1)
+        claim = record.get("claim", "none")
+        if claim != "none":
+            self._apply_commit(state, lease.token)
+        if claim == "complete":
+            state.completed_at_grant[lease.token] = lease
+            self._apply_complete(state, lease.token, None, now)
 
     def _apply_commit(self, state: _Job, token: int) -> None:
         active = state.leases[token]
@@ -674,7 +811,8 @@ class DispatcherCore:
                  "slow": {str(k): v for k, v in state.slow.items()},
                  "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
                              for w in state.workers.values()],
-                 "leases": [dataclasses.asdict(a.lease) | {"committed": a.committed}
+                 "leases": [dataclasses.asdict(a.lease)
+                            | {"committed": a.committed, "progress": a.progress}
                             for a in state.leases.values()]}
             )
         return {"next_token": self._next_token, "jobs": jobs}
@@ -709,8 +847,21 @@ class DispatcherCore:
                 state.workers[w["name"]] = _Worker(**{**w, **fresh})
             for saved_lease in saved["leases"]:
                 committed = saved_lease.pop("committed")
+                progress = saved_lease.pop("progress", 0)
                 lease = Lease(**saved_lease)
                 state.leases[lease.token] = _ActiveLease(
-                    lease, now, now + state.spec.lease_timeout_s, committed
+                    lease, now, now + state.spec.lease_timeout_s, committed, progress
                 )
             self._jobs[state.spec.name] = state
+
+
+def _checked_progress(progress: Optional[dict[int, int]]) -> dict[int, int]:
+    """`progress` as a dict; InvalidArgument for a negative offset."""
+    progress = dict(progress or {})
+    bad = {t: o for t, o in progress.items() if o < 0}
+    if bad:
+        token, offset = next(iter(bad.items()))
+        raise InvalidArgument(
+            f"Progress offsets must be >= 0. Received: offset={offset} for lease {token}"
+        )
+    return progress

@@ -24,13 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tfscale/data/dispatcher/dispatcher.proto\x12\x12tfscale.dispatcher\"#\n\x05Shard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\xb6\x01\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06shards\x18\x02 \x03(\x0b\x32\x19.tfscale.dispatcher.Shard\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0flease_timeout_s\x18\x06 \x01(\x01\x12\x15\n\rnum_consumers\x18\x07 \x01(\x05\x12\x10\n\x08\x65qualize\x18\x08 \x01(\t\"<\n\x10\x43reateJobRequest\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x1b.tfscale.dispatcher.JobSpec\"$\n\x11\x43reateJobResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fListJobsRequest\"\xb6\x01\n\tJobStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x0f\n\x07pending\x18\x06 \x01(\x05\x12\x0e\n\x06leased\x18\x07 \x01(\x05\x12\x11\n\tcompleted\x18\x08 \x01(\x05\x12\x10\n\x08\x66inished\x18\t \x01(\x08\x12\x0e\n\x06grants\x18\n \x01(\x03\"?\n\x10ListJobsResponse\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.tfscale.dispatcher.JobStatus\"4\n\x15RegisterWorkerRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\x8c\x01\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x17\n\x0flease_timeout_s\x18\x02 \x01(\x01\x12\x12\n\nnum_epochs\x18\x03 \x01(\x05\x12\x15\n\rnum_consumers\x18\x04 \x01(\x05\x12\x10\n\x08\x65qualize\x18\x05 \x01(\t\"/\n\x10HeartbeatRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"+\n\x11HeartbeatResponse\x12\x16\n\x0erevoked_tokens\x18\x01 \x03(\x03\"\x8e\x01\n\x05Lease\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\x12\n\nshard_name\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\r\n\x05token\x18\x06 \x01(\x03\x12\x13\n\x0bspeculative\x18\x07 \x01(\x08\x12\x0e\n\x06offset\x18\x08 \x01(\x03\"A\n\x0e\x41\x63quireRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x12\n\nmax_shards\x18\x03 \x01(\x05\"g\n\x0f\x41\x63quireResponse\x12)\n\x06leases\x18\x01 \x03(\x0b\x32\x19.tfscale.dispatcher.Lease\x12\x12\n\nend_of_job\x18\x02 \x01(\x08\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\";\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x10\n\x0e\x43ommitResponse\"=\n\x0f\x43ompleteRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x12\n\x10\x43ompleteResponse\"<\n\x0eReleaseRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x11\n\x0fReleaseResponse\"x\n\rRewindRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x03(\x05\x12\x15\n\rpartial_shard\x18\x05 \x01(\x05\x12\x16\n\x0epartial_offset\x18\x06 \x01(\x03\"\x10\n\x0eRewindResponse\"2\n\x14\x45pochProgressRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\"I\n\x15\x45pochProgressResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x12\r\n\x05\x66loor\x18\x02 \x01(\x03\x12\x0f\n\x07\x63\x65iling\x18\x03 \x01(\x03\"\x0f\n\rStatusRequest\"\xa4\x01\n\x0cWorkerStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x0e\n\x06leases\x18\x04 \x01(\x05\x12\x13\n\x0boutstanding\x18\x05 \x01(\x03\x12\x18\n\x10\x63ompleted_shards\x18\x06 \x01(\x03\x12\x16\n\x0e\x63ompleted_size\x18\x07 \x01(\x03\x12\x12\n\nthroughput\x18\x08 \x01(\x01\"\x95\x01\n\x0eStatusResponse\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.tfscale.dispatcher.JobStatus\x12\x31\n\x07workers\x18\x02 \x03(\x0b\x32 .tfscale.dispatcher.WorkerStatus\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01\x32\xdd\x07\n\x0fShardDispatcher\x12X\n\tCreateJob\x12$.tfscale.dispatcher.CreateJobRequest\x1a%.tfscale.dispatcher.CreateJobResponse\x12U\n\x08ListJobs\x12#.tfscale.dispatcher.ListJobsRequest\x1a$.tfscale.dispatcher.ListJobsResponse\x12g\n\x0eRegisterWorker\x12).tfscale.dispatcher.RegisterWorkerRequest\x1a*.tfscale.dispatcher.RegisterWorkerResponse\x12X\n\tHeartbeat\x12$.tfscale.dispatcher.HeartbeatRequest\x1a%.tfscale.dispatcher.HeartbeatResponse\x12R\n\x07\x41\x63quire\x12\".tfscale.dispatcher.AcquireRequest\x1a#.tfscale.dispatcher.AcquireResponse\x12O\n\x06\x43ommit\x12!.tfscale.dispatcher.CommitRequest\x1a\".tfscale.dispatcher.CommitResponse\x12U\n\x08\x43omplete\x12#.tfscale.dispatcher.CompleteRequest\x1a$.tfscale.dispatcher.CompleteResponse\x12R\n\x07Release\x12\".tfscale.dispatcher.ReleaseRequest\x1a#.tfscale.dispatcher.ReleaseResponse\x12O\n\x06Rewind\x12!.tfscale.dispatcher.RewindRequest\x1a\".tfscale.dispatcher.RewindResponse\x12\x64\n\rEpochProgress\x12(.tfscale.dispatcher.EpochProgressRequest\x1a).tfscale.dispatcher.EpochProgressResponse\x12O\n\x06Status\x12!.tfscale.dispatcher.StatusRequest\x1a\".tfscale.dispatcher.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(tfscale/data/dispatcher/dispatcher.proto\x12\x12tfscale.dispatcher\"#\n\x05Shard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x03\"\xb6\x01\n\x07JobSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12)\n\x06shards\x18\x02 \x03(\x0b\x32\x19.tfscale.dispatcher.Shard\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x17\n\x0flease_timeout_s\x18\x06 \x01(\x01\x12\x15\n\rnum_consumers\x18\x07 \x01(\x05\x12\x10\n\x08\x65qualize\x18\x08 \x01(\t\"<\n\x10\x43reateJobRequest\x12(\n\x03job\x18\x01 \x01(\x0b\x32\x1b.tfscale.dispatcher.JobSpec\"$\n\x11\x43reateJobResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\"\x11\n\x0fListJobsRequest\"\xb6\x01\n\tJobStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06policy\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x12\n\nnum_epochs\x18\x04 \x01(\x05\x12\x12\n\nnum_shards\x18\x05 \x01(\x05\x12\x0f\n\x07pending\x18\x06 \x01(\x05\x12\x0e\n\x06leased\x18\x07 \x01(\x05\x12\x11\n\tcompleted\x18\x08 \x01(\x05\x12\x10\n\x08\x66inished\x18\t \x01(\x08\x12\x0e\n\x06grants\x18\n \x01(\x03\"?\n\x10ListJobsResponse\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.tfscale.dispatcher.JobStatus\"4\n\x15RegisterWorkerRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\"\x8c\x01\n\x16RegisterWorkerResponse\x12\x1c\n\x14heartbeat_interval_s\x18\x01 \x01(\x01\x12\x17\n\x0flease_timeout_s\x18\x02 \x01(\x01\x12\x12\n\nnum_epochs\x18\x03 \x01(\x05\x12\x15\n\rnum_consumers\x18\x04 \x01(\x05\x12\x10\n\x08\x65qualize\x18\x05 \x01(\t\"d\n\x10HeartbeatRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x33\n\x08progress\x18\x03 \x03(\x0b\x32!.tfscale.dispatcher.ShardProgress\"+\n\x11HeartbeatResponse\x12\x16\n\x0erevoked_tokens\x18\x01 \x03(\x03\"\x8e\x01\n\x05Lease\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\x12\n\nshard_name\x18\x04 \x01(\t\x12\x0c\n\x04size\x18\x05 \x01(\x03\x12\r\n\x05token\x18\x06 \x01(\x03\x12\x13\n\x0bspeculative\x18\x07 \x01(\x08\x12\x0e\n\x06offset\x18\x08 \x01(\x03\".\n\rShardProgress\x12\r\n\x05token\x18\x01 \x01(\x03\x12\x0e\n\x06offset\x18\x02 \x01(\x03\"\xc3\x01\n\x0e\x41\x63quireRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x12\n\nmax_shards\x18\x03 \x01(\x05\x12(\n\x05\x63laim\x18\x04 \x01(\x0e\x32\x19.tfscale.dispatcher.Claim\x12\x10\n\x08\x63omplete\x18\x05 \x03(\x03\x12\x0f\n\x07release\x18\x06 \x03(\x03\x12\x33\n\x08progress\x18\x07 \x03(\x0b\x32!.tfscale.dispatcher.ShardProgress\"y\n\x0f\x41\x63quireResponse\x12)\n\x06leases\x18\x01 \x03(\x0b\x32\x19.tfscale.dispatcher.Lease\x12\x12\n\nend_of_job\x18\x02 \x01(\x08\x12\x15\n\rretry_after_s\x18\x03 \x01(\x01\x12\x10\n\x08rejected\x18\x04 \x03(\x03\";\n\rCommitRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x10\n\x0e\x43ommitResponse\"=\n\x0f\x43ompleteRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x12\n\x10\x43ompleteResponse\"<\n\x0eReleaseRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05token\x18\x03 \x01(\x03\"\x11\n\x0fReleaseResponse\"x\n\rRewindRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x05\x12\x0c\n\x04\x64one\x18\x04 \x03(\x05\x12\x15\n\rpartial_shard\x18\x05 \x01(\x05\x12\x16\n\x0epartial_offset\x18\x06 \x01(\x03\"\x10\n\x0eRewindResponse\"2\n\x14\x45pochProgressRequest\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\"I\n\x15\x45pochProgressResponse\x12\x10\n\x08\x66inished\x18\x01 \x01(\x08\x12\r\n\x05\x66loor\x18\x02 \x01(\x03\x12\x0f\n\x07\x63\x65iling\x18\x03 \x01(\x03\"\x0f\n\rStatusRequest\"\xa4\x01\n\x0cWorkerStatus\x12\x0b\n\x03job\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\t\x12\x0c\n\x04live\x18\x03 \x01(\x08\x12\x0e\n\x06leases\x18\x04 \x01(\x05\x12\x13\n\x0boutstanding\x18\x05 \x01(\x03\x12\x18\n\x10\x63ompleted_shards\x18\x06 \x01(\x03\x12\x16\n\x0e\x63ompleted_size\x18\x07 \x01(\x03\x12\x12\n\nthroughput\x18\x08 \x01(\x01\"\x95\x01\n\x0eStatusResponse\x12+\n\x04jobs\x18\x01 \x03(\x0b\x32\x1d.tfscale.dispatcher.JobStatus\x12\x31\n\x07workers\x18\x02 \x03(\x0b\x32 .tfscale.dispatcher.WorkerStatus\x12\x11\n\timbalance\x18\x03 \x01(\x01\x12\x10\n\x08uptime_s\x18\x04 \x01(\x01*=\n\x05\x43laim\x12\x0e\n\nCLAIM_NONE\x10\x00\x12\x10\n\x0c\x43LAIM_COMMIT\x10\x01\x12\x12\n\x0e\x43LAIM_COMPLETE\x10\x02\x32\xdd\x07\n\x0fShardDispatcher\x12X\n\tCreateJob\x12$.tfscale.dispatcher.CreateJobRequest\x1a%.tfscale.dispatcher.CreateJobResponse\x12U\n\x08ListJobs\x12#.tfscale.dispatcher.ListJobsRequest\x1a$.tfscale.dispatcher.ListJobsResponse\x12g\n\x0eRegisterWorker\x12).tfscale.dispatcher.RegisterWorkerRequest\x1a*.tfscale.dispatcher.RegisterWorkerResponse\x12X\n\tHeartbeat\x12$.tfscale.dispatcher.HeartbeatRequest\x1a%.tfscale.dispatcher.HeartbeatResponse\x12R\n\x07\x41\x63quire\x12\".tfscale.dispatcher.AcquireRequest\x1a#.tfscale.dispatcher.AcquireResponse\x12O\n\x06\x43ommit\x12!.tfscale.dispatcher.CommitRequest\x1a\".tfscale.dispatcher.CommitResponse\x12U\n\x08\x43omplete\x12#.tfscale.dispatcher.CompleteRequest\x1a$.tfscale.dispatcher.CompleteResponse\x12R\n\x07Release\x12\".tfscale.dispatcher.ReleaseRequest\x1a#.tfscale.dispatcher.ReleaseResponse\x12O\n\x06Rewind\x12!.tfscale.dispatcher.RewindRequest\x1a\".tfscale.dispatcher.RewindResponse\x12\x64\n\rEpochProgress\x12(.tfscale.dispatcher.EpochProgressRequest\x1a).tfscale.dispatcher.EpochProgressResponse\x12O\n\x06Status\x12!.tfscale.dispatcher.StatusRequest\x1a\".tfscale.dispatcher.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tfscale.data.dispatcher.dispatcher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_CLAIM']._serialized_start=2359
+  _globals['_CLAIM']._serialized_end=2420
   _globals['_SHARD']._serialized_start=64
   _globals['_SHARD']._serialized_end=99
   _globals['_JOBSPEC']._serialized_start=102
@@ -50,41 +52,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERWORKERRESPONSE']._serialized_start=710
   _globals['_REGISTERWORKERRESPONSE']._serialized_end=850
   _globals['_HEARTBEATREQUEST']._serialized_start=852
-  _globals['_HEARTBEATREQUEST']._serialized_end=899
-  _globals['_HEARTBEATRESPONSE']._serialized_start=901
-  _globals['_HEARTBEATRESPONSE']._serialized_end=944
-  _globals['_LEASE']._serialized_start=947
-  _globals['_LEASE']._serialized_end=1089
-  _globals['_ACQUIREREQUEST']._serialized_start=1091
-  _globals['_ACQUIREREQUEST']._serialized_end=1156
-  _globals['_ACQUIRERESPONSE']._serialized_start=1158
-  _globals['_ACQUIRERESPONSE']._serialized_end=1261
-  _globals['_COMMITREQUEST']._serialized_start=1263
-  _globals['_COMMITREQUEST']._serialized_end=1322
-  _globals['_COMMITRESPONSE']._serialized_start=1324
-  _globals['_COMMITRESPONSE']._serialized_end=1340
-  _globals['_COMPLETEREQUEST']._serialized_start=1342
-  _globals['_COMPLETEREQUEST']._serialized_end=1403
-  _globals['_COMPLETERESPONSE']._serialized_start=1405
-  _globals['_COMPLETERESPONSE']._serialized_end=1423
-  _globals['_RELEASEREQUEST']._serialized_start=1425
-  _globals['_RELEASEREQUEST']._serialized_end=1485
-  _globals['_RELEASERESPONSE']._serialized_start=1487
-  _globals['_RELEASERESPONSE']._serialized_end=1504
-  _globals['_REWINDREQUEST']._serialized_start=1506
-  _globals['_REWINDREQUEST']._serialized_end=1626
-  _globals['_REWINDRESPONSE']._serialized_start=1628
-  _globals['_REWINDRESPONSE']._serialized_end=1644
-  _globals['_EPOCHPROGRESSREQUEST']._serialized_start=1646
-  _globals['_EPOCHPROGRESSREQUEST']._serialized_end=1696
-  _globals['_EPOCHPROGRESSRESPONSE']._serialized_start=1698
-  _globals['_EPOCHPROGRESSRESPONSE']._serialized_end=1771
-  _globals['_STATUSREQUEST']._serialized_start=1773
-  _globals['_STATUSREQUEST']._serialized_end=1788
-  _globals['_WORKERSTATUS']._serialized_start=1791
-  _globals['_WORKERSTATUS']._serialized_end=1955
-  _globals['_STATUSRESPONSE']._serialized_start=1958
-  _globals['_STATUSRESPONSE']._serialized_end=2107
-  _globals['_SHARDDISPATCHER']._serialized_start=2110
-  _globals['_SHARDDISPATCHER']._serialized_end=3099
+  _globals['_HEARTBEATREQUEST']._serialized_end=952
+  _globals['_HEARTBEATRESPONSE']._serialized_start=954
+  _globals['_HEARTBEATRESPONSE']._serialized_end=997
+  _globals['_LEASE']._serialized_start=1000
+  _globals['_LEASE']._serialized_end=1142
+  _globals['_SHARDPROGRESS']._serialized_start=1144
+  _globals['_SHARDPROGRESS']._serialized_end=1190
+  _globals['_ACQUIREREQUEST']._serialized_start=1193
+  _globals['_ACQUIREREQUEST']._serialized_end=1388
+  _globals['_ACQUIRERESPONSE']._serialized_start=1390
+  _globals['_ACQUIRERESPONSE']._serialized_end=1511
+  _globals['_COMMITREQUEST']._serialized_start=1513
+  _globals['_COMMITREQUEST']._serialized_end=1572
+  _globals['_COMMITRESPONSE']._serialized_start=1574
+  _globals['_COMMITRESPONSE']._serialized_end=1590
+  _globals['_COMPLETEREQUEST']._serialized_start=1592
+  _globals['_COMPLETEREQUEST']._serialized_end=1653
+  _globals['_COMPLETERESPONSE']._serialized_start=1655
+  _globals['_COMPLETERESPONSE']._serialized_end=1673
+  _globals['_RELEASEREQUEST']._serialized_start=1675
+  _globals['_RELEASEREQUEST']._serialized_end=1735
+  _globals['_RELEASERESPONSE']._serialized_start=1737
+  _globals['_RELEASERESPONSE']._serialized_end=1754
+  _globals['_REWINDREQUEST']._serialized_start=1756
+  _globals['_REWINDREQUEST']._serialized_end=1876
+  _globals['_REWINDRESPONSE']._serialized_start=1878
+  _globals['_REWINDRESPONSE']._serialized_end=1894
+  _globals['_EPOCHPROGRESSREQUEST']._serialized_start=1896
+  _globals['_EPOCHPROGRESSREQUEST']._serialized_end=1946
+  _globals['_EPOCHPROGRESSRESPONSE']._serialized_start=1948
+  _globals['_EPOCHPROGRESSRESPONSE']._serialized_end=2021
+  _globals['_STATUSREQUEST']._serialized_start=2023
+  _globals['_STATUSREQUEST']._serialized_end=2038
+  _globals['_WORKERSTATUS']._serialized_start=2041
+  _globals['_WORKERSTATUS']._serialized_end=2205
+  _globals['_STATUSRESPONSE']._serialized_start=2208
+  _globals['_STATUSRESPONSE']._serialized_end=2357
+  _globals['_SHARDDISPATCHER']._serialized_start=2423
+  _globals['_SHARDDISPATCHER']._serialized_end=3412
 # @@protoc_insertion_point(module_scope)

@@ -179,16 +179,27 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         with self._serving(context):
-            revoked = self._core.heartbeat(request.job, request.worker)
+            revoked = self._core.heartbeat(
+                request.job, request.worker, {p.token: p.offset for p in request.progress}
+            )
             return pb.HeartbeatResponse(revoked_tokens=revoked)
 
     def Acquire(self, request: pb.AcquireRequest, context: Any) -> pb.AcquireResponse:
         with self._serving(context):
-            result = self._core.acquire(request.job, request.worker, request.max_shards)
+            result = self._core.acquire(
+                request.job,
+                request.worker,
+                request.max_shards,
+                claim=wire.claim_from_proto(request.claim),
+                complete=tuple(request.complete),
+                release=tuple(request.release),
+                progress={p.token: p.offset for p in request.progress},
+            )
             return pb.AcquireResponse(
                 leases=[wire.lease_to_proto(lease) for lease in result.leases],
                 end_of_job=result.end_of_job,
                 retry_after_s=result.retry_after_s,
+                rejected=result.rejected,
             )
 
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:

@@ -61,7 +61,7 @@ def expand(spec: str, count_elements: bool = False) -> list[core.ShardSpec]:
     if count_elements:
         from tfscale.data import records
 
-        return [core.ShardSpec(f, records.count(f)) for f in files]
+        return [core.ShardSpec(f, n) for f, n in zip(files, records.shard_counts(files))]
     return [core.ShardSpec(f, os.path.getsize(f)) for f in files]
 
 

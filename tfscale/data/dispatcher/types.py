@@ -224,6 +224,8 @@ class AcquireResult:
     leases: tuple[Lease, ...] = ()
     end_of_job: bool = False
     retry_after_s: float = 0.0
+    # Tokens to complete or release that were no longer active.
+    rejected: tuple[int, ...] = ()
 
 
 def validate_position(spec: JobSpec, position: InputPosition) -> None:
@@ -236,7 +238,7 @@ def validate_position(spec: JobSpec, position: InputPosition) -> None:
         or (position.partial is not None and (
             position.partial[0] not in shards
             or position.partial[0] in position.done
-            or not 0 <= position.partial[1] < max(spec.shards[position.partial[0]].size, 1)
+            or not 0 <= position.partial[1] <= spec.shards[position.partial[0]].size
         ))
     )
     if bad:

@@ -8,6 +8,8 @@ from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 
 __all__ = [
+    "claim_from_proto",
+    "claim_to_proto",
     "job_spec_from_proto",
     "job_spec_to_proto",
     "lease_from_proto",
@@ -18,6 +20,21 @@ __all__ = [
 ]
 
 _INT64_MAX = 2**63 - 1
+_CLAIMS = {pb.CLAIM_NONE: "none", pb.CLAIM_COMMIT: "commit", pb.CLAIM_COMPLETE: "complete"}
+
+
+def claim_from_proto(value: int) -> str:
+    """The core's claim name of a `Claim` value; InvalidArgument if unknown."""
+    if value not in _CLAIMS:
+        raise core.InvalidArgument(
+            f"claim must be one of {sorted(_CLAIMS)}. Received: claim={value}"
+        )
+    return _CLAIMS[value]
+
+
+def claim_to_proto(claim: str) -> int:
+    """The `Claim` value of a core claim name."""
+    return {name: value for value, name in _CLAIMS.items()}[claim]
 
 
 def job_spec_to_proto(spec: core.JobSpec) -> pb.JobSpec:

@@ -1,0 +1,533 @@
+"""A worker's lease bookkeeping: which shard runs to read, and what is due back.
+
+`LeaseFeed` turns a dispatcher job into a stream of `Slot`s, each a run of
+one shard's elements to read (from an offset, up to a count) or a run of
+padding. It touches only names, tokens and counts: whoever reads the slots
+(a tf.data pipeline in `tfscale.data.dispatched`, or `ShardConsumer` below
+for Python elements) reports back with `finished(slot_id, count)` once the
+consumer has taken the element after a slot's last, and `report_consumed(n)`
+once training has consumed the first `n` elements.
+
+Leases are claimed at grant: committed for a streaming reader (it hands
+elements on as it reads, so no other reader may race it for the shard), or
+completed for equalized consumers (they wait for each other at epoch ends,
+so none may hold a shard while it waits). Each acquire carries the
+completions, releases and progress that are due (one round trip per grant);
+the heartbeat thread settles them when no acquire has for a while, and
+reports how far training consumed into each leased shard, so a shard whose
+worker dies is leased again at that offset: nothing trained is trained twice.
+
+Example:
+
+```python
+feed = LeaseFeed(client, "train", "worker-0")
+for slot in feed.slots():
+    elements = read(slot.name)[slot.offset:][:slot.count]
+    ...                                   # hand them on
+    feed.finished(slot.id, len(elements))  # after the last was taken
+```
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import random
+import threading
+import time
+from typing import Callable, Iterable, Iterator, Optional, TypeVar
+
+import grpc
+from absl import logging
+
+from tfscale.data.dispatcher import client as client_lib
+from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import hash_ring
+
+__all__ = [
+    "LeaseFeed",
+    "ShardConsumer",
+    "Slot",
+]
+
+T = TypeVar("T")
+# Due completions wait at most this long for an acquire to carry them.
+_SETTLE_AFTER_S = 0.5
+_SLOT_IDS = itertools.count(1)  # unique in the process: readers route by id
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A run of elements to read.
+
+    Attributes:
+      id: unique in the process, increasing in a feed's order.
+      name: the shard's name.
+      epoch: the epoch the run belongs to.
+      shard: the shard's index in the job; None for padding.
+      offset: elements of the shard to skip first.
+      count: elements to take after those; -1 for all.
+      repeat: cycle the shard's elements (padding).
+      seed: a per-(job seed, epoch, shard) seed, for readers that shuffle.
+    """
+
+    id: int
+    name: str
+    epoch: int
+    shard: Optional[int]
+    offset: int = 0
+    count: int = -1
+    repeat: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class _Run:
+    """A yielded slot, for positions and progress: its lease and its count once known."""
+
+    slot: Slot
+    token: int  # 0: nothing to complete (padding, or completed at grant)
+    count: Optional[int] = None  # elements handed on, once finished
+
+
+class LeaseFeed:
+    """The slots of the shards a dispatcher leases to one worker.
+
+    Args:
+      client: a `DispatcherClient`.
+      job: the job's name.
+      worker: this worker's stable name.
+      max_shards: leases asked for per acquire (the next ones are asked for
+        while the current ones are read).
+      seed: mixed into each slot's `seed`.
+
+    Attributes:
+      delivered: (epoch, shard name) of each shard completed, in order.
+      lost: the same for shards handed on whose lease was lost before they
+        were completed (heartbeats failed for a whole lease timeout): they
+        may reach training again through another lease.
+      per_epoch: elements handed on in each epoch, padding included.
+    """
+
+    def __init__(
+        self,
+        client: client_lib.DispatcherClient,
+        job: str,
+        worker: str,
+        max_shards: int = 2,
+        seed: int = 0,
+        poll_s: float = 0.02,
+    ):
+        self._client = client
+        self._job = job
+        self._worker = worker
+        self._max_shards = max_shards
+        self._seed = seed
+        self._poll_s = poll_s
+        self._lock = threading.Lock()
+        self._runs: list[_Run] = []  # every slot yielded, in order
+        self._by_id: dict[int, _Run] = {}
+        self._due: list[int] = []  # tokens to complete
+        self._due_since = 0.0
+        self._consumed = 0
+        self._unfinished: dict[int, core.Lease] = {}  # token -> lease not yet completed
+        self._equalize = "none"
+        self._epoch = 0
+        self._sizes: dict[int, int] = collections.defaultdict(int)  # epoch -> my leased size
+        self._yielded: dict[int, int] = collections.defaultdict(int)  # epoch -> elements yielded
+        self._held: list[tuple[core.Lease, int]] = []  # drop: (lease, elements already yielded)
+        self._latest: Optional[Slot] = None  # pad: the latest nonempty shard run
+        self._stop = threading.Event()
+        self.delivered: list[tuple[int, str]] = []
+        self.lost: list[tuple[int, str]] = []
+        self.per_epoch: dict[int, int] = {}
+
+    # --- the reader's side ---------------------------------------------------
+
+    def slots(self) -> Iterator[Slot]:
+        """Registers, heartbeats, and yields slots until the job ends.
+
+        Closing the generator (or `close()`) gives the unfinished leases back.
+        """
+        registration = self._client.register_worker(self._job, self._worker)
+        self._equalize = registration.equalize if registration.num_consumers else "none"
+        claim = "commit" if self._equalize == "none" else "complete"
+        beat = threading.Thread(
+            target=self._heartbeat, args=(registration.heartbeat_interval_s,), daemon=True
+        )
+        beat.start()
+        try:
+            while True:
+                if self._held:  # drop: no more shards while holding some back
+                    yield from self._wait_held()
+                    continue
+                result = self._acquire(self._max_shards, claim)
+                if result.end_of_job:
+                    yield from self._close_epochs(registration.num_epochs)
+                    return
+                if not result.leases:
+                    yield from self._release_held()
+                    time.sleep(result.retry_after_s)
+                    idle = self._idle_slot()
+                    if idle is not None:
+                        yield idle
+                    continue
+                yield from self._close_epochs(result.leases[0].epoch)  # one epoch per grant
+                for lease in result.leases:
+                    yield from self._slots_of(lease)
+        finally:
+            self.close()
+
+    def finished(self, slot_id: int, count: int) -> None:
+        """The consumer took the element after slot `slot_id`'s last; it had `count`."""
+        with self._lock:
+            run = self._by_id.pop(slot_id, None)
+            if run is None:
+                return
+            run.count = count
+            epoch = run.slot.epoch
+            self.per_epoch[epoch] = self.per_epoch.get(epoch, 0) + count
+            if count and run.slot.shard is not None:
+                self._latest = run.slot
+            if run.token:
+                if not self._due:
+                    self._due_since = time.monotonic()
+                self._due.append(run.token)
+
+    def report_consumed(self, consumed: int) -> None:
+        """Training consumed the first `consumed` elements handed on."""
+        with self._lock:
+            self._consumed = max(self._consumed, consumed)
+
+    def position(
+        self, consumed: int, base: core.InputPosition = core.InputPosition()
+    ) -> core.InputPosition:
+        """The input position after the first `consumed` elements handed on.
+
+        Args:
+          consumed: elements of this feed that training consumed.
+          base: the position this feed started from (after a rewind).
+
+        Raises:
+          ValueError: with `equalize="drop"` (held-back elements make the
+            stream's order differ from the shards'), or for more elements
+            than were handed on.
+        """
+        if self._equalize == "drop":
+            raise ValueError("Input positions are not tracked with equalize='drop'")
+        epoch, done, partial = base.epoch, set(base.done), base.partial
+        remaining = consumed
+        for run, take in self._walk(consumed):
+            remaining -= take
+            slot = run.slot
+            if slot.shard is None:  # padding
+                continue
+            if slot.epoch != epoch:
+                epoch, done, partial = slot.epoch, set(), None
+            if take == run.count:
+                done.add(slot.shard)
+                partial = None if partial and partial[0] == slot.shard else partial
+            else:
+                partial = (slot.shard, slot.offset + take)
+        if remaining > 0:
+            raise ValueError(f"consumed={consumed} is more than the elements handed on")
+        return core.InputPosition(epoch, tuple(sorted(done)), partial)
+
+    def close(self) -> None:
+        """Stops heartbeats; settles what is due and gives unfinished leases back."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        with self._lock:
+            unfinished = sorted(self._unfinished)
+        if not unfinished:
+            return
+        try:
+            self._acquire(0, release=unfinished)
+        except (grpc.RpcError, core.DispatcherError):
+            pass  # Nobody to give them to: they expire there, at their progress.
+
+    # --- internals -------------------------------------------------------------
+
+    def _walk(self, consumed: int) -> Iterator[tuple[_Run, int]]:
+        """(run, elements of it consumed) for the runs the first `consumed` elements span."""
+        remaining = consumed
+        with self._lock:
+            runs = list(self._runs)
+        for run in runs:
+            if remaining <= 0:
+                return
+            # A run not finished yet holds every element after the finished ones.
+            take = remaining if run.count is None else min(run.count, remaining)
+            remaining -= take
+            yield run, take
+
+    def _progress(self) -> dict[int, int]:
+        """token -> absolute offset trained, for the leases not yet completed."""
+        progress = {}
+        with self._lock:
+            consumed = self._consumed
+        for run, take in self._walk(consumed):
+            if run.token and take > 0:
+                progress[run.token] = run.slot.offset + take
+        with self._lock:
+            return {t: o for t, o in progress.items() if t in self._unfinished}
+
+    def _acquire(self, max_shards: int, claim: str = "none", release: Iterable[int] = ()):
+        """An acquire carrying the due completions and the progress; books its reply."""
+        with self._lock:
+            due, self._due = self._due, []
+            release = [t for t in release if t not in due]
+        progress = self._progress()
+        result = self._client.acquire(
+            self._job, self._worker, max_shards, claim=claim, complete=due,
+            release=release, progress=progress,
+        )
+        rejected = set(result.rejected)
+        with self._lock:
+            for token in [*due, *release]:
+                lease = self._unfinished.pop(token, None)
+                if lease is None:
+                    continue
+                if token in rejected:
+                    logging.warning(
+                        "Shard %s: its lease %d was lost before the shard was completed",
+                        lease.shard_name, token,
+                    )
+                    self.lost.append((lease.epoch, lease.shard_name))
+                elif token in due:
+                    self.delivered.append((lease.epoch, lease.shard_name))
+        return result
+
+    def _idle_slot(self) -> Optional[Slot]:
+        """An empty run, while runs handed out are unfinished.
+
+        A reader that waits for its next slot before it hands on the elements
+        of those it holds (tf.data's interleave refills a finished slot
+        first) would otherwise wait for completions that need those elements
+        taken. An empty run of the latest shard's name reads nothing.
+        """
+        with self._lock:
+            if not self._by_id or not self._runs:
+                return None
+            latest = self._runs[-1].slot
+            slot = Slot(next(_SLOT_IDS), latest.name, latest.epoch, None, 0, 0)
+            self._by_id[slot.id] = _Run(slot, 0)
+        return slot
+
+    def _slot(self, lease: core.Lease, offset: int, count: int, token: int) -> Slot:
+        seed = hash_ring.stable_hash(f"{self._seed}:{lease.epoch}:{lease.shard_name}") & (2**62 - 1)
+        slot = Slot(next(_SLOT_IDS), lease.shard_name, lease.epoch, lease.shard_index,
+                    offset, count, seed=seed)
+        run = _Run(slot, token)
+        with self._lock:
+            self._runs.append(run)
+            self._by_id[slot.id] = run
+            self._yielded[lease.epoch] += max(count, 0)
+        return slot
+
+    def _slots_of(self, lease: core.Lease) -> Iterator[Slot]:
+        if self._equalize == "none":
+            with self._lock:
+                self._unfinished[lease.token] = lease
+            yield self._slot(lease, lease.offset, -1, lease.token)
+            return
+        # Completed at grant; sizes count elements (the dispatcher checks).
+        self.delivered.append((lease.epoch, lease.shard_name))
+        self._sizes[lease.epoch] += lease.size - lease.offset
+        if self._equalize == "pad":
+            yield self._slot(lease, lease.offset, lease.size - lease.offset, 0)
+            return
+        self._held.append((lease, 0))
+        yield from self._release_held()
+
+    def _release_held(self, final: Optional[core.EpochProgress] = None) -> Iterator[Slot]:
+        """drop: yields held elements up to the smallest consumer count."""
+        if not self._held:
+            return
+        progress = final or self._client.epoch_progress(self._job, self._epoch)
+        allowed = progress.floor - self._yielded[self._epoch]
+        while self._held and allowed > 0:
+            lease, used = self._held[0]
+            take = min(lease.size - lease.offset - used, allowed)
+            yield self._slot(lease, lease.offset + used, take, 0)
+            allowed -= take
+            if used + take == lease.size - lease.offset:
+                self._held.pop(0)
+            else:
+                self._held[0] = (lease, used + take)
+
+    def _wait_held(self) -> Iterator[Slot]:
+        """drop: yields held elements as the floor rises; closes the epoch once it ends."""
+        progress = self._client.epoch_progress(self._job, self._epoch)
+        if progress.finished:
+            yield from self._close_epochs(self._epoch + 1)
+            return
+        count = len(self._held)
+        yield from self._release_held(progress)
+        if len(self._held) == count:
+            time.sleep(self._poll_s)
+
+    def _close_epochs(self, until: int) -> Iterator[Slot]:
+        """Equalizes and closes every epoch before `until`."""
+        while self._epoch < until:
+            if self._equalize != "none":
+                progress = self._wait_finished(self._epoch)
+                if self._equalize == "drop":
+                    yield from self._release_held(progress)
+                else:
+                    yield from self._pad(progress.ceiling - self._sizes[self._epoch])
+            self._held = []
+            self._epoch += 1
+
+    def _pad(self, count: int) -> Iterator[Slot]:
+        if count <= 0:
+            return
+        latest = self._latest_shard()
+        if latest is None:
+            logging.warning("Cannot pad epoch %d: no element seen yet", self._epoch)
+            return
+        slot = Slot(next(_SLOT_IDS), latest.name, self._epoch, None, 0, count, True, latest.seed)
+        with self._lock:
+            run = _Run(slot, 0)
+            self._runs.append(run)
+            self._by_id[slot.id] = run
+        yield slot
+
+    def _latest_shard(self) -> Optional[Slot]:
+        """The latest shard run with elements (handed on, or at least sized so)."""
+        with self._lock:
+            if self._latest is not None:
+                return self._latest
+            for run in reversed(self._runs):
+                if run.slot.shard is not None and run.slot.count != 0:
+                    return run.slot
+        return None
+
+    def _wait_finished(self, epoch: int) -> core.EpochProgress:
+        while True:
+            progress = self._client.epoch_progress(self._job, epoch)
+            if progress.finished:
+                return progress
+            time.sleep(self._poll_s)
+
+    def _heartbeat(self, interval_s: float) -> None:
+        last_beat = time.monotonic()
+        while not self._stop.wait(min(interval_s, _SETTLE_AFTER_S)):
+            try:
+                with self._lock:
+                    overdue = self._due and time.monotonic() - self._due_since > _SETTLE_AFTER_S
+                if overdue:
+                    self._acquire(0)
+                elif time.monotonic() - last_beat >= interval_s:
+                    self._client.heartbeat(self._job, self._worker, self._progress())
+                else:
+                    continue
+                last_beat = time.monotonic()
+            except (grpc.RpcError, core.DispatcherError):
+                pass  # The next acquire reports a lasting failure.
+
+
+class ShardConsumer:
+    """A worker's stream of Python elements from leased shards, each shard once.
+
+    For tests, simulations and Python-side consumers; training reads through
+    `tfscale.data.dispatched.DispatchedInput`, whose elements stay in tf.data.
+    Iterating walks a `LeaseFeed`'s slots, streams each shard with
+    `read_fn(name)` (skipping the lease's offset), and reports a slot
+    finished when the consumer asks for the element after its last. Closing
+    the iterator early (or the process dying) gives the unfinished leases
+    back, at the progress reported with `report_consumed`.
+
+    With `shuffle_seed`, each shard's elements are shuffled (the whole shard
+    in memory), the same way every time the shard is read in an epoch, so a
+    shard resumed partway skips exactly the elements consumed before.
+
+    Attributes:
+      delivered, lost, per_epoch: as `LeaseFeed`'s, for the latest iterator.
+    """
+
+    def __init__(
+        self,
+        client: client_lib.DispatcherClient,
+        job: str,
+        worker: str,
+        read_fn: Callable[[str], Iterable[T]],
+        max_shards: int = 2,
+        poll_s: float = 0.02,
+        shuffle_seed: Optional[int] = None,
+    ):
+        self._client = client
+        self._job = job
+        self._worker = worker
+        self._read_fn = read_fn
+        self._max_shards = max_shards
+        self._poll_s = poll_s
+        self._shuffle_seed = shuffle_seed
+        self._feed = self._new_feed()
+        self._yielded = 0
+
+    @property
+    def delivered(self) -> list[tuple[int, str]]:
+        return self._feed.delivered
+
+    @property
+    def lost(self) -> list[tuple[int, str]]:
+        return self._feed.lost
+
+    @property
+    def per_epoch(self) -> dict[int, int]:
+        return self._feed.per_epoch
+
+    def __iter__(self) -> Iterator[T]:
+        self._feed = feed = self._new_feed()
+        self._yielded = 0
+        slots = feed.slots()
+        try:
+            for slot in slots:
+                count = 0
+                for element in self._elements(slot):
+                    self._yielded += 1
+                    yield element
+                    count += 1
+                feed.finished(slot.id, count)
+        finally:
+            slots.close()
+
+    def report_consumed(self, consumed: int) -> None:
+        """Training consumed the first `consumed` elements of the latest iterator."""
+        self._feed.report_consumed(consumed)
+
+    def position(
+        self, consumed: int, base: core.InputPosition = core.InputPosition()
+    ) -> core.InputPosition:
+        """`LeaseFeed.position` of the latest iterator.
+
+        Raises:
+          ValueError: for more elements than were yielded, or with equalize="drop".
+        """
+        if consumed > self._yielded:
+            raise ValueError(
+                f"consumed={consumed} is more than the elements yielded ({self._yielded})"
+            )
+        return self._feed.position(consumed, base)
+
+    def _new_feed(self) -> LeaseFeed:
+        return LeaseFeed(
+            self._client, self._job, self._worker, self._max_shards,
+            seed=self._shuffle_seed or 0, poll_s=self._poll_s,
+        )
+
+    def _elements(self, slot: Slot) -> Iterator[T]:
+        elements: Iterable[T] = self._read_fn(slot.name)
+        if self._shuffle_seed is not None:
+            elements = list(elements)
+            random.Random(f"{self._shuffle_seed}:{slot.epoch}:{slot.name}").shuffle(elements)
+        if slot.repeat:
+            elements = list(elements)
+            elements = itertools.islice(itertools.cycle(elements), slot.count) if elements else ()
+            yield from elements
+            return
+        stop = None if slot.count < 0 else slot.offset + slot.count
+        yield from itertools.islice(elements, slot.offset, stop)
