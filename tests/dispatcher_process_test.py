@@ -154,6 +154,38 @@ class WorkersTest(parameterized.TestCase):
         self.assertTrue(job.finished)
 
 
+    def test_a_killed_workers_shard_resumes_where_its_training_stopped(self):
+        # w1 reports each element consumed before recording it, then dies
+        # mid-shard holding the lease: the shard goes back at that offset, so
+        # no element is trained twice and none is lost.
+        tmp = self.create_tempdir().full_path
+        dispatcher = Dispatcher(tmp, *_serve_flags(num_epochs=1, lease_timeout_s=2.0))
+        self.addCleanup(dispatcher.stop)
+        outs = [os.path.join(tmp, f"w{i}.out") for i in range(2)]
+        specs = [("w0", 0.004, -1, -1), ("w1", 0.002, -1, 15)]  # w1: 1.5 shards, then dies
+        workers = [
+            subprocess.Popen(
+                [sys.executable, os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
+                 dispatcher.address, "audit", name, out, str(delay), str(hang), str(train)],
+                cwd=testutil.REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True,
+            )
+            for (name, delay, hang, train), out in zip(specs, outs)
+        ]
+        for worker in workers:
+            self.addCleanup(worker.kill)
+        self.assertEqual(workers[1].stdout.readline().strip(), "HANGING")
+        workers[1].send_signal(signal.SIGKILL)
+        self.assertStartsWith(workers[0].stdout.readline(), "DONE")
+        self.assertEqual(workers[0].wait(timeout=120), 0)
+        counts = collections.Counter()
+        for out in outs:
+            with open(out) as f:
+                counts.update(int(line) for line in f)
+        self.assertEqual(set(counts), set(range(NUM_ELEMENTS)), "missing elements")
+        self.assertEqual(max(counts.values()), 1, "an element trained twice")
+
+
 class StatusCommandTest(absltest.TestCase):
     def test_prints_workers_throughput_and_imbalance(self):
         flags = _serve_flags(lease_timeout_s=60)  # w0 stays live while `status` starts

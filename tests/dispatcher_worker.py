@@ -4,9 +4,11 @@ Consumes `range:` shards through a ShardConsumer and appends each element it
 hands on to OUT (one id per line, flushed), sleeping DELAY seconds per
 element read (a simulated per-element cost). With HANG_AFTER=N, it hangs in
 the read of its (N+1)th shard, after printing "HANGING", so the test can
-kill -9 it while it holds a lease.
+kill -9 it while it holds a lease. With TRAIN_THEN_HANG=M, it reports each
+element consumed to the dispatcher (synchronously) before writing it, and
+hangs after writing M elements, printing "HANGING".
 
-Usage: dispatcher_worker.py ADDRESS JOB WORKER OUT DELAY HANG_AFTER
+Usage: dispatcher_worker.py ADDRESS JOB WORKER OUT DELAY HANG_AFTER [TRAIN_THEN_HANG]
 """
 
 import sys
@@ -17,8 +19,8 @@ from tfscale.data.dispatcher import feed as feed_lib
 from tfscale.data.dispatcher import shards
 
 
-def main(address, job, worker, out, delay, hang_after):
-    delay, hang_after = float(delay), int(hang_after)
+def main(address, job, worker, out, delay, hang_after, train_then_hang="-1"):
+    delay, hang_after, train_then_hang = float(delay), int(hang_after), int(train_then_hang)
     reads = []
 
     def read(name):
@@ -33,9 +35,14 @@ def main(address, job, worker, out, delay, hang_after):
     client = client_lib.DispatcherClient(address)
     consumer = feed_lib.ShardConsumer(client, job, worker, read, max_shards=1)
     with open(out, "a") as f:
-        for element in consumer:
+        for count, element in enumerate(consumer, 1):
+            if train_then_hang >= 0:
+                consumer.report_consumed(count, send=True)
             f.write(f"{element}\n")
             f.flush()
+            if count == train_then_hang:
+                print("HANGING", flush=True)
+                time.sleep(3600)
     print(f"DONE delivered={len(consumer.delivered)} lost={len(consumer.lost)}", flush=True)
 
 

@@ -53,6 +53,9 @@ except (ImportError, AttributeError):  # pragma: no cover - a TF without it
     _PARALLEL_INTERLEAVE = None
 # One shard at a time in the output (elements of a shard are consecutive).
 _WHOLE_SHARD = 2**62
+# Elements of fixed shapes move between the shard readers and the parse in
+# batches of this many.
+_READ_BATCH = 64
 
 
 def default_worker_name() -> str:
@@ -91,6 +94,9 @@ class DispatchedInput:
         many, seeded per (seed, epoch, shard), so a shard read again in an
         epoch comes out in the same order (0: no shuffle).
       seed: seeds the per-shard shuffles.
+      track_consumed: complete a shard once training reported consuming its
+        last element (`report_consumed`), not once the pipeline handed it
+        on: elements in a prefetch buffer are not lost with a crash.
       auth_token: the dispatcher's token, if it requires one.
       tls_root_cert_file: PEM root certificate for TLS.
 
@@ -111,6 +117,7 @@ class DispatchedInput:
         buffer_elements: int = 256,
         shuffle_buffer: int = 0,
         seed: int = 0,
+        track_consumed: bool = False,
         auth_token: Optional[str] = None,
         tls_root_cert_file: Optional[str] = None,
     ):
@@ -130,6 +137,7 @@ class DispatchedInput:
         self._buffer_elements = buffer_elements
         self._shuffle_buffer = shuffle_buffer
         self._seed = seed
+        self._track_consumed = track_consumed
         self._base = core.InputPosition()
         self._lock = threading.Lock()
         self._feeds: dict[int, feed_lib.LeaseFeed] = {}  # slot id -> its feed
@@ -143,16 +151,29 @@ class DispatchedInput:
         self._client.rewind(self.job, self.worker, position)
         self._base = position
 
-    def report_consumed(self, consumed: int) -> None:
-        """Training consumed the first `consumed` elements of the latest iterator."""
+    def report_consumed(self, consumed: int, send: bool = False) -> None:
+        """Training consumed the first `consumed` elements of the latest iterator.
+
+        Heartbeats carry it to the dispatcher; `send` does at once.
+        """
         if self._latest is not None:
-            self._latest.report_consumed(consumed)
+            self._latest.report_consumed(consumed, send)
 
     def position(self, consumed: int) -> core.InputPosition:
         """The position after `consumed` elements of the latest iterator."""
         if self._latest is None:
             return self._base
         return self._latest.position(consumed, self._base)
+
+    def close(self) -> None:
+        """Ends the latest iterator's leases: completes what was taken, gives the rest back.
+
+        A shard partly consumed goes back at the offset last reported with
+        `report_consumed` (its start if none). Deleting the iterator does the
+        same, once TensorFlow finalizes it.
+        """
+        if self._latest is not None:
+            self._latest.close()
 
     @property
     def feed(self) -> Optional[feed_lib.LeaseFeed]:
@@ -171,26 +192,41 @@ class DispatchedInput:
             tf.TensorSpec([], tf.int64),  # seed
         )
         slots = tf.data.Dataset.from_generator(self._slots, output_signature=signature)
+        self._batched = False  # set when `_open` is traced
         if _PARALLEL_INTERLEAVE is not None:
             runs = _PARALLEL_INTERLEAVE(
                 slots, self._open, cycle_length=self._cycle_length, block_length=_WHOLE_SHARD,
                 num_parallel_calls=self._cycle_length,
-                buffer_output_elements=self._buffer_elements, prefetch_input_elements=1,
-                deterministic=True,
+                buffer_output_elements=max(1, -(-self._buffer_elements // _READ_BATCH)),
+                prefetch_input_elements=1, deterministic=True,
             )
         else:  # pragma: no cover
             logging.warning("Parallel shard reads unavailable: reading one shard at a time")
             runs = slots.flat_map(self._open)
-        return runs.enumerate().filter(self._keep).map(lambda index, tagged: tagged[0])
+        batched = self._batched
+        # Elements handed on so far, after each (batch of) element(s).
+        def count(total, tagged):
+            total += _size(tagged, batched)
+            return total, (total, tagged)
+
+        counted = runs.scan(tf.constant(0, tf.int64), count)
+        elements = counted.filter(self._keep).map(lambda total, tagged: tagged[0])
+        if batched:
+            elements = elements.unbatch()
+        parse = getattr(self._reader, "parse", None)
+        if parse is not None:
+            elements = elements.map(parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return elements
 
     def _slots(self):
         """The generator behind the slots dataset: one `LeaseFeed` per iterator."""
         feed = feed_lib.LeaseFeed(
-            self._client, self.job, self.worker, self._max_shards, seed=self._seed
+            self._client, self.job, self.worker, self._max_shards, seed=self._seed,
+            track_consumed=self._track_consumed,
         )
         self._latest = feed
         with self._lock:
-            self._ends[id(feed)] = -1
+            self._ends[id(feed)] = 0
         try:
             for slot in feed.slots():
                 with self._lock:
@@ -200,40 +236,61 @@ class DispatchedInput:
             feed.close()
 
     def _open(self, slot_id, name, offset, count, repeat, seed) -> tf.data.Dataset:
-        """One run's elements, tagged (element, False, id), then a marker (dummy, True, id)."""
-        body = self._reader(name)
-        spec = body.element_spec
+        """One run's elements, tagged (elements, False, id), then a marker (empty, True, id).
+
+        Elements of fixed shapes travel in batches of `_READ_BATCH` (the
+        tagging costs per batch, not per element); the marker is then an
+        empty batch.
+        """
+        read = getattr(self._reader, "read", self._reader)
+        body = read(name)
         if self._shuffle_buffer:
             body = body.shuffle(self._shuffle_buffer, seed=seed)
         body = body.repeat(tf.where(repeat, tf.constant(-1, tf.int64), 1)).skip(offset).take(count)
+        spec = body.element_spec
+        self._batched = all(
+            isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined()
+            for s in tf.nest.flatten(spec)
+        )
+        if self._batched:
+            body = body.batch(_READ_BATCH)
+            spec = body.element_spec
         flags = tf.data.Dataset.from_tensors((False, slot_id)).repeat()
         tagged = tf.data.Dataset.zip((body, flags)).map(lambda e, f: (e, f[0], f[1]))
         marker = tf.data.Dataset.from_tensors((_dummy(spec), True, slot_id))
         return tagged.concatenate(marker)
 
-    def _keep(self, index: tf.Tensor, tagged: tuple) -> tf.Tensor:
+    def _keep(self, total: tf.Tensor, tagged: tuple) -> tf.Tensor:
         _, is_marker, slot_id = tagged
         return tf.cond(
             is_marker,
-            lambda: tf.py_function(self._finished, [slot_id, index], tf.bool),
+            lambda: tf.py_function(self._finished, [slot_id, total], tf.bool),
             lambda: tf.constant(True),
         )
 
-    def _finished(self, slot_id: tf.Tensor, index: tf.Tensor) -> bool:
+    def _finished(self, slot_id: tf.Tensor, total: tf.Tensor) -> bool:
         """At a run's marker: the consumer asked past its last element."""
-        slot_id, index = int(slot_id), int(index)
+        slot_id, total = int(slot_id), int(total)
         with self._lock:
             feed = self._feeds.pop(slot_id, None)
             if feed is None:
                 return False
-            count = index - self._ends[id(feed)] - 1
-            self._ends[id(feed)] = index
+            count = total - self._ends[id(feed)]
+            self._ends[id(feed)] = total
         feed.finished(slot_id, count)
         return False
 
 
+def _size(tagged: tuple, batched: bool) -> tf.Tensor:
+    """Elements in one tagged item: a batch's rows, else 1 (0 for a marker)."""
+    elements, is_marker, _ = tagged
+    if batched:
+        return tf.shape(tf.nest.flatten(elements)[0], out_type=tf.int64)[0]
+    return tf.where(is_marker, tf.constant(0, tf.int64), 1)
+
+
 def _dummy(spec: Any) -> Any:
-    """A placeholder element of `spec` (zeros; unknown dimensions are 0)."""
+    """A placeholder element of `spec` (zeros; unknown dimensions, a batch's too, are 0)."""
 
     def zeros(s: Any) -> tf.Tensor:
         if not isinstance(s, tf.TensorSpec):
@@ -241,6 +298,8 @@ def _dummy(spec: Any) -> Any:
                 "Dispatched readers must yield dense tensors (nests of tf.TensorSpec). "
                 f"Received an element spec with {s}"
             )
+        if s.shape.rank is None:
+            return tf.zeros([], s.dtype)
         return tf.zeros([d if d is not None else 0 for d in s.shape.as_list()], s.dtype)
 
     return tf.nest.map_structure(zeros, spec)

@@ -168,6 +168,7 @@ def _dispatched(
         cycle_length=options.cycle_length,
         shuffle_buffer=config.data.shuffle_buffer or 0,
         seed=config.seed,
+        track_consumed=True,  # lib.run's callback reports every step
         auth_token=token,
         tls_root_cert_file=options.tls_root_cert_file,
     )

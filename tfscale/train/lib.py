@@ -230,6 +230,10 @@ class _ConsumedElements(keras.callbacks.Callback):
     def on_train_begin(self, logs: Any = None) -> None:
         self._start = int(self.model.optimizer.iterations.numpy())
 
+    def on_train_end(self, logs: Any = None) -> None:
+        if self._report is not None:
+            self._report(self.count)
+
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
         now = time.monotonic()
         if self._report is not None and now - self._reported_at >= self.REPORT_EVERY_S:

@@ -5,8 +5,9 @@ Roles (`--role`):
 - `tfscale_trainer`: consumes a `tfscale-dispatcher` job through
   `ShardConsumer` (one lease at a time) and trains on it;
 - `tfscale_pipeline_trainer`: the same job through the input pipeline that
-  `tfscale-train` builds: `DispatchedInput(...).dataset`, batched and
-  prefetched (`tf.data.AUTOTUNE`) ahead of the steps;
+  `tfscale-train` builds: `DispatchedInput(address, job, reader,
+  max_shards=1).dataset`, read with a tf.data reader (`readers.ranges()`),
+  batched and prefetched (`tf.data.AUTOTUNE`) ahead of the steps;
 - `tfdata_consumer`: consumes a tf.data service `distributed_epoch` job
   (one split per shard, flat-mapped to the shard's ids) and trains on it;
 - `tfdata_dispatcher`: a fault-tolerant `DispatchServer` journaling to
@@ -19,7 +20,15 @@ A trainer takes `--batch` ids from its input, sleeps `--step_s` (the step's
 compute), then appends one line `S <time> <id> ...` to `--out` with a single
 flushed write: that write is the step's durable commit, and an id counts as
 trained only once it is in such a complete line. A tfscale trainer (either
-role) also appends `L <time> <shard>` when it starts reading a leased shard.
+role) first tells the dispatcher how many ids it has trained in all
+(`report_consumed(n, send=True)`: a heartbeat, answered before the line is
+written), so a shard whose lease ends unfinished (the trainer was killed
+after the line) is leased again at the offset training reached, not at its
+start. A kill between that report and the line would lose the step's ids
+instead (the harness kills right after a line). A tfscale trainer also
+appends `L <time> <shard>` when it starts reading a leased shard (the
+pipeline role once per shard name: a `tf.py_function` in its reader, run
+when tf.data opens the shard).
 The last line is `DONE <time>` at the end of the epoch, or `ERROR <time> <message>`.
 The servers print `READY` once they serve.
 
@@ -33,8 +42,10 @@ import itertools
 import os
 import sys
 import time
+import threading
 from typing import Callable
 from typing import Iterable
+from typing import Optional
 from typing import TextIO
 
 from absl import app
@@ -74,19 +85,36 @@ _START_FILE = flags.DEFINE_string(
 )
 
 
+_LOG_LOCK = threading.Lock()  # the pipeline's reader logs from a tf.data thread
+
+
 def _line(log: TextIO, text: str) -> None:
-    log.write(f"{text}\n")
-    log.flush()
+    with _LOG_LOCK:
+        log.write(f"{text}\n")
+        log.flush()
 
 
-def _train(ids: Iterable[int], log: TextIO, batch: int, step_s: float) -> None:
-    """Trains on `ids` in steps of `batch`, committing each step as one log line."""
+Report = Callable[[int], None]
+
+
+def _train(
+    ids: Iterable[int], log: TextIO, batch: int, step_s: float, report: Optional[Report] = None
+) -> None:
+    """Trains on `ids` in steps of `batch`, committing each step as one log line.
+
+    `report(n)`, if given, runs after each step's compute and before its
+    line, with `n` the ids trained in all so far.
+    """
     stream = iter(ids)
+    trained = 0
     while True:
         step = [int(i) for i in itertools.islice(stream, batch)]
         if not step:
             break
         time.sleep(step_s)
+        trained += len(step)
+        if report is not None:
+            report(trained)
         _line(log, f"S {time.time():.6f} {' '.join(map(str, step))}")
     _line(log, f"DONE {time.time():.6f}")
 
@@ -101,28 +129,62 @@ def _logged_read(log: TextIO) -> Callable[[str], list[int]]:
     return read
 
 
-def _tfscale_ids(log: TextIO) -> Iterable[int]:
+def _report_sent(source) -> Report:
+    """`source.report_consumed(n, send=True)`: the dispatcher has it when this returns."""
+    return lambda consumed: source.report_consumed(consumed, send=True)
+
+
+def _tfscale_ids(log: TextIO) -> tuple[Iterable[int], Report]:
     client = client_lib.DispatcherClient(_ADDRESS.value)
-    return feed_lib.ShardConsumer(
+    consumer = feed_lib.ShardConsumer(
         client, _JOB.value, _NAME.value, _logged_read(log), max_shards=1
     )
+    return consumer, _report_sent(consumer)
 
 
-def _tfscale_pipeline_ids(log: TextIO) -> Iterable[int]:
+def _logged_ranges(log: TextIO):
+    """`readers.ranges()` that logs `L <time> <shard>` when tf.data opens a shard.
+
+    The line comes from a `tf.py_function` that returns the name the range is
+    built from, so it runs before the shard's first element. Only a shard
+    name's first open is logged: `LeaseFeed` also hands out empty runs of
+    the latest shard's name while it waits for leases, which read nothing.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    from tfscale.data.dispatcher import readers  # pylint: disable=import-outside-toplevel
+
+    ranges = readers.ranges()
+    seen: set[str] = set()
+    lock = threading.Lock()
+
+    def note(name: tf.Tensor) -> tf.Tensor:
+        text = name.numpy().decode()
+        with lock:
+            first = text not in seen
+            seen.add(text)
+        if first:
+            _line(log, f"L {time.time():.6f} {text}")
+        return name
+
+    def read(name: tf.Tensor) -> tf.data.Dataset:
+        logged = tf.py_function(note, [name], tf.string)
+        logged.set_shape([])
+        return ranges(logged)
+
+    return read
+
+
+def _tfscale_pipeline_ids(log: TextIO) -> tuple[Iterable[int], Report]:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     from tfscale.data import dispatched  # pylint: disable=import-outside-toplevel
 
     source = dispatched.DispatchedInput(
-        _ADDRESS.value,
-        _JOB.value,
-        _logged_read(log),
-        output_signature=tf.TensorSpec([], tf.int64),
-        worker=_NAME.value,
-        max_shards=1,
+        _ADDRESS.value, _JOB.value, _logged_ranges(log), worker=_NAME.value, max_shards=1
     )
     batches = source.dataset.batch(_BATCH.value).prefetch(tf.data.AUTOTUNE)
-    return (i for batch in batches for i in batch.numpy())
+    return (int(i) for batch in batches for i in batch.numpy()), _report_sent(source)
 
 
 def _tfdata_ids() -> Iterable[int]:
@@ -179,13 +241,14 @@ def main(argv: list[str]) -> None:
         return
     with open(_OUT.value, "a") as log:
         try:
+            report = None
             if role == "tfscale_trainer":
-                ids = _tfscale_ids(log)
+                ids, report = _tfscale_ids(log)
             elif role == "tfscale_pipeline_trainer":
-                ids = _tfscale_pipeline_ids(log)
+                ids, report = _tfscale_pipeline_ids(log)
             else:
                 ids = _tfdata_ids()
-            _train(ids, log, _BATCH.value, _STEP_S.value)
+            _train(ids, log, _BATCH.value, _STEP_S.value, report)
         except Exception as e:  # pylint: disable=broad-except
             _line(log, f"ERROR {time.time():.6f} {type(e).__name__}: {str(e)[:300]!r}")
             sys.exit(1)

@@ -8,8 +8,19 @@ faults are injected mid-epoch, in three setups (`--systems`):
   on, `--lease_timeout_s`); each trainer iterates a `ShardConsumer` (one
   lease at a time, `max_shards=1`) and takes each id when it trains on it.
 - `tfscale-pipeline`: the same dispatcher, read as `tfscale-train` reads it:
-  `DispatchedInput(...).dataset.batch(B).prefetch(AUTOTUNE)`, so the input
-  runs ahead of the steps (and completes shards before they are trained).
+  `DispatchedInput(address, job, reader, max_shards=1).dataset.batch(B)
+  .prefetch(AUTOTUNE)` with a tf.data reader of `range:A:B` shards, so the
+  input reads ahead of the steps.
+
+In both, leases are committed at grant, and a shard is completed only once
+the consumer asks for the element after its last (the completion rides on
+the next acquire): a shard read ahead but not yet trained is still leased.
+Before each step's commit (below), a tfscale trainer reports to the
+dispatcher how many ids it has trained (`report_consumed(n, send=True)`, a
+synchronous heartbeat), so a shard whose lease ends unfinished (its trainer
+was killed) is leased again at the offset training reached, not at its
+start: what the victim trained from it is not trained again, and what its
+input had read ahead of training is read again.
 - `tf.data` service, DYNAMIC sharding: a `DispatchServer` subprocess with a
   work_dir and `fault_tolerant_mode=True`, `--data_workers` `WorkerServer`
   subprocesses (heartbeat 750 ms, dropped after `worker_timeout_ms` = the

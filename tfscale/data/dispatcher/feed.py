@@ -54,6 +54,9 @@ __all__ = [
 T = TypeVar("T")
 # Due completions wait at most this long for an acquire to carry them.
 _SETTLE_AFTER_S = 0.5
+# Training that reported no progress for this long while no lease comes is
+# waiting for input (see `LeaseFeed._unblock_training`).
+_STARVED_S = 2.0
 _SLOT_IDS = itertools.count(1)  # unique in the process: readers route by id
 
 
@@ -101,6 +104,11 @@ class LeaseFeed:
       max_shards: leases asked for per acquire (the next ones are asked for
         while the current ones are read).
       seed: mixed into each slot's `seed`.
+      track_consumed: complete a shard only once training reported
+        (`report_consumed`) that it consumed the shard's last element, not
+        when the consumer takes it (a prefetch buffer may hold it); a crash
+        then loses nothing. Training must report, or its shards never
+        complete.
 
     Attributes:
       delivered: (epoch, shard name) of each shard completed, in order.
@@ -118,6 +126,7 @@ class LeaseFeed:
         max_shards: int = 2,
         seed: int = 0,
         poll_s: float = 0.02,
+        track_consumed: bool = False,
     ):
         self._client = client
         self._job = job
@@ -129,6 +138,12 @@ class LeaseFeed:
         self._runs: list[_Run] = []  # every slot yielded, in order
         self._by_id: dict[int, _Run] = {}
         self._due: list[int] = []  # tokens to complete
+        # (elements handed on up to a finished run's end, its token), until
+        # training reports it consumed them
+        self._awaiting: list[tuple[int, int]] = []
+        self._handed_on = 0
+        self._consumed_at = time.monotonic()
+        self._reporting = track_consumed
         self._due_since = 0.0
         self._consumed = 0
         self._unfinished: dict[int, core.Lease] = {}  # token -> lease not yet completed
@@ -168,6 +183,7 @@ class LeaseFeed:
                     return
                 if not result.leases:
                     yield from self._release_held()
+                    self._unblock_training()
                     time.sleep(result.retry_after_s)
                     idle = self._idle_slot()
                     if idle is not None:
@@ -180,25 +196,66 @@ class LeaseFeed:
             self.close()
 
     def finished(self, slot_id: int, count: int) -> None:
-        """The consumer took the element after slot `slot_id`'s last; it had `count`."""
+        """The consumer took the element after slot `slot_id`'s last; it had `count`.
+
+        The slot's shard is completed then, or with `track_consumed` (or
+        after the first `report_consumed`), once training consumed its last
+        element.
+        """
         with self._lock:
             run = self._by_id.pop(slot_id, None)
             if run is None:
                 return
             run.count = count
+            self._handed_on += count
             epoch = run.slot.epoch
             self.per_epoch[epoch] = self.per_epoch.get(epoch, 0) + count
             if count and run.slot.shard is not None:
                 self._latest = run.slot
             if run.token:
-                if not self._due:
-                    self._due_since = time.monotonic()
-                self._due.append(run.token)
+                self._awaiting.append((self._handed_on, run.token))
+                self._settle_consumed()
 
-    def report_consumed(self, consumed: int) -> None:
-        """Training consumed the first `consumed` elements handed on."""
+    def report_consumed(self, consumed: int, send: bool = False) -> None:
+        """Training consumed the first `consumed` elements handed on.
+
+        From the first report on, a shard completes once training consumed
+        its last element. The next heartbeat (or acquire) tells the
+        dispatcher; with `send`, a heartbeat tells it now (before, say, the
+        step is recorded as done: a crash in between then repeats nothing).
+        """
         with self._lock:
-            self._consumed = max(self._consumed, consumed)
+            self._reporting = True
+            if consumed > self._consumed:
+                self._consumed = consumed
+                self._consumed_at = time.monotonic()
+            self._settle_consumed()
+        if send:
+            self._client.heartbeat(self._job, self._worker, self._progress())
+
+    def _unblock_training(self) -> None:
+        """Completes the runs training waits on, when no lease comes.
+
+        With `track_consumed`, an epoch's last shard completes once training
+        consumed its last element, but a batch holding it may need elements
+        of the next epoch, which the dispatcher leases once the epoch is
+        complete. When training has reported nothing new for a while and no
+        lease comes, its runs handed on are completed as taken (a crash
+        right then may lose that one batch in the making).
+        """
+        with self._lock:
+            if self._awaiting and time.monotonic() - self._consumed_at > _STARVED_S:
+                self._due.extend(token for _, token in self._awaiting)
+                self._awaiting = []
+
+    def _settle_consumed(self) -> None:
+        """Moves the runs training is done with to the completions due (lock held)."""
+        while self._awaiting and (
+            not self._reporting or self._awaiting[0][0] <= self._consumed
+        ):
+            if not self._due:
+                self._due_since = time.monotonic()
+            self._due.append(self._awaiting.pop(0)[1])
 
     def position(
         self, consumed: int, base: core.InputPosition = core.InputPosition()
@@ -495,9 +552,9 @@ class ShardConsumer:
         finally:
             slots.close()
 
-    def report_consumed(self, consumed: int) -> None:
+    def report_consumed(self, consumed: int, send: bool = False) -> None:
         """Training consumed the first `consumed` elements of the latest iterator."""
-        self._feed.report_consumed(consumed)
+        self._feed.report_consumed(consumed, send)
 
     def position(
         self, consumed: int, base: core.InputPosition = core.InputPosition()

@@ -5,7 +5,7 @@ reader, inside tf.data: elements never pass through Python. Any function of
 that shape is a reader; these cover the shard names tfscale makes:
 
 - `tfrecord(parse)`: TFRecord files, each record parsed by `parse` (any
-  schema);
+  schema); a `ShardReader`, whose parse runs after the shards are merged;
 - `records(image_shape)`: tfscale's image-classification record format;
 - `ranges()`: `range:A:B` shards, the integers A..B-1 (tests, benchmarks);
 - `datasets(by_name)`: shards whose datasets are built up front, e.g. TFDS
@@ -31,6 +31,7 @@ from tfscale.data import records as records_lib
 
 __all__ = [
     "Reader",
+    "ShardReader",
     "datasets",
     "ranges",
     "records",
@@ -38,32 +39,46 @@ __all__ = [
     "tfrecord",
 ]
 
+class ShardReader:
+    """A reader in two steps: `read` a shard's raw elements, then `parse` each.
+
+    `DispatchedInput` parses after the shards' elements were merged into one
+    stream, with one parallel map over all of them (as plain tf.data does
+    after its interleave), instead of one map per shard. Calling it reads
+    and parses one shard, so it is also a plain `Reader`.
+    """
+
+    def __init__(
+        self,
+        read: Callable[[tf.Tensor], tf.data.Dataset],
+        parse: Callable[..., Any] | None = None,
+    ):
+        self.read = read
+        self.parse = parse
+
+    def __call__(self, name: tf.Tensor) -> tf.data.Dataset:
+        dataset = self.read(name)
+        if self.parse is None:
+            return dataset
+        return dataset.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+
 Reader = Callable[[tf.Tensor], tf.data.Dataset]
 
 
 def tfrecord(
-    parse: Callable[[tf.Tensor], Any] | None = None,
-    num_parallel_calls: int = tf.data.AUTOTUNE,
-    buffer_size: int | None = None,
-) -> Reader:
+    parse: Callable[[tf.Tensor], Any] | None = None, buffer_size: int | None = None
+) -> ShardReader:
     """Reads a TFRecord file, parsing each record with `parse` (None: raw records).
 
     Args:
       parse: serialized record (a scalar `tf.string`) -> element.
-      num_parallel_calls: parallel parses within the shard.
       buffer_size: the file reader's read buffer, bytes (TFRecordDataset's default if None).
     """
-
-    def read(name: tf.Tensor) -> tf.data.Dataset:
-        dataset = tf.data.TFRecordDataset(name, buffer_size=buffer_size)
-        if parse is None:
-            return dataset
-        return dataset.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
-
-    return read
+    return ShardReader(lambda name: tf.data.TFRecordDataset(name, buffer_size=buffer_size), parse)
 
 
-def records(image_shape: Sequence[int]) -> Reader:
+def records(image_shape: Sequence[int]) -> ShardReader:
     """Reads tfscale's record format (`tfscale.data.records`): {"image", "label", "id"}."""
     return tfrecord(records_lib.parse_fn(tuple(image_shape)))
 
@@ -107,7 +122,8 @@ def datasets(by_name: Mapping[str, tf.data.Dataset]) -> Reader:
 
     def read(name: tf.Tensor) -> tf.data.Dataset:
         i = index.lookup(name)
-        tf.debugging.assert_non_negative(i, message=tf.strings.join(["Unknown shard: ", name]))
+        with tf.control_dependencies([tf.debugging.Assert(i >= 0, ["Unknown shard:", name])]):
+            i = tf.identity(i)
         return tf.data.experimental.from_variant(tf.gather(variants, i), spec)
 
     return read
