@@ -143,6 +143,8 @@ class DispatchedInputTest(parameterized.TestCase):
 
     def test_equalized_pad_consumers_get_equal_counts(self):
         self._job(num_epochs=2, num_consumers=2, equalize="pad", policy="round_robin")
+        for i in range(2):  # both known before either leases: round robin splits the shards
+            self.client.register_worker("j", f"w{i}")
         inputs = [self._input(f"w{i}", max_shards=1) for i in range(2)]
         outs = [[] for _ in inputs]
         threads = [

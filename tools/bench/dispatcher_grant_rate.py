@@ -2,9 +2,18 @@
 
 tfscale: each run starts a fresh `tfscale-dispatcher serve` subprocess (journal
 on: fsync before each answer; off: memory only) whose job has `--splits`
-shards; N client threads each loop acquire(k) -> complete every lease. After a
-0.5 s warm-up, grants/s and the p50/p99 acquire latency are measured over
-`--seconds`.
+shards; N client threads each loop over grants of k shards, in one of two
+shapes (`--grant_modes`):
+
+- `one_trip` (the headline figure; what `LeaseFeed` does): one Acquire per
+  grant, `acquire(k, claim="commit", complete=<the previous grant's
+  tokens>)`: the leases are committed at grant and the previous grant's
+  completions ride on the same round trip (1 RPC per k grants);
+- `per_call` (the old shape, kept for comparison): `acquire(k)`, then one
+  Complete RPC per lease (1 + k RPCs per k grants).
+
+After a 0.5 s warm-up, grants/s and the p50/p99 acquire latency are
+measured over `--seconds`.
 
 tf.data service: each run starts, in a helper subprocess (this script with
 `--tf_data_helper`), a fresh `DispatchServer` (journal on: `fault_tolerant_mode`
@@ -16,19 +25,23 @@ dispatcher, so there the workers are the dispatcher's clients: a "client" is a
 `WorkerServer`. Batching on the workers keeps the consumer's own traffic
 negligible. Splits/s is `splits` over the time from creating the iterator to
 the last split's arrival at the consumer; it includes starting the job, so it
-errs low, in tfscale's favour. A tf.data split needs no completion RPC, a
-tfscale grant does (k=8: 1 acquire + 8 completes per 8 grants).
+errs low, in tfscale's favour. A tf.data split needs no completion RPC; a
+tfscale grant's completion rides on the next acquire (`one_trip`) or costs
+its own RPC (`per_call`, k=8: 1 acquire + 8 completes per 8 grants).
 
-Each repetition visits every (journal, clients) cell and runs tfscale at each
-k and tf.data service back to back (which goes first alternates), so both see
-the same machine load. Reported: medians over repetitions; per cell, the
-ratio tfscale grants/s at the largest k (8) / tf.data service splits/s (median
-of the per-repetition ratios; target >= 10x), and the p99 acquire latency at
-the most clients (64), journal on, largest k (target < 10 ms).
+Each repetition visits every (journal, clients) cell and runs tfscale in
+each mode at each k and tf.data service back to back (which goes first
+alternates), so all see the same machine load. Reported: medians over
+repetitions; per cell, the ratio tfscale grants/s at the largest k (8) /
+tf.data service splits/s for each mode (median of the per-repetition
+ratios; target >= 10x, judged on `one_trip`), and the p99 acquire latency at
+the most clients (64), journal on, largest k, `one_trip` (target < 10 ms).
+
+The README's figures:
 
   .venv/bin/python tools/bench/dispatcher_grant_rate.py \\
       --out=/tmp/tfscale_bench/dispatcher_grant_rate --clients=1,4,16,64 \\
-      --shards_per_call=1,8 --seconds=3 --repeats=5 --splits=20000
+      --shards_per_call=1,8 --seconds=1.5 --repeats=5 --splits=20000
 
 Smoke test (under a minute):
 
@@ -61,6 +74,18 @@ _CLIENTS = flags.DEFINE_list(
     "clients", ["1", "4", "16", "64"], "Concurrent clients (tf.data: workers)."
 )
 _K = flags.DEFINE_list("shards_per_call", ["1", "8"], "Shards asked per acquire.")
+ONE_TRIP = "one_trip"
+PER_CALL = "per_call"
+MODES = (ONE_TRIP, PER_CALL)
+_MODE_LABELS = {
+    ONE_TRIP: "1 round trip (acquire + claim + piggybacked completes)",
+    PER_CALL: "per call (old: acquire, then k completes)",
+}
+_MODES = flags.DEFINE_list(
+    "grant_modes",
+    list(MODES),
+    f"tfscale grant shapes, of {', '.join(MODES)} (the first given is the headline).",
+)
 _SECONDS = flags.DEFINE_float("seconds", 3.0, "Measured time per tfscale run.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Repetitions (medians are reported).")
 _SPLITS = flags.DEFINE_integer(
@@ -123,31 +148,43 @@ def _client_loop(
     address: str,
     name: str,
     k: int,
+    mode: str,
     stop: threading.Event,
     grants: list[int],
     latencies: list[float],
+    rejected: list[int],
 ) -> None:
     client = client_lib.DispatcherClient(address)
     client.register_worker(_JOB, name)
+    due: list[int] = []  # one_trip: the previous grant's tokens, completed by the next acquire
     while not stop.is_set():
         start = time.perf_counter()
-        result = client.acquire(_JOB, name, k)
+        if mode == ONE_TRIP:
+            result = client.acquire(_JOB, name, k, claim="commit", complete=due)
+        else:
+            result = client.acquire(_JOB, name, k)
         latencies.append(time.perf_counter() - start)
         grants.append(len(result.leases))
-        for lease in result.leases:
-            client.complete(_JOB, name, lease.token)
+        rejected.append(len(result.rejected))
+        if mode == ONE_TRIP:
+            due = [lease.token for lease in result.leases]
+        else:
+            for lease in result.leases:
+                client.complete(_JOB, name, lease.token)
     client.close()
 
 
-def _tfscale_run(journal: bool, clients: int, k: int) -> dict[str, float]:
+def _tfscale_run(journal: bool, clients: int, k: int, mode: str) -> dict[str, float]:
     """Grants/s and acquire latency of `clients` threads on a fresh dispatcher."""
     with _tfscale_server(journal, _SPLITS.value) as address:
         stop = threading.Event()
         grants: list[int] = []
         latencies: list[float] = []
+        rejected: list[int] = []
         threads = [
             threading.Thread(
-                target=_client_loop, args=(address, f"c{i}", k, stop, grants, latencies)
+                target=_client_loop,
+                args=(address, f"c{i}", k, mode, stop, grants, latencies, rejected),
             )
             for i in range(clients)
         ]
@@ -167,6 +204,7 @@ def _tfscale_run(journal: bool, clients: int, k: int) -> dict[str, float]:
         "grants_per_s": granted / elapsed,
         "p50_ms": 1000 * measured[len(measured) // 2],
         "p99_ms": 1000 * measured[min(len(measured) - 1, int(0.99 * len(measured)))],
+        "rejected": sum(rejected),  # completions the dispatcher refused: should be 0
     }
 
 
@@ -293,14 +331,18 @@ def _median_row(keys: dict[str, Any], runs: list[dict[str, float]]) -> Row:
     return row
 
 
-def _targets(tfscale: list[Row], ratios: list[Row], k: int, clients: int) -> dict[str, Any]:
-    ratio_values = [row["ratio"] for row in ratios]
+def _targets(
+    tfscale: list[Row], ratios: list[Row], k: int, clients: int, mode: str
+) -> dict[str, Any]:
+    ratio_values = [row["ratio"] for row in ratios if row["mode"] == mode]
     p99 = next(
         r["p99_ms"]
         for r in tfscale
         if r["journal"] and r["clients"] == clients and r["shards_per_call"] == k
+        and r["mode"] == mode
     )
     return {
+        "mode": mode,
         "ratio_target": _RATIO_TARGET,
         "ratio_shards_per_call": k,
         "ratio_min": min(ratio_values),
@@ -320,18 +362,20 @@ def _plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    fig, (rate, tail) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {k: f"C{i}" for i, k in enumerate(results["config"]["shards_per_call"])}
+    fig, (rate, tail) = plt.subplots(1, 2, figsize=(14, 5.5))
+    series = [(m, k) for m in results["config"]["grant_modes"]
+              for k in results["config"]["shards_per_call"]]
+    colors = {key: f"C{i}" for i, key in enumerate(series)}
     for journal, style in ((True, "-"), (False, "--")):
         label = "journal on" if journal else "journal off"
-        for k, color in colors.items():
+        for (mode, k), color in colors.items():
             rows = [
                 r
                 for r in results["tfscale"]
-                if r["journal"] == journal and r["shards_per_call"] == k
+                if r["journal"] == journal and r["shards_per_call"] == k and r["mode"] == mode
             ]
             clients = [r["clients"] for r in rows]
-            name = f"tfscale k={k}, {label}"
+            name = f"tfscale k={k} {_MODE_LABELS[mode]}, {label}"
             rate.plot(
                 clients,
                 [r["grants_per_s"] for r in rows],
@@ -362,7 +406,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(results["config"]["clients"], [str(c) for c in results["config"]["clients"]])
         ax.set_xlabel("clients (tf.data service: workers)")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6)
     config = results["config"]
     fig.suptitle(
         f"{config['splits']} splits, {config['repeats']} repetitions, {config['cpus']} CPUs"
@@ -372,33 +416,53 @@ def _plot(results: dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+_SHORT = {ONE_TRIP: "1trip", PER_CALL: "percall"}
+
+
 def _print_table(results: dict[str, Any]) -> None:
     ks = results["config"]["shards_per_call"]
+    modes = results["config"]["grant_modes"]
     kr = results["targets"]["ratio_shards_per_call"]
+    print("; ".join(f"{_SHORT[m]}: {_MODE_LABELS[m]}" for m in modes))
     header = f"{'journal':8s}{'clients':>8s}"
-    for k in ks:
-        header += f" | {f'k={k} grants/s':>14s} {'p50 ms':>7s} {'p99 ms':>7s}"
-    print(header + f" | {'tf.data splits/s':>16s} | {f'k={kr} / tf.data':>14s}")
-    tfscale = {(r["journal"], r["clients"], r["shards_per_call"]): r for r in results["tfscale"]}
+    for mode in modes:
+        for k in ks:
+            header += f" | {f'{_SHORT[mode]} k={k} grants/s':>22s} {'p50 ms':>7s} {'p99 ms':>7s}"
+    header += f" | {'tf.data splits/s':>16s}"
+    for mode in modes:
+        header += f" | {f'{_SHORT[mode]} k={kr} / tf.data':>21s}"
+    print(header)
+    tfscale = {
+        (r["journal"], r["clients"], r["shards_per_call"], r["mode"]): r for r in results["tfscale"]
+    }
     tf_data = {(r["journal"], r["clients"]): r for r in results["tf_data_service"]}
-    ratios = {(r["journal"], r["clients"]): r for r in results["ratios"]}
+    ratios = {(r["journal"], r["clients"], r["mode"]): r for r in results["ratios"]}
     for journal, clients in tf_data:
         line = f"{'on' if journal else 'off':8s}{clients:>8d}"
-        for k in ks:
-            row = tfscale[journal, clients, k]
-            line += f" | {row['grants_per_s']:>14.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f}"
-        splits_per_s = tf_data[journal, clients]["splits_per_s"]
-        print(f"{line} | {splits_per_s:>16.0f} | {ratios[journal, clients]['ratio']:>13.2f}x")
+        for mode in modes:
+            for k in ks:
+                row = tfscale[journal, clients, k, mode]
+                line += (
+                    f" | {row['grants_per_s']:>22.0f} {row['p50_ms']:>7.2f} {row['p99_ms']:>7.2f}"
+                )
+        line += f" | {tf_data[journal, clients]['splits_per_s']:>16.0f}"
+        for mode in modes:
+            line += f" | {ratios[journal, clients, mode]['ratio']:>20.2f}x"
+        print(line)
     t = results["targets"]
     print(
-        f"target: tfscale k={kr} grants/s / tf.data service splits/s >= {t['ratio_target']:.0f}x: "
+        f"target: tfscale {t['mode']} k={kr} grants/s / tf.data service splits/s >= "
+        f"{t['ratio_target']:.0f}x: "
         f"{t['ratio_min']:.2f}x..{t['ratio_max']:.2f}x -> {_verdict(t['ratio_met'])}"
     )
     print(
-        f"target: p99 acquire at {t['p99_clients']} clients, journal on, "
+        f"target: p99 acquire at {t['p99_clients']} clients, journal on, {t['mode']}, "
         f"k={t['p99_shards_per_call']} < {t['p99_target_ms']:.0f} ms: "
         f"{t['p99_journal_ms']:.2f} ms -> {_verdict(t['p99_met'])}"
     )
+    rejected = sum(run["rejected"] for r in results["tfscale"] for run in r["runs"])
+    if rejected:
+        print(f"WARNING: the dispatcher rejected {rejected} completions (expected none)")
 
 
 def _verdict(met: bool) -> str:
@@ -411,25 +475,30 @@ def _verdict(met: bool) -> str:
 class _Runs:
     """Every run's figures, per (journal, clients) cell, filled one repetition at a time."""
 
-    def __init__(self, clients: list[int], ks: list[int]):
+    def __init__(self, clients: list[int], ks: list[int], modes: list[str]):
         self.ks = ks
+        self.modes = modes
         self.ratio_k = 8 if 8 in ks else max(ks)
         self.cells = [(journal, c) for journal in (True, False) for c in clients]
-        self.tfscale: dict[tuple[bool, int, int], list] = {
-            (j, c, k): [] for j, c in self.cells for k in ks
+        self.tfscale: dict[tuple[bool, int, int, str], list] = {
+            (j, c, k, m): [] for j, c in self.cells for m in modes for k in ks
         }
         self.tf_data: dict[tuple[bool, int], list] = {cell: [] for cell in self.cells}
-        self.ratios: dict[tuple[bool, int], list] = {cell: [] for cell in self.cells}
+        self.ratios: dict[tuple[bool, int, str], list] = {
+            (j, c, m): [] for j, c in self.cells for m in modes
+        }
 
     def measure(self, repeat: int, tf_data: _TfDataService) -> None:
         """Runs each cell's tfscale and tf.data service runs back to back."""
         for journal, clients in self.cells:
-            steps = [("tfscale", k) for k in self.ks] + [("tf.data", 0)]
+            steps = [("tfscale", k, m) for m in self.modes for k in self.ks]
+            steps.append(("tf.data", 0, ""))
             if repeat % 2:  # Neither always runs first.
                 steps = steps[-1:] + steps[:-1]
-            for kind, k in steps:
+            for kind, k, mode in steps:
                 if kind == "tfscale":
-                    self.tfscale[journal, clients, k].append(_tfscale_run(journal, clients, k))
+                    run = _tfscale_run(journal, clients, k, mode)
+                    self.tfscale[journal, clients, k, mode].append(run)
                 else:
                     run = tf_data.run(clients, journal, _SPLITS.value)
                     self.tf_data[journal, clients].append(run)
@@ -437,12 +506,15 @@ class _Runs:
 
     def _report(self, repeat: int, journal: bool, clients: int) -> None:
         splits_per_s = self.tf_data[journal, clients][-1]["splits_per_s"]
-        granted = {k: self.tfscale[journal, clients, k][-1] for k in self.ks}
-        ratio = granted[self.ratio_k]["grants_per_s"] / splits_per_s
-        self.ratios[journal, clients].append({"ratio": ratio})
+        granted = {
+            (m, k): self.tfscale[journal, clients, k, m][-1] for m in self.modes for k in self.ks
+        }
+        for mode in self.modes:
+            ratio = granted[mode, self.ratio_k]["grants_per_s"] / splits_per_s
+            self.ratios[journal, clients, mode].append({"ratio": ratio})
         figures = ", ".join(
-            f"k={k} {g['grants_per_s']:.0f} grants/s p99 {g['p99_ms']:.2f} ms"
-            for k, g in granted.items()
+            f"{_SHORT[m]} k={k} {g['grants_per_s']:.0f} grants/s p99 {g['p99_ms']:.2f} ms"
+            for (m, k), g in granted.items()
         )
         print(
             f"repeat {repeat + 1} journal={'on ' if journal else 'off'} clients={clients:>3}: "
@@ -456,6 +528,8 @@ class _Runs:
             "config": {
                 "clients": clients,
                 "shards_per_call": self.ks,
+                "grant_modes": self.modes,
+                "grant_mode_labels": {m: _MODE_LABELS[m] for m in self.modes},
                 "seconds": _SECONDS.value,
                 "repeats": _REPEATS.value,
                 "splits": _SPLITS.value,
@@ -463,20 +537,22 @@ class _Runs:
                 "cpus": os.cpu_count(),
             },
             "tfscale": [
-                _median_row({"journal": j, "clients": c, "shards_per_call": k}, runs)
-                for (j, c, k), runs in self.tfscale.items()
+                _median_row({"journal": j, "clients": c, "shards_per_call": k, "mode": m}, runs)
+                for (j, c, k, m), runs in self.tfscale.items()
             ],
             "tf_data_service": [
                 _median_row({"journal": j, "clients": c}, runs)
                 for (j, c), runs in self.tf_data.items()
             ],
             "ratios": [
-                _median_row({"journal": j, "clients": c, "shards_per_call": self.ratio_k}, runs)
-                for (j, c), runs in self.ratios.items()
+                _median_row(
+                    {"journal": j, "clients": c, "shards_per_call": self.ratio_k, "mode": m}, runs
+                )
+                for (j, c, m), runs in self.ratios.items()
             ],
         }
         results["targets"] = _targets(
-            results["tfscale"], results["ratios"], self.ratio_k, max(clients)
+            results["tfscale"], results["ratios"], self.ratio_k, max(clients), self.modes[0]
         )
         return results
 
@@ -486,7 +562,11 @@ def main(argv: list[str]) -> None:
     if _TF_DATA_HELPER.value:
         _tf_data_helper()
         return
-    runs = _Runs([int(c) for c in _CLIENTS.value], [int(k) for k in _K.value])
+    modes = list(dict.fromkeys(_MODES.value))
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown or not modes:
+        raise app.UsageError(f"Unknown --grant_modes {unknown}. Valid: {', '.join(MODES)}")
+    runs = _Runs([int(c) for c in _CLIENTS.value], [int(k) for k in _K.value], modes)
     os.makedirs(_OUT.value, exist_ok=True)
     tf_data = _TfDataService(os.path.join(_OUT.value, "tf_data_service.log"))
     try:
