@@ -213,32 +213,35 @@ class _ConsumedElements(keras.callbacks.Callback):
     """Counts the input elements this worker's training steps consumed in this fit.
 
     Runs after `BackupAndRestore` restored the optimizer's step counter.
-    With `report`, passes the count on at most every `REPORT_EVERY_S` (a
-    dispatched input tells its dispatcher, so that a shard whose worker dies
-    is read again from the first element not trained).
+    With `report`, passes the count on after every step (a dispatched input
+    tells its dispatcher, so that a shard whose worker dies is read again
+    from the first element not trained, and completes a shard once its last
+    element was trained).
     """
-
-    REPORT_EVERY_S = 0.5
 
     def __init__(self, per_worker_batch: int, report: Optional[Callable[[int], None]] = None):
         super().__init__()
         self._per_worker_batch = per_worker_batch
         self._start = 0
         self._report = report
-        self._reported_at = 0.0
+        self._steps = 0  # steps of this fit so far
+        self._epoch_base = 0
 
     def on_train_begin(self, logs: Any = None) -> None:
         self._start = int(self.model.optimizer.iterations.numpy())
 
     def on_train_end(self, logs: Any = None) -> None:
         if self._report is not None:
-            self._report(self.count)
+            self._report(self.count)  # exact, off the optimizer's counter
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        self._epoch_base = self._steps
 
     def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
-        now = time.monotonic()
-        if self._report is not None and now - self._reported_at >= self.REPORT_EVERY_S:
-            self._reported_at = now
-            self._report(self.count)
+        # Counted here, not read off the optimizer: no device sync per step.
+        self._steps = self._epoch_base + batch + 1
+        if self._report is not None:
+            self._report(self._steps * self._per_worker_batch)
 
     @property
     def count(self) -> int:

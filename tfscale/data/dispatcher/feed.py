@@ -54,9 +54,11 @@ __all__ = [
 T = TypeVar("T")
 # Due completions wait at most this long for an acquire to carry them.
 _SETTLE_AFTER_S = 0.5
-# Training that reported no progress for this long while no lease comes is
-# waiting for input (see `LeaseFeed._unblock_training`).
-_STARVED_S = 2.0
+# Training that reported no progress for three of its usual report intervals
+# (within these bounds) while no lease comes is waiting for input (see
+# `LeaseFeed._unblock_training`).
+_MIN_STARVED_S = 0.05
+_MAX_STARVED_S = 2.0
 _SLOT_IDS = itertools.count(1)  # unique in the process: readers route by id
 
 
@@ -143,6 +145,7 @@ class LeaseFeed:
         self._awaiting: list[tuple[int, int]] = []
         self._handed_on = 0
         self._consumed_at = time.monotonic()
+        self._report_gap = _MAX_STARVED_S / 3  # between training's reports (an average)
         self._reporting = track_consumed
         self._due_since = 0.0
         self._consumed = 0
@@ -227,8 +230,11 @@ class LeaseFeed:
         with self._lock:
             self._reporting = True
             if consumed > self._consumed:
+                now = time.monotonic()
+                gap = min(now - self._consumed_at, _MAX_STARVED_S)
+                self._report_gap = gap if not self._consumed else 0.8 * self._report_gap + 0.2 * gap
                 self._consumed = consumed
-                self._consumed_at = time.monotonic()
+                self._consumed_at = now
             self._settle_consumed()
         if send:
             self._client.heartbeat(self._job, self._worker, self._progress())
@@ -244,7 +250,9 @@ class LeaseFeed:
         right then may lose that one batch in the making).
         """
         with self._lock:
-            if self._awaiting and time.monotonic() - self._consumed_at > _STARVED_S:
+            # Silent for a few of its usual report intervals: training waits.
+            starved = min(max(3 * self._report_gap, _MIN_STARVED_S), _MAX_STARVED_S)
+            if self._awaiting and time.monotonic() - self._consumed_at > starved:
                 self._due.extend(token for _, token in self._awaiting)
                 self._awaiting = []
 
