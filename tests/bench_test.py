@@ -37,6 +37,18 @@ BENCHMARKS = {
         ["summary", "journal_restart"],
         "faults.png",
     ),
+    "input_throughput": (
+        "input_throughput.py",
+        ["--quick", "--datasets=synthetic", "--consumers=1"],
+        ["summary"],
+        "input_throughput.png",
+    ),
+    "dispatched_training": (
+        "dispatched_training.py",
+        ["--rounds=1", "--epochs=2", "--max_train_examples=4096"],
+        ["rounds", "summary"],
+        "dispatched_training.png",
+    ),
     "dispatcher_grant_rate": (
         "dispatcher_grant_rate.py",
         ["--clients=1,4", "--shards_per_call=8", "--seconds=0.5", "--repeats=1", "--splits=2000"],
