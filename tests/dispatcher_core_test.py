@@ -393,6 +393,90 @@ class LimitTest(parameterized.TestCase):
         self.assertLess(len(str(raised.exception)), 2000)
 
 
+class OneRoundTripTest(parameterized.TestCase):
+    """Acquires that claim at grant and settle what is due; progress offsets."""
+
+    def test_claim_commit_then_complete_on_the_next_acquire(self):
+        dispatcher, _ = _core(_spec(num_shards=4), workers=("w0",))
+        first = dispatcher.acquire("job", "w0", 2, claim="commit")
+        self.assertLen(first.leases, 2)
+        second = dispatcher.acquire(
+            "job", "w0", 2, claim="commit", complete=tuple(l.token for l in first.leases)
+        )
+        self.assertLen(second.leases, 2)
+        (status,) = dispatcher.jobs()
+        self.assertEqual((status["completed"], status["leased"]), (2, 2))
+        last = dispatcher.acquire("job", "w0", 2, complete=tuple(l.token for l in second.leases))
+        self.assertTrue(last.end_of_job)
+
+    def test_committed_at_grant_is_renewed_by_heartbeats(self):
+        dispatcher, clock = _core(_spec(num_shards=2), workers=("w0",))
+        (lease,) = dispatcher.acquire("job", "w0", 1, claim="commit").leases
+        for _ in range(5):
+            clock.now += TIMEOUT * 0.6
+            self.assertEqual(dispatcher.heartbeat("job", "w0"), [])
+        dispatcher.acquire("job", "w0", 0, complete=(lease.token,))
+        self.assertEqual(dispatcher.jobs()[0]["completed"], 1)
+
+    def test_claim_complete_completes_at_grant(self):
+        dispatcher, _ = _core(_spec(num_shards=3), workers=("w0",))
+        result = dispatcher.acquire("job", "w0", 3, claim="complete")
+        self.assertLen(result.leases, 3)
+        self.assertTrue(dispatcher.acquire("job", "w0", 1).end_of_job)
+
+    def test_stale_tokens_are_rejected_not_failed(self):
+        dispatcher, clock = _core(_spec(num_shards=4), workers=("w0",))
+        (lease,) = dispatcher.acquire("job", "w0", 1, claim="commit").leases
+        clock.now += TIMEOUT + 1  # no heartbeat: the lease expires
+        result = dispatcher.acquire("job", "w0", 1, claim="commit", complete=(lease.token, 999))
+        self.assertEqual(sorted(result.rejected), [lease.token, 999])
+        self.assertLen(result.leases, 1)  # the grant still happens
+
+    def test_bad_settlement_changes_nothing(self):
+        dispatcher, _ = _core(_spec(num_shards=4), workers=("w0",))
+        (lease,) = dispatcher.acquire("job", "w0", 1, claim="commit").leases
+        before = dispatcher.status()
+        for kwargs in (
+            dict(claim="maybe", complete=(lease.token,)),
+            dict(progress={lease.token: -1}, complete=(lease.token,)),
+            dict(complete=tuple(range(core.MAX_TOKENS_PER_CALL + 1))),
+        ):
+            with self.assertRaises(core.InvalidArgument):
+                dispatcher.acquire("job", "w0", 1, **kwargs)
+        self.assertEqual(dispatcher.status()["jobs"], before["jobs"])
+
+    @parameterized.named_parameters(
+        dict(testcase_name="expired", end="expire"),
+        dict(testcase_name="released", end="release"),
+        dict(testcase_name="reregistered", end="register"),
+    )
+    def test_a_lease_ended_unfinished_resumes_at_its_progress(self, end):
+        dispatcher, clock = _core(_spec(num_shards=1, sizes=[50]), workers=("w0", "w1"))
+        (lease,) = dispatcher.acquire("job", "w0", 1, claim="commit").leases
+        dispatcher.heartbeat("job", "w0", {lease.token: 20})
+        dispatcher.heartbeat("job", "w0", {lease.token: 17})  # never backwards
+        if end == "expire":
+            clock.now += TIMEOUT + 1
+            dispatcher.heartbeat("job", "w1")
+        elif end == "release":
+            dispatcher.acquire("job", "w0", 0, release=(lease.token,))
+        else:
+            dispatcher.register_worker("job", "w0")
+        (again,) = dispatcher.acquire("job", "w1", 1, claim="commit").leases
+        self.assertEqual((again.shard_index, again.offset), (lease.shard_index, 20))
+
+    def test_progress_survives_a_restart_once_the_lease_ended(self):
+        work_dir = self.create_tempdir().full_path
+        journal = journal_lib.Journal(work_dir, fsync=False)
+        dispatcher, _ = _core(_spec(num_shards=1, sizes=[50]), journal=journal)
+        (lease,) = dispatcher.acquire("job", "w0", 1, claim="commit").leases
+        dispatcher.acquire("job", "w0", 0, release=(lease.token,), progress={lease.token: 31})
+        journal.close()
+        restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False))
+        (again,) = restarted.acquire("job", "w1", 1, claim="commit").leases
+        self.assertEqual(again.offset, 31)
+
+
 class RecoveryTest(parameterized.TestCase):
     def test_state_survives_a_restart(self):
         work_dir = self.create_tempdir().full_path

@@ -825,6 +825,7 @@ class DispatcherCore:
         for record in records:
             self._apply(record, now)
         for state in self._jobs.values():
+            state.completed_at_grant.clear()  # replayed grants have no reply to wait for
             for active in state.leases.values():
                 lifetime = state.lifetime(active.lease.shard_index)
                 active.deadline = now + max(lifetime, self._restore_grace_s)
