@@ -232,6 +232,28 @@ class RunTest(parameterized.TestCase):
         state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
         self.assertIn("input_position", state["extra"])
 
+    def test_training_reaches_a_tls_dispatcher(self):
+        tmp = self.create_tempdir().full_path
+        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+             "-keyout", key, "-out", cert],
+            check=True, capture_output=True,
+        )
+        config = self._config()
+        config.training.epochs = 1
+        server_config = server_lib.ServerConfig(tls_cert_file=cert, tls_key_file=key)
+        with server_lib.server_context(server_config) as server:
+            port = server.target.rsplit(":", 1)[1]
+            config.data.dispatcher.address = f"localhost:{port}"
+            config.data.dispatcher.tls_root_cert_file = cert
+            metrics = lib.run(config, self.create_tempdir().full_path)
+            (job,) = server.core.jobs()
+        self.assertEqual(metrics["dispatcher"], f"localhost:{port}")
+        self.assertEqual(metrics["history"][0]["epoch"], 1)
+        self.assertGreater(job["grants"], 0)
+
     def test_mixed_precision_trains_and_restores_the_global_policy(self):
         config = self._config()
         config.training.precision = "mixed_float16"
