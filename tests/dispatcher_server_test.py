@@ -1,14 +1,14 @@
 """Tests for the dispatcher's gRPC server and client, on loopback."""
 
 import dataclasses
-import os
-import subprocess
 import threading
 import time
 
 import grpc
 from absl.testing import absltest
 from absl.testing import parameterized
+
+from tests import testutil
 
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import feed as feed_lib
@@ -221,15 +221,7 @@ class AuthTest(absltest.TestCase):
 
 class TlsTest(absltest.TestCase):
     def test_serves_tls(self):
-        tmp = self.create_tempdir().full_path
-        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", key, "-out", cert],
-            check=True,
-            capture_output=True,
-        )
+        cert, key = testutil.self_signed_cert(self.create_tempdir().full_path)
         config = server_lib.ServerConfig(tls_cert_file=cert, tls_key_file=key)
         with server_lib.server_context(config) as server:
             port = server.target.rsplit(":", 1)[1]

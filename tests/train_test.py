@@ -233,14 +233,7 @@ class RunTest(parameterized.TestCase):
         self.assertIn("input_position", state["extra"])
 
     def test_training_reaches_a_tls_dispatcher(self):
-        tmp = self.create_tempdir().full_path
-        cert, key = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", key, "-out", cert],
-            check=True, capture_output=True,
-        )
+        cert, key = testutil.self_signed_cert(self.create_tempdir().full_path)
         config = self._config()
         config.training.epochs = 1
         server_config = server_lib.ServerConfig(tls_cert_file=cert, tls_key_file=key)
