@@ -362,7 +362,7 @@ def _plot(results: dict[str, Any], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-    fig, (rate, tail) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (rate, tail) = plt.subplots(1, 2, figsize=(14, 7))
     series = [(m, k) for m in results["config"]["grant_modes"]
               for k in results["config"]["shards_per_call"]]
     colors = {key: f"C{i}" for i, key in enumerate(series)}
@@ -406,12 +406,16 @@ def _plot(results: dict[str, Any], path: str) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xticks(results["config"]["clients"], [str(c) for c in results["config"]["clients"]])
         ax.set_xlabel("clients (tf.data service: workers)")
-        ax.legend(fontsize=6)
+    # One legend for both panels, below them (the throughput panel has every series).
+    handles, labels = rate.get_legend_handles_labels()
+    target = tail.get_legend_handles_labels()
+    fig.legend(handles + target[0][-1:], labels + target[1][-1:], loc="lower center",
+               ncol=2, fontsize=7)
     config = results["config"]
     fig.suptitle(
         f"{config['splits']} splits, {config['repeats']} repetitions, {config['cpus']} CPUs"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.22, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -6,8 +6,9 @@ Roles (`--role`):
   `ShardConsumer` (one lease at a time) and trains on it;
 - `tfscale_pipeline_trainer`: the same job through the input pipeline that
   `tfscale-train` builds: `DispatchedInput(address, job, reader,
-  max_shards=1).dataset`, read with a tf.data reader (`readers.ranges()`),
-  batched and prefetched (`tf.data.AUTOTUNE`) ahead of the steps;
+  max_shards=1, track_consumed=True).dataset`, read with a tf.data reader
+  (`readers.ranges()`), batched and prefetched (`tf.data.AUTOTUNE`) ahead
+  of the steps;
 - `tfdata_consumer`: consumes a tf.data service `distributed_epoch` job
   (one split per shard, flat-mapped to the shard's ids) and trains on it;
 - `tfdata_dispatcher`: a fault-tolerant `DispatchServer` journaling to
@@ -181,7 +182,12 @@ def _tfscale_pipeline_ids(log: TextIO) -> tuple[Iterable[int], Report]:
     from tfscale.data import dispatched  # pylint: disable=import-outside-toplevel
 
     source = dispatched.DispatchedInput(
-        _ADDRESS.value, _JOB.value, _logged_ranges(log), worker=_NAME.value, max_shards=1
+        _ADDRESS.value,
+        _JOB.value,
+        _logged_ranges(log),
+        worker=_NAME.value,
+        max_shards=1,
+        track_consumed=True,  # as tfscale-train: shards complete once trained, not prefetched
     )
     batches = source.dataset.batch(_BATCH.value).prefetch(tf.data.AUTOTUNE)
     return (int(i) for batch in batches for i in batch.numpy()), _report_sent(source)

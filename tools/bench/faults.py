@@ -8,25 +8,28 @@ faults are injected mid-epoch, in three setups (`--systems`):
   on, `--lease_timeout_s`); each trainer iterates a `ShardConsumer` (one
   lease at a time, `max_shards=1`) and takes each id when it trains on it.
 - `tfscale-pipeline`: the same dispatcher, read as `tfscale-train` reads it:
-  `DispatchedInput(address, job, reader, max_shards=1).dataset.batch(B)
-  .prefetch(AUTOTUNE)` with a tf.data reader of `range:A:B` shards, so the
-  input reads ahead of the steps.
-
-In both, leases are committed at grant, and a shard is completed only once
-the consumer asks for the element after its last (the completion rides on
-the next acquire): a shard read ahead but not yet trained is still leased.
-Before each step's commit (below), a tfscale trainer reports to the
-dispatcher how many ids it has trained (`report_consumed(n, send=True)`, a
-synchronous heartbeat), so a shard whose lease ends unfinished (its trainer
-was killed) is leased again at the offset training reached, not at its
-start: what the victim trained from it is not trained again, and what its
-input had read ahead of training is read again.
+  `DispatchedInput(address, job, reader, max_shards=1, track_consumed=True)
+  .dataset.batch(B).prefetch(AUTOTUNE)` with a tf.data reader of
+  `range:A:B` shards, so the input reads ahead of the steps.
 - `tf.data` service, DYNAMIC sharding: a `DispatchServer` subprocess with a
   work_dir and `fault_tolerant_mode=True`, `--data_workers` `WorkerServer`
   subprocesses (heartbeat 750 ms, dropped after `worker_timeout_ms` = the
   lease timeout), and each trainer reads
   `range(num_shards).flat_map(shard -> its ids)` through
   `distribute("distributed_epoch", job_name=...)`: one split per shard.
+
+In both tfscale setups, leases are committed at grant, and a shard is
+completed only once the consumer asks for the element after its last and
+training reported consuming that last element (the pipeline from the start,
+`track_consumed`; `ShardConsumer` from its first report); the completion
+rides on the next acquire, so a shard read ahead but not yet trained is
+still leased. Before each step's commit (below), a tfscale trainer reports
+to the dispatcher how many ids it has trained in all
+(`report_consumed(n, send=True)`, a synchronous heartbeat), so a shard whose
+lease ends unfinished (its trainer was killed) is leased again at the
+offset training reached, not at its start: what the victim trained from it
+is not trained again, and what its input had read ahead of training is read
+again.
 
 Scenarios (`--scenarios`):
 
