@@ -22,6 +22,8 @@ LONG = (
     "tests/train_test.py::TrainBinaryTest::test_embedded_dispatcher",
     "tests/train_test.py::TrainBinaryTest::test_external_dispatcher",
     "tests/train_test.py::TrainBinaryTest::test_kill_9",
+    "tests/train_test.py::TrainBinaryTest::test_bad_values",
+    "tests/train_errors_test.py::KindSwitchTest",
 )
 
 
