@@ -49,6 +49,8 @@ class SplitData:
       image_shape: shape of one image, e.g. `(28, 28, 1)`.
       num_classes: number of label values.
       files: the shard files (empty for TFDS sources).
+      file_counts: the records in each file (`records.shard_counts`: from
+        the shards' `counts.json`, else counted once and cached).
     """
 
     dataset: tf.data.Dataset
@@ -56,6 +58,7 @@ class SplitData:
     image_shape: tuple[int, ...]
     num_classes: int
     files: tuple[str, ...] = ()
+    file_counts: tuple[int, ...] = ()
 
 
 def load_split(
@@ -85,19 +88,20 @@ def load_split(
     """
     if source == "synthetic":
         files = synthetic.ensure_shards(cache_dir, split)
-        return _from_files(files, synthetic.SPLITS[split][0])
+        return _from_files(files, cache_dir)
     if source.startswith("tfrecord:"):
         pattern = source[len("tfrecord:"):].replace("{split}", split)
         files = sorted(tf.io.gfile.glob(pattern))
         if not files:
             raise ValueError(f"No file matches {pattern!r} (source={source!r}, split={split!r})")
-        return _from_files(files, sum(records.count(f) for f in files))
+        return _from_files(files, cache_dir)
     if source.startswith("tfds:") and len(source) > len("tfds:"):
         return _from_tfds(source[len("tfds:"):], split, tfds_data_dir, download)
     raise ValueError(f"Unknown data source {source!r}. Valid sources: {', '.join(SOURCE_KINDS)}")
 
 
-def _from_files(files: list[str], num_examples: int) -> SplitData:
+def _from_files(files: list[str], cache_dir: Optional[str]) -> SplitData:
+    counts = records.shard_counts(files, cache_dir=cache_dir or synthetic.default_cache_dir())
     parse = records.parse_fn(_IMAGE_SHAPE)
 
     def to_pair(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -111,7 +115,7 @@ def _from_files(files: list[str], num_examples: int) -> SplitData:
         deterministic=True,
     )
     dataset = dataset.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
-    return SplitData(dataset, num_examples, _IMAGE_SHAPE, 10, tuple(files))
+    return SplitData(dataset, sum(counts), _IMAGE_SHAPE, 10, tuple(files), tuple(counts))
 
 
 def _from_tfds(name: str, split: str, data_dir: Optional[str], download: bool) -> SplitData:

@@ -40,7 +40,6 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale.data import dispatched
-from tfscale.data import records
 from tfscale.data import sources
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
@@ -134,7 +133,7 @@ def _dispatched(
     num_workers: int,
 ) -> TrainInput:
     options = config.data.dispatcher
-    shards, count = _shards(config, split, workdir)
+    shards, count = _shards(config, split)
     steps = _steps(config, count)  # before anything starts or is written
     address = options.address
     token = client_lib.read_token_file(options.auth_token_file)
@@ -212,19 +211,17 @@ def _ensure_job(
         client.close()
 
 
-def _shards(
-    config: ml_collections.ConfigDict, split: sources.SplitData, workdir: str
-) -> tuple[list, int]:
+def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tuple[list, int]:
     """The train shards and their element count (whole shards within the limit).
 
-    Counts come from the shards' `counts.json`, else from a cache in the
-    workdir (counted once): no start reads the data through.
+    Counts come with the split (`SplitData.file_counts`: the shards'
+    `counts.json`, else counted once and cached): no start reads the data through.
     """
     if not split.files:
         name = config.data.source[len("tfds:"):]
         spec = f"tfds:{name}:{config.data.train_split}:{config.data.dispatcher.tfds_shards}"
         return shards_lib.expand(spec), split.num_examples
-    counts = records.shard_counts(split.files, cache_dir=workdir)
+    counts = split.file_counts
     limit = config.data.max_train_examples or sum(counts)
     chosen, total = [], 0
     for path, n in zip(split.files, counts):
