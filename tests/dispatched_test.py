@@ -4,18 +4,17 @@ import collections
 import os
 import threading
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from tfscale.data import dispatched
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
-from tfscale.data.dispatcher import readers
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import types
 
 SIZES = [37, 5, 64, 1, 90, 23, 130, 8, 64, 12]  # 434 elements an epoch; odd sizes on purpose
 
@@ -23,7 +22,7 @@ SIZES = [37, 5, 64, 1, 90, 23, 130, 8, 64, 12]  # 434 elements an epoch; odd siz
 def _range_shards(sizes=SIZES):
     specs, start = [], 0
     for size in sizes:
-        specs.append(core.ShardSpec(f"range:{start}:{start + size}", size))
+        specs.append(types.ShardSpec(f"range:{start}:{start + size}", size))
         start += size
     return tuple(specs)
 
@@ -48,8 +47,8 @@ class DispatchedInputTest(parameterized.TestCase):
         self.client = client_lib.DispatcherClient(self.server.target)
 
     def _job(self, name="j", num_epochs=2, **kwargs):
-        spec = core.JobSpec(name, _range_shards(), kwargs.pop("policy", "least_loaded"),
-                            num_epochs, lease_timeout_s=30, **kwargs)
+        spec = types.JobSpec(name, _range_shards(), kwargs.pop("policy", "least_loaded"),
+                             num_epochs, lease_timeout_s=30, **kwargs)
         self.client.create_job(spec)
         return spec
 
@@ -176,7 +175,7 @@ class DispatchedInputTest(parameterized.TestCase):
                     }))
                     writer.write(example.SerializeToString())
             files.append(path)
-        self.client.create_job(core.JobSpec("own", tuple(shards.expand(os.path.join(root, "*")))))
+        self.client.create_job(types.JobSpec("own", tuple(shards.expand(os.path.join(root, "*")))))
         features = {"text": tf.io.FixedLenFeature([], tf.string),
                     "score": tf.io.FixedLenFeature([], tf.float32)}
         reader = readers.tfrecord(lambda r: tf.io.parse_single_example(r, features))
@@ -189,7 +188,7 @@ class DispatchedInputTest(parameterized.TestCase):
         specs = shards.expand("tfds:mnist:train:3")
         with tfds.testing.mock_data(num_examples=6):
             reader = readers.tfds_slices([s.name for s in specs])
-        self.client.create_job(core.JobSpec("tfds", tuple(specs)))
+        self.client.create_job(types.JobSpec("tfds", tuple(specs)))
         source = dispatched.DispatchedInput(self.server.target, "tfds", reader, worker="w0")
         elements = list(source.dataset)
         self.assertLen(elements, 18)  # mock_data serves 6 examples for any split string
@@ -216,23 +215,6 @@ class DispatchedInputTest(parameterized.TestCase):
         lengths = collections.Counter(int(tf.size(e)) for e in source.dataset)
         self.assertEqual(sum(lengths.values()), sum(SIZES))
         self.assertEqual(set(lengths), {0, 1, 2})
-
-
-class ReadersTest(absltest.TestCase):
-    def test_datasets_reader_rejects_mixed_specs(self):
-        with self.assertRaisesRegex(ValueError, "share one element spec"):
-            readers.datasets({"a": tf.data.Dataset.range(3),
-                              "b": tf.data.Dataset.from_tensor_slices(np.zeros(3, np.float32))})
-
-    def test_records_reader_parses_tfscale_records(self):
-        from tfscale.data import records
-
-        path = os.path.join(self.create_tempdir().full_path, "x.tfrecord")
-        records.write_examples(path, np.full((2, 28, 28), 255, np.uint8), np.array([4, 9]),
-                               np.array([7, 8]))
-        elements = list(readers.records((28, 28, 1))(tf.constant(path)))
-        self.assertEqual([int(e["id"]) for e in elements], [7, 8])
-        self.assertEqual(elements[0]["image"].shape, (28, 28, 1))
 
 
 if __name__ == "__main__":

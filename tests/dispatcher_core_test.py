@@ -1,6 +1,7 @@
 """Tests for the dispatcher's state machine (no gRPC)."""
 
 import collections
+import dataclasses
 import random
 
 from absl.testing import absltest
@@ -8,6 +9,7 @@ from absl.testing import parameterized
 
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import journal as journal_lib
+from tfscale.data.dispatcher import types
 
 TIMEOUT = 10.0
 
@@ -22,9 +24,9 @@ class FakeClock:
 
 def _spec(num_shards=6, policy="round_robin", num_epochs=1, name="job", sizes=None):
     shards = tuple(
-        core.ShardSpec(f"shard-{i:03d}", sizes[i] if sizes else 1) for i in range(num_shards)
+        types.ShardSpec(f"shard-{i:03d}", sizes[i] if sizes else 1) for i in range(num_shards)
     )
-    return core.JobSpec(name, shards, policy, num_epochs, seed=7, lease_timeout_s=TIMEOUT)
+    return types.JobSpec(name, shards, policy, num_epochs, seed=7, lease_timeout_s=TIMEOUT)
 
 
 def _core(spec=None, workers=("w0", "w1"), journal=None):
@@ -50,7 +52,7 @@ def _drain(dispatcher, clock, job="job", workers=("w0", "w1", "w2"), seed=0, max
             lease = held[worker].pop(0)
             try:
                 dispatcher.complete(job, worker, lease.token)
-            except core.FailedPrecondition:  # a speculative race lost: dropped
+            except types.FailedPrecondition:  # a speculative race lost: dropped
                 continue
             completed.append((lease.epoch, lease.shard_name))
             continue
@@ -66,26 +68,26 @@ class JobTest(parameterized.TestCase):
         dispatcher, _ = _core()
         self.assertTrue(dispatcher.create_job(_spec()))
         self.assertFalse(dispatcher.create_job(_spec()))
-        with self.assertRaisesRegex(core.AlreadyExists, "Job 'job' exists with a different spec"):
+        with self.assertRaisesRegex(types.AlreadyExists, "Job 'job' exists with a different spec"):
             dispatcher.create_job(_spec(num_shards=7))
-        self.assertEqual(dispatcher.jobs()[0]["num_shards"], 6)
+        self.assertEqual(dispatcher.jobs()[0].num_shards, 6)
 
     def test_a_finished_job_can_get_more_epochs(self):
         dispatcher, clock = _core(_spec(num_shards=4, num_epochs=1), workers=("w0",))
         first = _drain(dispatcher, clock, workers=("w0",))
         self.assertFalse(dispatcher.create_job(_spec(num_shards=4, num_epochs=3)))
-        self.assertFalse(dispatcher.jobs()[0]["finished"])
+        self.assertFalse(dispatcher.jobs()[0].finished)
         more = _drain(dispatcher, clock, workers=("w0",))
         self.assertEqual(sorted({e for e, _ in first}), [0])
         self.assertEqual(sorted({e for e, _ in more}), [1, 2])
         self.assertLen(more, 8)
-        with self.assertRaisesRegex(core.AlreadyExists, "only num_epochs may grow: 3 -> 2"):
+        with self.assertRaisesRegex(types.AlreadyExists, "only num_epochs may grow: 3 -> 2"):
             dispatcher.create_job(_spec(num_shards=4, num_epochs=2))
 
     @parameterized.parameters(
         dict(change=dict(name=""), match="job name must not be empty"),
         dict(change=dict(shards=()), match="has no shards"),
-        dict(change=dict(shards=(core.ShardSpec("a"), core.ShardSpec("a"))), match="unique"),
+        dict(change=dict(shards=(types.ShardSpec("a"), types.ShardSpec("a"))), match="unique"),
         dict(change=dict(num_epochs=0), match="num_epochs must be >= 1. Received: num_epochs=0"),
         dict(change=dict(lease_timeout_s=0.0), match="lease_timeout_s must be positive"),
         dict(change=dict(policy="random"), match="Unknown policy 'random'. Valid policies: adaptive"),
@@ -93,8 +95,8 @@ class JobTest(parameterized.TestCase):
     def test_malformed_specs_are_invalid_and_change_nothing(self, change, match):
         dispatcher, _ = _core()
         spec = _spec()
-        spec = core.JobSpec(**{**spec.__dict__, **change})
-        with self.assertRaisesRegex(core.InvalidArgument, match):
+        spec = types.JobSpec(**{**spec.__dict__, **change})
+        with self.assertRaisesRegex(types.InvalidArgument, match):
             dispatcher.create_job(spec)
         self.assertEqual(dispatcher.jobs(), [])
 
@@ -123,35 +125,39 @@ class JobTest(parameterized.TestCase):
 class RequestOrderTest(parameterized.TestCase):
     def test_unknown_job_is_not_found(self):
         dispatcher, _ = _core(_spec())
-        with self.assertRaisesRegex(core.NotFound, "No job 'nope'. Jobs: \\['job'\\]"):
+        with self.assertRaisesRegex(types.NotFound, "No job 'nope'. Jobs: \\['job'\\]"):
             dispatcher.acquire("nope", "w0")
 
     def test_acquire_before_register_fails_precondition(self):
         dispatcher, _ = _core(_spec(), workers=())
-        with self.assertRaisesRegex(core.FailedPrecondition, "'w9' is not registered"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "'w9' is not registered"):
             dispatcher.acquire("job", "w9")
-        self.assertEqual(dispatcher.jobs()[0]["grants"], 0)
+        self.assertEqual(dispatcher.jobs()[0].grants, 0)
 
-    @parameterized.parameters(-1, core.MAX_SHARDS_PER_CALL + 1)
+    @parameterized.parameters(-1, types.MAX_SHARDS_PER_CALL + 1)
     def test_bad_max_shards_is_invalid(self, max_shards):
         dispatcher, _ = _core(_spec())
-        with self.assertRaisesRegex(core.InvalidArgument, f"Received: max_shards={max_shards}"):
+        with self.assertRaisesRegex(types.InvalidArgument, f"Received: max_shards={max_shards}"):
             dispatcher.acquire("job", "w0", max_shards)
-        self.assertEqual(dispatcher.jobs()[0]["pending"], 6)
+        self.assertEqual(dispatcher.jobs()[0].pending, 6)
 
     def test_completing_unknown_or_foreign_lease_fails_and_changes_nothing(self):
         dispatcher, _ = _core(_spec())
         (lease,) = dispatcher.acquire("job", "w0", 1).leases
         before = dispatcher.status()
-        with self.assertRaisesRegex(core.FailedPrecondition, "Lease 999 of job 'job' is not active"):
+        with self.assertRaisesRegex(
+            types.FailedPrecondition, "Lease 999 of job 'job' is not active"
+        ):
             dispatcher.complete("job", "w0", 999)
-        with self.assertRaisesRegex(core.FailedPrecondition, f"Lease {lease.token} belongs to 'w0'"):
+        with self.assertRaisesRegex(
+            types.FailedPrecondition, f"Lease {lease.token} belongs to 'w0'"
+        ):
             dispatcher.complete("job", "w1", lease.token)
         self.assertEqual(dispatcher.status(), before)
         dispatcher.complete("job", "w0", lease.token)
-        with self.assertRaisesRegex(core.FailedPrecondition, "is not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "is not active"):
             dispatcher.complete("job", "w0", lease.token)
-        self.assertEqual(dispatcher.jobs()[0]["completed"], 1)
+        self.assertEqual(dispatcher.jobs()[0].completed, 1)
 
 
 class LeaseTest(absltest.TestCase):
@@ -165,11 +171,11 @@ class LeaseTest(absltest.TestCase):
         (second,) = dispatcher.acquire("job", "w1", 1).leases
         self.assertEqual(second.shard_index, first.shard_index)
         self.assertGreater(second.token, first.token)
-        with self.assertRaisesRegex(core.FailedPrecondition, f"Lease {first.token} .* not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, f"Lease {first.token} .* not active"):
             dispatcher.complete("job", "w0", first.token)
         self.assertEqual(dispatcher.heartbeat("job", "w0"), [first.token])
         dispatcher.complete("job", "w1", second.token)
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_heartbeats_keep_committed_leases(self):
         dispatcher, clock = _core(_spec(num_shards=1))
@@ -179,7 +185,7 @@ class LeaseTest(absltest.TestCase):
             clock.now += TIMEOUT * 0.8
             self.assertEqual(dispatcher.heartbeat("job", "w0"), [])
         dispatcher.complete("job", "w0", lease.token)
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_an_uncommitted_grant_expires_despite_heartbeats(self):
         # The dispatcher journaled the grant but its reply was lost: the
@@ -191,7 +197,7 @@ class LeaseTest(absltest.TestCase):
             dispatcher.heartbeat("job", "w0")
         shards = {lease.shard_index for lease in dispatcher.acquire("job", "w1", 2).leases}
         self.assertIn(orphan.shard_index, shards)
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             dispatcher.commit("job", "w0", orphan.token)
 
     def test_registering_again_ends_the_previous_registrations_leases(self):
@@ -199,7 +205,7 @@ class LeaseTest(absltest.TestCase):
         old = dispatcher.acquire("job", "w0", 1).leases[0]
         dispatcher.commit("job", "w0", old.token)
         dispatcher.register_worker("job", "w0")  # the process restarted
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             dispatcher.complete("job", "w0", old.token)
         (new,) = dispatcher.acquire("job", "w0", 1).leases
         self.assertEqual(new.shard_index, old.shard_index)
@@ -215,7 +221,7 @@ class LeaseTest(absltest.TestCase):
         dispatcher, clock = _core(_spec(), workers=("w0", "w1"))
         clock.now += TIMEOUT + 1
         dispatcher.heartbeat("job", "w1")
-        live = {w["worker"]: w["live"] for w in dispatcher.status()["workers"]}
+        live = {w.worker: w.live for w in dispatcher.status().workers}
         self.assertEqual(live, {"w0": False, "w1": True})
 
 
@@ -234,14 +240,14 @@ class SlowShardTest(parameterized.TestCase):
         dispatcher, clock = _core(_spec(1, policy), workers=("w0",))
         (first,) = dispatcher.acquire("job", "w0", 1).leases
         _read_slowly(dispatcher, clock, "job", ["w0"], 1.5 * TIMEOUT)
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             dispatcher.commit("job", "w0", first.token)
         (second,) = dispatcher.acquire("job", "w0", 1).leases
         self.assertEqual(second.shard_index, first.shard_index)
         _read_slowly(dispatcher, clock, "job", ["w0"], 1.5 * TIMEOUT)
         dispatcher.commit("job", "w0", second.token)
         dispatcher.complete("job", "w0", second.token)
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_lease_lifetimes_double_up_to_the_cap(self):
         dispatcher, clock = _core(_spec(1), workers=("w0",))
@@ -259,7 +265,7 @@ class SlowShardTest(parameterized.TestCase):
         dispatcher, clock = _core(_spec(8, "consistent_hash"), workers=("w0", "w1"))
         (slow,) = dispatcher.acquire("job", "w0", 1).leases
         _read_slowly(dispatcher, clock, "job", ["w0", "w1"], 1.5 * TIMEOUT)
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             dispatcher.commit("job", "w0", slow.token)
         others = dispatcher.acquire("job", "w1", 8).leases  # w1 does not steal it
         self.assertNotIn(slow.shard_index, [lease.shard_index for lease in others])
@@ -271,7 +277,7 @@ class SlowShardTest(parameterized.TestCase):
             while leases := dispatcher.acquire("job", worker, 8).leases:
                 for lease in leases:
                     dispatcher.complete("job", worker, lease.token)
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_a_dead_consistent_hash_owners_shards_move_to_a_live_worker(self):
         dispatcher, clock = _core(_spec(8, "consistent_hash"), workers=("w0", "w1"))
@@ -286,7 +292,7 @@ class SlowShardTest(parameterized.TestCase):
         self.assertCountEqual([l.shard_index for l in taken], [l.shard_index for l in held])
         for lease in taken:
             dispatcher.complete("job", "w1", lease.token)
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     @parameterized.parameters(1, 1000)
     def test_slow_shards_survive_a_restart(self, snapshot_every):
@@ -318,7 +324,7 @@ class ExactlyOnceTest(parameterized.TestCase):
         counts = collections.Counter(completed)
         self.assertLen(counts, 90)
         self.assertEqual(set(counts.values()), {1})
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_speculative_backup_first_completion_wins(self):
         sizes = [10] * 16
@@ -344,10 +350,10 @@ class ExactlyOnceTest(parameterized.TestCase):
             dispatcher.complete("job", "fast", lease.token)
         self.assertEqual(lease.shard_index, d.shard_index)
         dispatcher.complete("job", "fast", lease.token)
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             dispatcher.complete("job", "slow", d.token)
         self.assertEqual(dispatcher.heartbeat("job", "slow"), [d.token])
-        self.assertTrue(dispatcher.jobs()[0]["finished"])
+        self.assertTrue(dispatcher.jobs()[0].finished)
 
     def test_slow_worker_gets_nothing_it_would_finish_last(self):
         dispatcher, clock = _core(_spec(4, "adaptive", sizes=[10] * 4), workers=("fast", "slow"))
@@ -367,9 +373,9 @@ class ExactlyOnceTest(parameterized.TestCase):
 class LimitTest(parameterized.TestCase):
     def test_jobs_are_bounded(self):
         dispatcher, _ = _core()
-        for i in range(core.MAX_JOBS):
+        for i in range(types.MAX_JOBS):
             dispatcher.create_job(_spec(1, name=f"job-{i}"))
-        with self.assertRaisesRegex(core.ResourceExhausted, "at most 1024 jobs"):
+        with self.assertRaisesRegex(types.ResourceExhausted, "at most 1024 jobs"):
             dispatcher.create_job(_spec(1, name="one-more"))
         self.assertFalse(dispatcher.create_job(_spec(1, name="job-0")))
 
@@ -380,15 +386,15 @@ class LimitTest(parameterized.TestCase):
         for i in range(core.MAX_STATUS_WORKERS):
             dispatcher.register_worker("job", f"w{i}")
         status = dispatcher.status()
-        self.assertLen(status["workers"], core.MAX_STATUS_WORKERS)
-        self.assertTrue(all(w["live"] for w in status["workers"]))
-        self.assertEqual(status["omitted_workers"], 1)
+        self.assertLen(status.workers, core.MAX_STATUS_WORKERS)
+        self.assertTrue(all(w.live for w in status.workers))
+        self.assertEqual(status.omitted_workers, 1)
 
     def test_not_found_lists_few_jobs(self):
         dispatcher, _ = _core()
         for i in range(20):
             dispatcher.create_job(_spec(1, name=f"{i:02d}".ljust(1000, "j")))
-        with self.assertRaises(core.NotFound) as raised:
+        with self.assertRaises(types.NotFound) as raised:
             dispatcher.heartbeat("nope", "w0")
         self.assertLess(len(str(raised.exception)), 2000)
 
@@ -405,7 +411,7 @@ class OneRoundTripTest(parameterized.TestCase):
         )
         self.assertLen(second.leases, 2)
         (status,) = dispatcher.jobs()
-        self.assertEqual((status["completed"], status["leased"]), (2, 2))
+        self.assertEqual((status.completed, status.leased), (2, 2))
         last = dispatcher.acquire("job", "w0", 2, complete=tuple(l.token for l in second.leases))
         self.assertTrue(last.end_of_job)
 
@@ -416,7 +422,7 @@ class OneRoundTripTest(parameterized.TestCase):
             clock.now += TIMEOUT * 0.6
             self.assertEqual(dispatcher.heartbeat("job", "w0"), [])
         dispatcher.acquire("job", "w0", 0, complete=(lease.token,))
-        self.assertEqual(dispatcher.jobs()[0]["completed"], 1)
+        self.assertEqual(dispatcher.jobs()[0].completed, 1)
 
     def test_claim_complete_completes_at_grant(self):
         dispatcher, _ = _core(_spec(num_shards=3), workers=("w0",))
@@ -441,9 +447,9 @@ class OneRoundTripTest(parameterized.TestCase):
             dict(progress={lease.token: -1}, complete=(lease.token,)),
             dict(complete=tuple(range(core.MAX_TOKENS_PER_CALL + 1))),
         ):
-            with self.assertRaises(core.InvalidArgument):
+            with self.assertRaises(types.InvalidArgument):
                 dispatcher.acquire("job", "w0", 1, **kwargs)
-        self.assertEqual(dispatcher.status()["jobs"], before["jobs"])
+        self.assertEqual(dispatcher.status().jobs, before.jobs)
 
     @parameterized.named_parameters(
         dict(testcase_name="expired", end="expire"),
@@ -491,9 +497,9 @@ class RecoveryTest(parameterized.TestCase):
 
         restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False, snapshot_every=7))
         after = restarted.status()
-        self.assertEqual(after["jobs"], before["jobs"])
-        strip = lambda ws: [{k: v for k, v in w.items() if k != "throughput"} for w in ws]
-        self.assertEqual(strip(after["workers"]), strip(before["workers"]))
+        self.assertEqual(after.jobs, before.jobs)
+        strip = lambda ws: [dataclasses.replace(w, throughput=0.0) for w in ws]
+        self.assertEqual(strip(after.workers), strip(before.workers))
         # The leases live on: their holders can complete them, tokens keep growing.
         restarted.complete("job", "w0", held[2].token)
         restarted.complete("job", "w1", more[0].token)
@@ -523,7 +529,7 @@ class RecoveryTest(parameterized.TestCase):
         clock.now += TIMEOUT / 2 + 0.1  # past the grace
         restarted.expire_all()
         restarted.complete("job", "live", leases["live"].token)
-        with self.assertRaisesRegex(core.FailedPrecondition, "not active"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "not active"):
             restarted.complete("job", "dead", leases["dead"].token)
         (again,) = restarted.acquire("job", "live", 1).leases
         self.assertEqual(again.shard_index, leases["dead"].shard_index)
@@ -552,7 +558,7 @@ class RecoveryTest(parameterized.TestCase):
         restarted, _ = _core(
             journal=journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
         )
-        speeds = {w["worker"]: w["throughput"] for w in restarted.status()["workers"]}
+        speeds = {w.worker: w.throughput for w in restarted.status().workers}
         self.assertAlmostEqual(speeds["fast"], 10.0)
         self.assertAlmostEqual(speeds["slow"], 1.0)
         # The adaptive policy still knows the slow worker: nothing it would finish last.
@@ -571,8 +577,8 @@ class RecoveryTest(parameterized.TestCase):
                 {"op": "complete", "job": "job", "token": 1},
             ])
         restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False))
-        (worker,) = restarted.status()["workers"]
-        self.assertEqual((worker["completed_size"], worker["throughput"]), (1, 0.0))
+        (worker,) = restarted.status().workers
+        self.assertEqual((worker.completed_size, worker.throughput), (1, 0.0))
 
 
 if __name__ == "__main__":

@@ -7,11 +7,12 @@ import time
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
+from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
-from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import types
 
 SIZES = [5, 17, 3, 11, 8, 2, 13, 7, 9, 4, 6, 15]
 NUM_EPOCHS = 2
@@ -20,14 +21,14 @@ NUM_EPOCHS = 2
 def _shards():
     specs, start = [], 0
     for size in SIZES:
-        specs.append(core.ShardSpec(f"range:{start}:{start + size}", size))
+        specs.append(types.ShardSpec(f"range:{start}:{start + size}", size))
         start += size
     return tuple(specs)
 
 
 def _run(equalize, num_consumers=3, policy="least_loaded"):
     """Three consumer threads of different speeds; returns (consumers, elements)."""
-    spec = core.JobSpec(
+    spec = types.JobSpec(
         "eq", _shards(), policy, NUM_EPOCHS, lease_timeout_s=30,
         num_consumers=num_consumers if equalize != "none" else 0, equalize=equalize,
     )
@@ -37,12 +38,12 @@ def _run(equalize, num_consumers=3, policy="least_loaded"):
         for i, delay in enumerate((0.0005, 0.002, 0.004)):
 
             def read(name, delay=delay):
-                for element in shards.read(name):
+                for element in readers.elements(name):
                     time.sleep(delay)
                     yield element
 
             client = client_lib.DispatcherClient(server.target)
-            consumers.append(feed_lib.ShardConsumer(client, "eq", f"w{i}", read, max_shards=1))
+            consumers.append(consumer_lib.ShardConsumer(client, "eq", f"w{i}", read, max_shards=1))
             elements.append([])
             threads.append(
                 threading.Thread(target=lambda c=consumers[-1], out=elements[-1]: out.extend(c))
@@ -96,8 +97,8 @@ class EqualizeTest(parameterized.TestCase):
         dict(num_consumers=2, equalize="trim"),
     )
     def test_inconsistent_options_are_invalid(self, num_consumers, equalize):
-        spec = core.JobSpec("eq", _shards(), num_consumers=num_consumers, equalize=equalize)
-        with self.assertRaisesRegex(core.InvalidArgument, "equalize"):
+        spec = types.JobSpec("eq", _shards(), num_consumers=num_consumers, equalize=equalize)
+        with self.assertRaisesRegex(types.InvalidArgument, "equalize"):
             core.DispatcherCore().create_job(spec)
 
 

@@ -8,11 +8,14 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from tests import testutil
+from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
 from tfscale.data.dispatcher import journal as journal_lib
 from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import types
+from tfscale.data.dispatcher import wire
 
 _SERVICE = "/tfscale.dispatcher.ShardDispatcher/"
 _METHODS = (
@@ -185,16 +188,23 @@ class SizeLimitTest(_ServerTestCase):
     def test_status_stays_under_4_mib_and_counts_what_it_left_out(self):
         server, channel = self.serve()
         job = "j" * 1024
-        server.core.create_job(core.JobSpec(job, (core.ShardSpec("a"),)))
+        server.core.create_job(types.JobSpec(job, (types.ShardSpec("a"),)))
         for i in range(2500):
             server.core.register_worker(job, f"{i:06d}".ljust(1024, "w"))
         reply, call = pb_grpc.ShardDispatcherStub(channel).Status.with_call(pb.StatusRequest())
         self.assertLen(reply.workers, core.MAX_STATUS_WORKERS)
         self.assertLess(reply.ByteSize(), 4 * 2**20)
         self.assertIn(
-            (server_lib.OMITTED_WORKERS_METADATA_KEY, str(2500 - core.MAX_STATUS_WORKERS)),
+            (wire.OMITTED_WORKERS_METADATA_KEY, str(2500 - core.MAX_STATUS_WORKERS)),
             call.trailing_metadata(),
         )
+        client = client_lib.DispatcherClient(server.target)
+        try:
+            status = client.status()
+        finally:
+            client.close()
+        self.assertLen(status.workers, core.MAX_STATUS_WORKERS)
+        self.assertEqual(status.omitted_workers, 2500 - core.MAX_STATUS_WORKERS)
 
     def test_a_request_over_the_limit_is_resource_exhausted(self):
         server, channel = self.serve(max_request_bytes=2**20)
@@ -209,8 +219,8 @@ class SizeLimitTest(_ServerTestCase):
 
     def test_workers_per_job_are_bounded(self):
         server, channel = self.serve()
-        server.core.create_job(core.JobSpec("train", (core.ShardSpec("a"),)))
-        for i in range(core.MAX_WORKERS_PER_JOB):
+        server.core.create_job(types.JobSpec("train", (types.ShardSpec("a"),)))
+        for i in range(types.MAX_WORKERS_PER_JOB):
             server.core.register_worker("train", f"w{i}")
         stub = pb_grpc.ShardDispatcherStub(channel)
         self.assertCode(

@@ -14,6 +14,7 @@ from absl.testing import parameterized
 
 from tfscale.data.dispatcher import hash_ring
 from tfscale.data.dispatcher import policies
+from tfscale.data.dispatcher import types
 
 
 def _names(num_shards: int) -> list[str]:
@@ -560,6 +561,9 @@ class MakePolicyTest(parameterized.TestCase):
         self.assertIsInstance(policy, cls)
         self.assertEqual(policy.name, name)
         self.assertIs(policies.POLICIES[name], cls)
+
+    def test_the_policies_are_the_job_specs_policy_names(self):
+        self.assertEqual(tuple(sorted(policies.POLICIES)), types.POLICY_NAMES)
 
     def test_unknown_policy_lists_valid_names(self):
         with self.assertRaisesWithLiteralMatch(

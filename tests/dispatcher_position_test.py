@@ -5,11 +5,11 @@ import collections
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import server as server_lib
-from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import types
 
 SIZES = [7, 12, 5, 9, 11, 6]  # 50 elements an epoch
 NUM_EPOCHS = 2
@@ -18,9 +18,9 @@ NUM_EPOCHS = 2
 def _spec():
     specs, start = [], 0
     for size in SIZES:
-        specs.append(core.ShardSpec(f"range:{start}:{start + size}", size))
+        specs.append(types.ShardSpec(f"range:{start}:{start + size}", size))
         start += size
-    return core.JobSpec("pos", tuple(specs), "round_robin", NUM_EPOCHS, seed=1)
+    return types.JobSpec("pos", tuple(specs), "round_robin", NUM_EPOCHS, seed=1)
 
 
 class PositionTest(parameterized.TestCase):
@@ -32,8 +32,8 @@ class PositionTest(parameterized.TestCase):
         self.client.create_job(_spec())
 
     def _consumer(self):
-        return feed_lib.ShardConsumer(
-            self.client, "pos", "w0", shards.read, max_shards=2, shuffle_seed=5
+        return consumer_lib.ShardConsumer(
+            self.client, "pos", "w0", readers.elements, max_shards=2, shuffle_seed=5
         )
 
     @parameterized.named_parameters(
@@ -90,19 +90,21 @@ class PositionTest(parameterized.TestCase):
     def test_rewind_needs_a_single_consumer(self):
         self.client.register_worker("pos", "w0")
         self.client.register_worker("pos", "w1")
-        with self.assertRaisesRegex(core.FailedPrecondition, r"single-consumer job; 'pos' also has \['w1'\]"):
-            self.client.rewind("pos", "w0", core.InputPosition())
+        with self.assertRaisesRegex(
+            types.FailedPrecondition, r"single-consumer job; 'pos' also has \['w1'\]"
+        ):
+            self.client.rewind("pos", "w0", types.InputPosition())
 
     @parameterized.parameters(
-        core.InputPosition(epoch=2),
-        core.InputPosition(done=(6,)),
-        core.InputPosition(done=(1,), partial=(1, 3)),
-        core.InputPosition(partial=(0, 8)),  # shard 0 has 7 elements: 7 is "all, not yet finished"
+        types.InputPosition(epoch=2),
+        types.InputPosition(done=(6,)),
+        types.InputPosition(done=(1,), partial=(1, 3)),
+        types.InputPosition(partial=(0, 8)),  # shard 0 has 7 elements: 7 is "all, not yet finished"
     )
     def test_rewind_outside_the_job_is_invalid(self, position):
         self.client.register_worker("pos", "w0")
         before = self.client.list_jobs()
-        with self.assertRaisesRegex(core.InvalidArgument, "outside job 'pos'"):
+        with self.assertRaisesRegex(types.InvalidArgument, "outside job 'pos'"):
             self.client.rewind("pos", "w0", position)
         self.assertEqual(self.client.list_jobs(), before)
 

@@ -7,11 +7,12 @@ import time
 
 from absl.testing import absltest
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import types
 
 SHARD_SIZE = 5
 NUM_EPOCHS = 2
@@ -23,7 +24,7 @@ PACE_S = 0.02
 
 def _spec(num_shards):
     total = num_shards * SHARD_SIZE
-    return core.JobSpec(
+    return types.JobSpec(
         "job", tuple(shards.expand(f"range:{total}:{SHARD_SIZE}")), num_epochs=NUM_EPOCHS,
         lease_timeout_s=LEASE_TIMEOUT_S,
     )
@@ -69,7 +70,7 @@ class RestartTest(absltest.TestCase):
         client = client_lib.DispatcherClient(server.target, unavailable_timeout_s=30)
         self.addCleanup(client.close)
         client.create_job(_spec(num_shards))
-        consumer = feed_lib.ShardConsumer(client, "job", "w0", shards.read, max_shards=2)
+        consumer = consumer_lib.ShardConsumer(client, "job", "w0", readers.elements, max_shards=2)
         paced = _PacedConsumer(consumer)
         try:
             for _ in range(restarts):

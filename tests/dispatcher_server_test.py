@@ -11,14 +11,14 @@ from absl.testing import parameterized
 from tests import testutil
 
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
 from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import types
 
-SPEC = core.JobSpec(
-    "train", tuple(core.ShardSpec(f"range:{i}:{i + 1}", 1) for i in range(8)), lease_timeout_s=30
+SPEC = types.JobSpec(
+    "train", tuple(types.ShardSpec(f"range:{i}:{i + 1}", 1) for i in range(8)), lease_timeout_s=30
 )
 
 
@@ -100,10 +100,10 @@ class ServerTest(parameterized.TestCase):
         )
 
     def test_client_maps_codes_to_core_errors(self):
-        with self.assertRaisesRegex(core.FailedPrecondition, "'ghost' is not registered"):
+        with self.assertRaisesRegex(types.FailedPrecondition, "'ghost' is not registered"):
             self.client.acquire("train", "ghost")
-        with self.assertRaisesRegex(core.AlreadyExists, "different spec"):
-            self.client.create_job(core.JobSpec("train", SPEC.shards[:2]))
+        with self.assertRaisesRegex(types.AlreadyExists, "different spec"):
+            self.client.create_job(types.JobSpec("train", SPEC.shards[:2]))
 
     def test_start_and_stop_are_safe_twice(self):
         self.assertIs(self.server.start(), self.server)
@@ -116,6 +116,91 @@ class ServerTest(parameterized.TestCase):
     def test_target_before_start(self):
         with self.assertRaisesRegex(RuntimeError, "after start"):
             server_lib.DispatcherServer().target
+
+
+class ClientTypesTest(absltest.TestCase):
+    """Every client method returns the dispatcher's types, never a protocol message."""
+
+    def test_each_reply_is_a_dispatcher_type(self):
+        with server_lib.server_context() as server:
+            client = client_lib.DispatcherClient(server.target)
+            self.addCleanup(client.close)
+            self.assertTrue(client.create_job(SPEC))
+            registration = client.register_worker("train", "w0")
+            self.assertEqual(
+                registration,
+                types.Registration(30.0, 1, 0, "none", heartbeat_interval_s=7.5),
+            )
+            result = client.acquire("train", "w0", 2, claim="commit")
+            self.assertIsInstance(result, types.AcquireResult)
+            self.assertTrue(all(isinstance(lease, types.Lease) for lease in result.leases))
+            self.assertEqual(result.leases[0].worker, "w0")
+            self.assertEqual(
+                client.epoch_progress("train", 0), types.EpochProgress(False, 2, 2)
+            )
+            (job,) = client.list_jobs()
+            self.assertEqual(job, server.core.jobs()[0])
+            status = client.status()
+            self.assertIsInstance(status, types.DispatcherStatus)
+            self.assertEqual(status.jobs, (job,))
+            (worker,) = status.workers
+            self.assertEqual(
+                (worker.worker, worker.live, worker.leases, worker.outstanding), ("w0", True, 2, 2)
+            )
+            self.assertEqual(status.omitted_workers, 0)
+
+
+class RestartTest(absltest.TestCase):
+    """`start()` after `stop()` serves again."""
+
+    def test_without_a_work_dir_the_state_carries_on(self):
+        server = server_lib.DispatcherServer()
+        self.addCleanup(server.stop)
+        server.start()
+        client = client_lib.DispatcherClient(server.target, unavailable_timeout_s=2)
+        client.create_job(SPEC)
+        client.register_worker("train", "w0")
+        client.acquire("train", "w0", 3)
+        client.close()
+        before = server.core.jobs()
+        server.stop()
+        server.start()
+        client = client_lib.DispatcherClient(server.target, unavailable_timeout_s=2)
+        self.addCleanup(client.close)
+        self.assertEqual(client.list_jobs(), before)
+        self.assertLen(client.acquire("train", "w0", 2).leases, 2)
+
+    def test_with_a_work_dir_the_journal_is_reopened(self):
+        work_dir = self.create_tempdir().full_path
+        config = server_lib.ServerConfig(work_dir=work_dir)
+        server = server_lib.DispatcherServer(config)
+        self.addCleanup(server.stop)
+        server.start()
+        server.core.create_job(SPEC)
+        server.core.register_worker("train", "w0")
+        (lease,) = server.core.acquire("train", "w0", 1).leases
+        server.core.complete("train", "w0", lease.token)
+        server.stop()
+        server.start()
+        (job,) = server.core.jobs()
+        self.assertEqual((job.completed, job.grants), (1, 1))
+        # Written after the restart: the reopened journal holds it.
+        server.core.create_job(dataclasses.replace(SPEC, name="more"))
+        server.stop()
+        with server_lib.server_context(config) as again:
+            self.assertEqual(sorted(j.name for j in again.core.jobs()), ["more", "train"])
+
+    def test_a_work_dir_taken_meanwhile_fails_the_restart(self):
+        config = server_lib.ServerConfig(work_dir=self.create_tempdir().full_path)
+        server = server_lib.DispatcherServer(config)
+        self.addCleanup(server.stop)
+        server.start()
+        server.stop()
+        with server_lib.server_context(config):
+            with self.assertRaisesRegex(OSError, "in use by another dispatcher"):
+                server.start()
+        server.start()
+        self.assertEqual(server.core.jobs(), [])
 
 
 class OutageTest(absltest.TestCase):
@@ -167,7 +252,7 @@ class OutageTest(absltest.TestCase):
 
     def test_a_consumer_fails_promptly_when_the_outage_outlasts_the_timeout(self):
         client = client_lib.DispatcherClient(self.server.target, unavailable_timeout_s=1)
-        stream = iter(feed_lib.ShardConsumer(client, "train", "w0", _read_range))
+        stream = iter(consumer_lib.ShardConsumer(client, "train", "w0", _read_range))
         next(stream)
         self.server.stop()
         start = time.monotonic()
@@ -190,7 +275,7 @@ class PrefetchTest(absltest.TestCase):
         with server_lib.server_context() as server:
             client = client_lib.DispatcherClient(server.target)
             client.create_job(spec)
-            consumer = feed_lib.ShardConsumer(client, "train", "w0", read, max_shards=2)
+            consumer = consumer_lib.ShardConsumer(client, "train", "w0", read, max_shards=2)
             elements = []
             for element in consumer:
                 elements.append(element)

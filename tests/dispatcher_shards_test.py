@@ -1,4 +1,4 @@
-"""Tests for shard specs and shard reading (ranges, TFRecord files, TFDS slices)."""
+"""Tests for shard specs: ranges, TFDS slices and file globs, and shard names."""
 
 import os
 
@@ -9,8 +9,6 @@ from absl.testing import parameterized
 from tests import testutil
 
 testutil.setup_devices()
-
-import tensorflow_datasets as tfds  # noqa: E402
 
 from tfscale.data import records  # noqa: E402
 from tfscale.data.dispatcher import shards  # noqa: E402
@@ -53,28 +51,15 @@ class ExpandTest(parameterized.TestCase):
             shards.expand(spec)
 
 
-class ReadTest(absltest.TestCase):
-    def test_range(self):
-        self.assertEqual(list(shards.read("range:3:7")), [3, 4, 5, 6])
+class RangeBoundsTest(parameterized.TestCase):
+    def test_bounds(self):
+        self.assertEqual(shards.range_bounds("range:3:7"), (3, 7))
+        self.assertEqual(shards.range_bounds("range:3:3"), (3, 3))
 
-    def test_tfrecord_file(self):
-        path = os.path.join(self.create_tempdir().full_path, "x.tfrecord")
-        records.write_examples(path, np.full((2, 28, 28), 255, np.uint8), np.array([4, 9]), np.array([7, 8]))
-        elements = list(shards.read(path))
-        self.assertEqual([int(e["label"]) for e in elements], [4, 9])
-        self.assertEqual([int(e["id"]) for e in elements], [7, 8])
-        self.assertEqual(elements[0]["image"].shape, (28, 28, 1))
-        self.assertAlmostEqual(float(elements[0]["image"].max()), 1.0)
-
-    def test_tfds_slice_elements(self):
-        # mock_data serves num_examples for any split string: slicing itself
-        # is TFDS's, so this checks the read path and the element structure.
-        with tfds.testing.mock_data(num_examples=12):
-            elements = list(shards.read(shards.expand("tfds:mnist:train:4")[1].name))
-        self.assertLen(elements, 12)
-        image, label = elements[0]
-        self.assertEqual(image.shape, (28, 28, 1))
-        self.assertEqual(np.asarray(label).dtype.kind, "i")
+    @parameterized.parameters("range:7:3", "range:a:3", "range:1", "tfds:mnist:train[0%:5%]")
+    def test_bad_names(self, name):
+        with self.assertRaisesRegex(ValueError, "range:A:B"):
+            shards.range_bounds(name)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ Usage: dispatcher_worker.py ADDRESS JOB WORKER OUT DELAY HANG_AFTER [TRAIN_THEN_
 import sys
 import time
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import consumer as consumer_lib
 
 
 def main(address, job, worker, out, delay, hang_after, train_then_hang="-1"):
@@ -28,12 +28,12 @@ def main(address, job, worker, out, delay, hang_after, train_then_hang="-1"):
         if hang_after >= 0 and len(reads) > hang_after:
             print("HANGING", flush=True)
             time.sleep(3600)
-        for element in shards.read(name):
+        for element in readers.elements(name):
             time.sleep(delay)
             yield element
 
     client = client_lib.DispatcherClient(address)
-    consumer = feed_lib.ShardConsumer(client, job, worker, read, max_shards=1)
+    consumer = consumer_lib.ShardConsumer(client, job, worker, read, max_shards=1)
     with open(out, "a") as f:
         for count, element in enumerate(consumer, 1):
             if train_then_hang >= 0:

@@ -114,8 +114,8 @@ class TrainBinaryTest(absltest.TestCase):
             server_lib.ServerConfig(work_dir=os.path.join(workdir, "dispatcher"))
         ) as server:
             (job,) = server.core.jobs()
-        self.assertTrue(job["finished"])
-        self.assertEqual(job["epoch"], 2)
+        self.assertTrue(job.finished)
+        self.assertEqual(job.epoch, 2)
 
     def test_external_dispatcher_job_made_by_the_cli(self):
         files = synthetic.ensure_shards(testutil.cache_dir(), "train")
@@ -245,7 +245,7 @@ class RunTest(parameterized.TestCase):
             (job,) = server.core.jobs()
         self.assertEqual(metrics["dispatcher"], f"localhost:{port}")
         self.assertEqual(metrics["history"][0]["epoch"], 1)
-        self.assertGreater(job["grants"], 0)
+        self.assertGreater(job.grants, 0)
 
     def test_mixed_precision_trains_and_restores_the_global_policy(self):
         config = self._config()

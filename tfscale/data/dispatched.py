@@ -13,7 +13,7 @@ Example:
 
 ```python
 from tfscale.data import dispatched
-from tfscale.data.dispatcher import readers
+from tfscale.data import readers
 
 source = dispatched.DispatchedInput(
     "127.0.0.1:40123", "train", readers.records((28, 28, 1)), worker="worker-0")
@@ -32,15 +32,14 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale.data import identity
+from tfscale.data import readers as readers_lib
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import readers as readers_lib
+from tfscale.data.dispatcher import types
 
 __all__ = [
     "DispatchedInput",
     "default_worker_name",
-    "dispatched_dataset",
 ]
 
 # Parallel interleave with a per-shard buffer: an upstream internal (the
@@ -85,7 +84,7 @@ class DispatchedInput:
       address: the dispatcher's `host:port`.
       job: the job name.
       reader: shard name (a scalar `tf.string` tensor) -> `tf.data.Dataset`
-        (see `tfscale.data.dispatcher.readers`).
+        (see `tfscale.data.readers`).
       worker: this worker's stable name; `default_worker_name()` if None.
       max_shards: leases asked for per acquire.
       cycle_length: shards read at once.
@@ -138,14 +137,14 @@ class DispatchedInput:
         self._shuffle_buffer = shuffle_buffer
         self._seed = seed
         self._track_consumed = track_consumed
-        self._base = core.InputPosition()
+        self._base = types.InputPosition()
         self._lock = threading.Lock()
         self._feeds: dict[int, feed_lib.LeaseFeed] = {}  # slot id -> its feed
         self._ends: dict[int, int] = {}  # feed id -> stream index of its latest marker
         self._latest: Optional[feed_lib.LeaseFeed] = None
         self.dataset = self._build()
 
-    def rewind(self, position: core.InputPosition) -> None:
+    def rewind(self, position: types.InputPosition) -> None:
         """Moves the job back to `position`; later iterators start there."""
         self._client.register_worker(self.job, self.worker)
         self._client.rewind(self.job, self.worker, position)
@@ -159,7 +158,7 @@ class DispatchedInput:
         if self._latest is not None:
             self._latest.report_consumed(consumed, send)
 
-    def position(self, consumed: int) -> core.InputPosition:
+    def position(self, consumed: int) -> types.InputPosition:
         """The position after `consumed` elements of the latest iterator."""
         if self._latest is None:
             return self._base
@@ -323,9 +322,3 @@ def _dummy(spec: Any) -> Any:
 
     return tf.nest.map_structure(zeros, spec)
 
-
-def dispatched_dataset(
-    address: str, job: str, reader: readers_lib.Reader, **kwargs: Any
-) -> tf.data.Dataset:
-    """`DispatchedInput(address, job, reader, **kwargs).dataset`."""
-    return DispatchedInput(address, job, reader, **kwargs).dataset

@@ -22,7 +22,8 @@ from typing import Any, Callable, Optional
 import ml_collections
 from ml_collections import config_dict
 
-from tfscale.data.dispatcher import policies
+from tfscale.data.dispatcher import shards as dispatcher_shards
+from tfscale.data.dispatcher import types as dispatcher_types
 
 __all__ = [
     "ConfigError",
@@ -226,13 +227,18 @@ def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
         host, _, port = options.address.rpartition(":")
         _check(options.address, "data.dispatcher.address", str,
                lambda v: bool(host) and port.isdigit(), "HOST:PORT")
+    policies = dispatcher_types.POLICY_NAMES
+    max_shards = dispatcher_types.MAX_SHARDS_PER_CALL
+    max_tfds_shards = dispatcher_shards.MAX_TFDS_SLICES
     _check(options.policy, "data.dispatcher.policy", str,
-           lambda v: v in policies.POLICIES, f"one of {tuple(sorted(policies.POLICIES))}")
-    _check(options.max_shards, "data.dispatcher.max_shards", int, lambda v: 1 <= v <= 1024, "in [1, 1024]")
+           lambda v: v in policies, f"one of {policies}")
+    _check(options.max_shards, "data.dispatcher.max_shards", int,
+           lambda v: 1 <= v <= max_shards, f"in [1, {max_shards}]")
     _check(options.lease_timeout_s, "data.dispatcher.lease_timeout_s", float, lambda v: v > 0,
            "a positive number")
     _check(options.cycle_length, "data.dispatcher.cycle_length", int, lambda v: 1 <= v <= 64, "in [1, 64]")
-    _check(options.tfds_shards, "data.dispatcher.tfds_shards", int, lambda v: 1 <= v <= 100, "in [1, 100]")
+    _check(options.tfds_shards, "data.dispatcher.tfds_shards", int,
+           lambda v: 1 <= v <= max_tfds_shards, f"in [1, {max_tfds_shards}]")
     _check(options.equalize, "data.dispatcher.equalize", str, lambda v: v in ("drop", "pad"), "drop or pad")
     for name in ("auth_token_file", "tls_root_cert_file"):
         path = options[name]

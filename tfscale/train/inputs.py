@@ -40,12 +40,13 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale.data import dispatched
+from tfscale.data import readers
 from tfscale.data import sources
+from tfscale.data.dispatcher import auth
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import server as server_lib
-from tfscale.data.dispatcher import readers
 from tfscale.data.dispatcher import shards as shards_lib
+from tfscale.data.dispatcher import types
 from tfscale.train import config as config_lib
 
 __all__ = [
@@ -136,13 +137,13 @@ def _dispatched(
     shards, count = _shards(config, split)
     steps = _steps(config, count)  # before anything starts or is written
     address = options.address
-    token = client_lib.read_token_file(options.auth_token_file)
+    token = auth.read_token_file(options.auth_token_file)
     if options.embedded:
         server_config = server_lib.ServerConfig(
             work_dir=os.path.join(workdir, "dispatcher"), auth_token=token
         )
         address = stack.enter_context(server_lib.server_context(server_config)).target
-    spec = core.JobSpec(
+    spec = types.JobSpec(
         name=options.job,
         shards=tuple(shards),
         policy=options.policy,
@@ -173,7 +174,7 @@ def _dispatched(
     )
     single_worker = num_workers == 1
     if single_worker:
-        position = core.InputPosition.from_dict(resume_position or core.InputPosition().to_dict())
+        position = types.InputPosition.from_dict(resume_position or types.InputPosition().to_dict())
         source.rewind(position)
     read = _file_element if split.files else _tfds_element
     dataset = source.dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
@@ -190,7 +191,7 @@ def _dispatched(
 
 
 def _ensure_job(
-    address: str, token: Optional[str], spec: core.JobSpec, tls_root_cert_file: Optional[str]
+    address: str, token: Optional[str], spec: types.JobSpec, tls_root_cert_file: Optional[str]
 ) -> None:
     """Creates (or extends) the job; an existing different one must have the epochs."""
     client = client_lib.DispatcherClient(
@@ -198,7 +199,7 @@ def _ensure_job(
     )
     try:
         client.create_job(spec)  # no-op if it exists; more epochs extend it
-    except core.AlreadyExists:
+    except types.AlreadyExists:
         (job,) = [j for j in client.list_jobs() if j.name == spec.name]
         if job.num_epochs < spec.num_epochs:
             raise config_lib.ConfigError(
@@ -227,7 +228,7 @@ def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tupl
     for path, n in zip(split.files, counts):
         if chosen and total + n > limit:
             break
-        chosen.append(core.ShardSpec(path, n))
+        chosen.append(types.ShardSpec(path, n))
         total += n
     return chosen, total
 

@@ -61,12 +61,12 @@ from typing import Optional
 from absl import app
 from absl import flags
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import policies
 from tfscale.data.dispatcher import server as server_lib
-from tfscale.data.dispatcher import shards as shards_lib
+from tfscale.data.dispatcher import types
 from tfscale.train import config as train_config
 
 Sizes = list[int]
@@ -259,19 +259,19 @@ def _run_dispatcher(
     policy: str, case: _Case, speeds: list[float], cost_s: float, max_shards: int, seed: int
 ) -> list[_Trace]:
     specs = tuple(
-        core.ShardSpec(f"range:{start}:{start + size}", size)
+        types.ShardSpec(f"range:{start}:{start + size}", size)
         for start, size in zip(case.starts, case.sizes)
     )
     with server_lib.server_context(server_lib.ServerConfig()) as server:
         clients = [client_lib.DispatcherClient(server.target) for _ in speeds]
         try:
-            clients[0].create_job(core.JobSpec("bench", specs, policy=policy, seed=seed))
+            clients[0].create_job(types.JobSpec("bench", specs, policy=policy, seed=seed))
             names = [f"worker-{i}" for i in range(len(speeds))]
             for client, name in zip(clients, names):
                 client.register_worker("bench", name)
             sources = [
-                lambda c=c, n=n: feed_lib.ShardConsumer(
-                    c, "bench", n, shards_lib.read, max_shards=max_shards
+                lambda c=c, n=n: consumer_lib.ShardConsumer(
+                    c, "bench", n, readers.elements, max_shards=max_shards
                 )
                 for c, n in zip(clients, names)
             ]

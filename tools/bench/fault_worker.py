@@ -52,9 +52,9 @@ from typing import TextIO
 from absl import app
 from absl import flags
 
+from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import feed as feed_lib
-from tfscale.data.dispatcher import shards
+from tfscale.data.dispatcher import consumer as consumer_lib
 
 _ROLES = (
     "tfscale_trainer",
@@ -121,11 +121,11 @@ def _train(
 
 
 def _logged_read(log: TextIO) -> Callable[[str], list[int]]:
-    """`shards.read` that first logs the time the shard's lease was taken up."""
+    """`readers.elements` that first logs the time the shard's lease was taken up."""
 
     def read(name: str) -> list[int]:
         _line(log, f"L {time.time():.6f} {name}")
-        return list(shards.read(name))
+        return list(readers.elements(name))
 
     return read
 
@@ -137,7 +137,7 @@ def _report_sent(source) -> Report:
 
 def _tfscale_ids(log: TextIO) -> tuple[Iterable[int], Report]:
     client = client_lib.DispatcherClient(_ADDRESS.value)
-    consumer = feed_lib.ShardConsumer(
+    consumer = consumer_lib.ShardConsumer(
         client, _JOB.value, _NAME.value, _logged_read(log), max_shards=1
     )
     return consumer, _report_sent(consumer)
@@ -152,8 +152,6 @@ def _logged_ranges(log: TextIO):
     the latest shard's name while it waits for leases, which read nothing.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
-    from tfscale.data.dispatcher import readers  # pylint: disable=import-outside-toplevel
 
     ranges = readers.ranges()
     seen: set[str] = set()

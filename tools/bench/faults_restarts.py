@@ -57,7 +57,7 @@ def write_journal(work_dir: str, records: int, snapshot_interval: int) -> dict:
     journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_interval)
     dispatcher = core.DispatcherCore(journal=journal)
     # Many epochs of few shards: grants never run out, the job state stays small.
-    spec = core.JobSpec(
+    spec = types.JobSpec(
         name="audit", shards=tuple(shards.expand("range:1000:10")), num_epochs=types.MAX_EPOCHS
     )
     dispatcher.create_job(spec)

@@ -303,7 +303,7 @@ def _consumer(spec: dict[str, Any]) -> None:
     elif case == TFSCALE:
         # pylint: disable=import-outside-toplevel
         from tfscale.data import dispatched
-        from tfscale.data.dispatcher import readers
+        from tfscale.data import readers
 
         kwargs: dict[str, Any] = {"worker": f"c{index}", "cycle_length": cycle_length}
         if spec["max_shards"]:

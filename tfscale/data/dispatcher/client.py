@@ -6,7 +6,9 @@ be restarting) for up to `unavailable_timeout_s`, then raising
 `DispatcherUnavailable`. Its channel reconnects within a second of the
 dispatcher's return (gRPC's default backoff grows to minutes), so that a
 restarted dispatcher hears from its workers well within the grace it gives
-their leases. A worker's loop over its leases is `feed.LeaseFeed`.
+their leases. Every method takes and returns the types of
+`tfscale.data.dispatcher.types`: no protocol message leaves this module.
+A worker's loop over its leases is `feed.LeaseFeed`.
 
 Example:
 
@@ -21,28 +23,29 @@ client.acquire("train", "worker-0", 0, complete=[l.token for l in result.leases]
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable, Optional
+from typing import Any
+from typing import Iterable
+from typing import Optional
 
 import grpc
 
-from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import auth
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
-from tfscale.data.dispatcher import server as server_lib
+from tfscale.data.dispatcher import types
 from tfscale.data.dispatcher import wire
 
 __all__ = [
     "DEFAULT_UNAVAILABLE_TIMEOUT_S",
     "DispatcherClient",
     "DispatcherUnavailable",
-    "read_token_file",
 ]
 
 _ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: core.InvalidArgument,
-    grpc.StatusCode.NOT_FOUND: core.NotFound,
-    grpc.StatusCode.FAILED_PRECONDITION: core.FailedPrecondition,
-    grpc.StatusCode.ALREADY_EXISTS: core.AlreadyExists,
+    grpc.StatusCode.INVALID_ARGUMENT: types.InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: types.NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: types.FailedPrecondition,
+    grpc.StatusCode.ALREADY_EXISTS: types.AlreadyExists,
 }
 DEFAULT_UNAVAILABLE_TIMEOUT_S = 600.0
 # Reconnect attempts while the dispatcher is down: every 0.1 s at first, at
@@ -71,15 +74,6 @@ class DispatcherUnavailable(grpc.RpcError):
 
     def details(self) -> str:
         return self._message
-
-
-def read_token_file(path: Optional[str]) -> Optional[str]:
-    """The auth token stored in `path` (None for no path); warns if others can read it.
-
-    Raises:
-      ValueError: if the file is empty.
-    """
-    return server_lib.read_token_file(path) if path else None
 
 
 class DispatcherClient:
@@ -118,24 +112,36 @@ class DispatcherClient:
             channel = grpc.insecure_channel(address, options=_CHANNEL_OPTIONS)
         self._channel = channel
         self._stub = pb_grpc.ShardDispatcherStub(channel)
-        self._metadata = ((server_lib.AUTH_METADATA_KEY, f"Bearer {auth_token}"),) if auth_token else ()
+        self._metadata = auth.call_metadata(auth_token)
         self._unavailable_timeout_s = unavailable_timeout_s
         self.address = address
 
-    def create_job(self, spec: core.JobSpec) -> bool:
-        return self._call("CreateJob", pb.CreateJobRequest(job=wire.job_spec_to_proto(spec))).created
+    def create_job(self, spec: types.JobSpec) -> bool:
+        """Creates a job; False if it exists (an equal spec, or more epochs of it)."""
+        request = pb.CreateJobRequest(job=wire.job_spec_to_proto(spec))
+        return self._call("CreateJob", request).created
 
-    def list_jobs(self) -> list[pb.JobStatus]:
-        return list(self._call("ListJobs", pb.ListJobsRequest()).jobs)
+    def list_jobs(self) -> list[types.JobStatus]:
+        """Progress of each job."""
+        response = self._call("ListJobs", pb.ListJobsRequest())
+        return [wire.job_status_from_proto(job) for job in response.jobs]
 
-    def register_worker(self, job: str, worker: str) -> pb.RegisterWorkerResponse:
-        return self._call("RegisterWorker", pb.RegisterWorkerRequest(job=job, worker=worker))
+    def register_worker(self, job: str, worker: str) -> types.Registration:
+        """Joins `worker` to `job`, ending the leases of its previous registration."""
+        request = pb.RegisterWorkerRequest(job=job, worker=worker)
+        return wire.registration_from_proto(self._call("RegisterWorker", request))
 
     def heartbeat(
         self, job: str, worker: str, progress: Optional[dict[int, int]] = None
     ) -> list[int]:
-        """Renews the worker's leases, reporting `progress` (token -> offset); the revoked tokens."""
-        request = pb.HeartbeatRequest(job=job, worker=worker, progress=_progress(progress))
+        """Renews the worker's leases, reporting `progress` (token -> offset).
+
+        Returns:
+          Tokens of this worker's leases that are no longer valid.
+        """
+        request = pb.HeartbeatRequest(
+            job=job, worker=worker, progress=wire.progress_to_proto(progress)
+        )
         return list(self._call("Heartbeat", request).revoked_tokens)
 
     def acquire(
@@ -148,7 +154,7 @@ class DispatcherClient:
         complete: Iterable[int] = (),
         release: Iterable[int] = (),
         progress: Optional[dict[int, int]] = None,
-    ) -> core.AcquireResult:
+    ) -> types.AcquireResult:
         """Settles `complete`, `release` and `progress`, then leases up to `max_shards` shards."""
         request = pb.AcquireRequest(
             job=job,
@@ -157,34 +163,35 @@ class DispatcherClient:
             claim=wire.claim_to_proto(claim),
             complete=list(complete),
             release=list(release),
-            progress=_progress(progress),
+            progress=wire.progress_to_proto(progress),
         )
-        response = self._call("Acquire", request)
-        return core.AcquireResult(
-            leases=tuple(wire.lease_from_proto(lease, worker) for lease in response.leases),
-            end_of_job=response.end_of_job,
-            retry_after_s=response.retry_after_s,
-            rejected=tuple(response.rejected),
-        )
+        return wire.acquire_result_from_proto(self._call("Acquire", request), worker)
 
     def commit(self, job: str, worker: str, token: int) -> None:
+        """Claims the lease's shard for delivery; the first commit of a shard wins."""
         self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
 
-    def rewind(self, job: str, worker: str, position: core.InputPosition) -> None:
+    def rewind(self, job: str, worker: str, position: types.InputPosition) -> None:
+        """Moves a single-consumer job back to `position`."""
         self._call("Rewind", wire.position_to_proto(job, worker, position))
 
-    def epoch_progress(self, job: str, epoch: int) -> core.EpochProgress:
+    def epoch_progress(self, job: str, epoch: int) -> types.EpochProgress:
+        """Committed element counts of the consumers in `epoch`."""
         response = self._call("EpochProgress", pb.EpochProgressRequest(job=job, epoch=epoch))
-        return core.EpochProgress(response.finished, response.floor, response.ceiling)
+        return wire.epoch_progress_from_proto(response)
 
     def complete(self, job: str, worker: str, token: int) -> None:
+        """Marks the lease's shard done for its epoch."""
         self._call("Complete", pb.CompleteRequest(job=job, worker=worker, token=token))
 
     def release(self, job: str, worker: str, token: int) -> None:
+        """Gives the lease back unfinished: its shard is pending again."""
         self._call("Release", pb.ReleaseRequest(job=job, worker=worker, token=token))
 
-    def status(self) -> pb.StatusResponse:
-        return self._call("Status", pb.StatusRequest())
+    def status(self) -> types.DispatcherStatus:
+        """Jobs, workers, throughput and imbalance (`tfscale-dispatcher status`)."""
+        response, trailing = self._call_with_metadata("Status", pb.StatusRequest())
+        return wire.status_from_proto(response, wire.omitted_workers(trailing))
 
     def close(self) -> None:
         self._channel.close()
@@ -194,13 +201,20 @@ class DispatcherClient:
         return self._unavailable_timeout_s
 
     def _call(self, method: str, request: Any) -> Any:
+        """The reply to `method(request)`, retried while the dispatcher is unreachable."""
+        response, _ = self._call_with_metadata(method, request)
+        return response
+
+    def _call_with_metadata(self, method: str, request: Any) -> tuple[Any, Any]:
+        """`_call`'s reply, and the trailing metadata that came with it."""
         start = time.monotonic()
         delay = 0.05
         while True:
             try:
-                return getattr(self._stub, method)(
+                response, call = getattr(self._stub, method).with_call(
                     request, metadata=self._metadata, timeout=_RPC_TIMEOUT_S
                 )
+                return response, call.trailing_metadata()
             except grpc.RpcError as e:
                 code = e.code()
                 if code in _ERRORS:
@@ -217,6 +231,3 @@ class DispatcherClient:
             time.sleep(delay)
             delay = min(delay * 2, _MAX_RETRY_SLEEP_S)
 
-
-def _progress(progress: Optional[dict[int, int]]) -> list[pb.ShardProgress]:
-    return [pb.ShardProgress(token=t, offset=o) for t, o in (progress or {}).items()]

@@ -60,47 +60,40 @@ import time
 from typing import Any, Callable, Optional
 
 from tfscale.data.dispatcher import policies as policies_lib
-from tfscale.data.dispatcher.types import EQUALIZE
 from tfscale.data.dispatcher.types import MAX_JOBS
+from tfscale.data.dispatcher.types import MAX_SHARDS_PER_CALL
 from tfscale.data.dispatcher.types import MAX_WORKERS_PER_JOB
 from tfscale.data.dispatcher.types import AcquireResult
 from tfscale.data.dispatcher.types import AlreadyExists
-from tfscale.data.dispatcher.types import DispatcherError
+from tfscale.data.dispatcher.types import DispatcherStatus
 from tfscale.data.dispatcher.types import EpochProgress
 from tfscale.data.dispatcher.types import FailedPrecondition
 from tfscale.data.dispatcher.types import InputPosition
 from tfscale.data.dispatcher.types import InvalidArgument
 from tfscale.data.dispatcher.types import JobSpec
+from tfscale.data.dispatcher.types import JobStatus
 from tfscale.data.dispatcher.types import Lease
 from tfscale.data.dispatcher.types import NotFound
 from tfscale.data.dispatcher.types import Registration
 from tfscale.data.dispatcher.types import ResourceExhausted
-from tfscale.data.dispatcher.types import ShardSpec
+from tfscale.data.dispatcher.types import WorkerStatus
 from tfscale.data.dispatcher.types import describe
 from tfscale.data.dispatcher.types import validate_name
 from tfscale.data.dispatcher.types import validate_position
 from tfscale.data.dispatcher.types import validate_spec
 
 __all__ = [
-    "EQUALIZE",
-    "AcquireResult",
-    "EpochProgress",
-    "AlreadyExists",
+    "CLAIMS",
+    "DEFAULT_RESTORE_GRACE_S",
+    "HEARTBEATS_PER_LEASE",
+    "MAX_LEASE_DOUBLINGS",
+    "MAX_REVOKED_PER_REPLY",
+    "MAX_STATUS_WORKERS",
+    "MAX_TOKENS_PER_CALL",
     "DispatcherCore",
-    "DispatcherError",
-    "FailedPrecondition",
-    "InputPosition",
-    "InvalidArgument",
-    "JobSpec",
-    "Lease",
-    "NotFound",
-    "Registration",
-    "ResourceExhausted",
-    "ShardSpec",
 ]
 
 Clock = Callable[[], float]
-MAX_SHARDS_PER_CALL = 1024
 CLAIMS = ("none", "commit", "complete")
 MAX_TOKENS_PER_CALL = 10_000
 # Status lists at most this many workers (live ones first) and counts the rest,
@@ -112,6 +105,8 @@ _RETRY_AFTER_S = 0.05
 # A shard's leases live at most this many doublings of `lease_timeout_s`. The
 # cap bounds how long an orphaned grant (its reply lost) of a slow shard waits.
 MAX_LEASE_DOUBLINGS = 6
+# Heartbeats a worker sends per lease timeout: its leases survive a few lost ones.
+HEARTBEATS_PER_LEASE = 4
 # How long a restored lease lives after recovery, at least: enough for the
 # workers' clients to notice the restart and heartbeat again.
 DEFAULT_RESTORE_GRACE_S = 10.0
@@ -281,7 +276,11 @@ class DispatcherCore:
             state.workers[worker].last_seen = self._clock()
             spec = state.spec
             return Registration(
-                spec.lease_timeout_s, spec.num_epochs, spec.num_consumers, spec.equalize
+                lease_timeout_s=spec.lease_timeout_s,
+                num_epochs=spec.num_epochs,
+                num_consumers=spec.num_consumers,
+                equalize=spec.equalize,
+                heartbeat_interval_s=spec.lease_timeout_s / HEARTBEATS_PER_LEASE,
             )
 
     def epoch_progress(self, job: str, epoch: int) -> EpochProgress:
@@ -463,12 +462,12 @@ class DispatcherCore:
 
     # --- reports ------------------------------------------------------------
 
-    def jobs(self) -> list[dict[str, Any]]:
+    def jobs(self) -> list[JobStatus]:
         """Progress of each job."""
         with self._lock:
             return [self._job_status(state) for state in self._jobs.values()]
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> DispatcherStatus:
         """Jobs, workers, throughput and imbalance, for `tfscale-dispatcher status`.
 
         Lists at most MAX_STATUS_WORKERS workers, live ones first; `omitted_workers`
@@ -482,22 +481,27 @@ class DispatcherCore:
                 for record in state.workers.values():
                     held = [a.lease for a in state.leases.values() if a.lease.worker == record.name]
                     workers.append(
-                        {"job": state.spec.name, "worker": record.name, "live": record.name in live,
-                         "leases": len(held), "outstanding": sum(l.size for l in held),
-                         "completed_shards": record.completed_shards,
-                         "completed_size": record.completed_size,
-                         "throughput": record.throughput}
+                        WorkerStatus(
+                            job=state.spec.name,
+                            worker=record.name,
+                            live=record.name in live,
+                            leases=len(held),
+                            outstanding=sum(lease.size for lease in held),
+                            completed_shards=record.completed_shards,
+                            completed_size=record.completed_size,
+                            throughput=record.throughput,
+                        )
                     )
-            done = [w["completed_size"] for w in workers if w["live"]]
+            done = [w.completed_size for w in workers if w.live]
             mean = sum(done) / len(done) if done else 0.0
-            workers.sort(key=lambda w: not w["live"])
-            return {
-                "jobs": self.jobs(),
-                "workers": workers[:MAX_STATUS_WORKERS],
-                "omitted_workers": max(len(workers) - MAX_STATUS_WORKERS, 0),
-                "imbalance": max(done) / mean if mean > 0 else 1.0,
-                "uptime_s": now - self._started,
-            }
+            workers.sort(key=lambda w: not w.live)
+            return DispatcherStatus(
+                jobs=tuple(self.jobs()),
+                workers=tuple(workers[:MAX_STATUS_WORKERS]),
+                omitted_workers=max(len(workers) - MAX_STATUS_WORKERS, 0),
+                imbalance=max(done) / mean if mean > 0 else 1.0,
+                uptime_s=now - self._started,
+            )
 
     # --- internals ------------------------------------------------------------
 
@@ -648,14 +652,20 @@ class DispatcherCore:
         active = state.leases.get(token)
         return active.lease if active is not None else state.completed_at_grant.pop(token)
 
-    def _job_status(self, state: _Job) -> dict[str, Any]:
+    def _job_status(self, state: _Job) -> JobStatus:
         leased = {a.lease.shard_index for a in state.leases.values()}
-        return {
-            "name": state.spec.name, "policy": state.spec.policy, "epoch": state.epoch,
-            "num_epochs": state.spec.num_epochs, "num_shards": len(state.spec.shards),
-            "pending": len(state.pending), "leased": len(leased), "completed": len(state.done),
-            "finished": state.finished, "grants": state.grants,
-        }
+        return JobStatus(
+            name=state.spec.name,
+            policy=state.spec.policy,
+            epoch=state.epoch,
+            num_epochs=state.spec.num_epochs,
+            num_shards=len(state.spec.shards),
+            pending=len(state.pending),
+            leased=len(leased),
+            completed=len(state.done),
+            finished=state.finished,
+            grants=state.grants,
+        )
 
     # --- state changes: applied live and on recovery ---------------------------
 

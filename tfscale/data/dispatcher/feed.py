@@ -3,8 +3,8 @@
 `LeaseFeed` turns a dispatcher job into a stream of `Slot`s, each a run of
 one shard's elements to read (from an offset, up to a count) or a run of
 padding. It touches only names, tokens and counts: whoever reads the slots
-(a tf.data pipeline in `tfscale.data.dispatched`, or `ShardConsumer` below
-for Python elements) reports back with `finished(slot_id, count)` once the
+(a tf.data pipeline in `tfscale.data.dispatched`, or
+`consumer.ShardConsumer` for Python elements) reports back with `finished(slot_id, count)` once the
 consumer has taken the element after a slot's last, and `report_consumed(n)`
 once training has consumed the first `n` elements.
 
@@ -33,25 +33,24 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
-import random
 import threading
 import time
-from typing import Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Iterable
+from typing import Iterator
+from typing import Optional
 
 import grpc
 from absl import logging
 
 from tfscale.data.dispatcher import client as client_lib
-from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import hash_ring
+from tfscale.data.dispatcher import types
 
 __all__ = [
     "LeaseFeed",
-    "ShardConsumer",
     "Slot",
 ]
 
-T = TypeVar("T")
 # Due completions wait at most this long for an acquire to carry them.
 _SETTLE_AFTER_S = 0.5
 # Training that reported no progress for three of its usual report intervals
@@ -149,12 +148,12 @@ class LeaseFeed:
         self._reporting = track_consumed
         self._due_since = 0.0
         self._consumed = 0
-        self._unfinished: dict[int, core.Lease] = {}  # token -> lease not yet completed
+        self._unfinished: dict[int, types.Lease] = {}  # token -> lease not yet completed
         self._equalize = "none"
         self._epoch = 0
         self._sizes: dict[int, int] = collections.defaultdict(int)  # epoch -> my leased size
         self._yielded: dict[int, int] = collections.defaultdict(int)  # epoch -> elements yielded
-        self._held: list[tuple[core.Lease, int]] = []  # drop: (lease, elements already yielded)
+        self._held: list[tuple[types.Lease, int]] = []  # drop: (lease, elements already yielded)
         self._latest: Optional[Slot] = None  # pad: the latest nonempty shard run
         self._stop = threading.Event()
         self.delivered: list[tuple[int, str]] = []
@@ -266,8 +265,8 @@ class LeaseFeed:
             self._due.append(self._awaiting.pop(0)[1])
 
     def position(
-        self, consumed: int, base: core.InputPosition = core.InputPosition()
-    ) -> core.InputPosition:
+        self, consumed: int, base: types.InputPosition = types.InputPosition()
+    ) -> types.InputPosition:
         """The input position after the first `consumed` elements handed on.
 
         Args:
@@ -297,7 +296,7 @@ class LeaseFeed:
                 partial = (slot.shard, slot.offset + take)
         if remaining > 0:
             raise ValueError(f"consumed={consumed} is more than the elements handed on")
-        return core.InputPosition(epoch, tuple(sorted(done)), partial)
+        return types.InputPosition(epoch, tuple(sorted(done)), partial)
 
     def close(self) -> None:
         """Stops heartbeats; settles what is due and gives unfinished leases back."""
@@ -310,7 +309,7 @@ class LeaseFeed:
             return
         try:
             self._acquire(0, release=unfinished)
-        except (grpc.RpcError, core.DispatcherError):
+        except (grpc.RpcError, types.DispatcherError):
             pass  # Nobody to give them to: they expire there, at their progress.
 
     # --- internals -------------------------------------------------------------
@@ -381,7 +380,7 @@ class LeaseFeed:
             self._by_id[slot.id] = _Run(slot, 0)
         return slot
 
-    def _slot(self, lease: core.Lease, offset: int, count: int, token: int) -> Slot:
+    def _slot(self, lease: types.Lease, offset: int, count: int, token: int) -> Slot:
         seed = hash_ring.stable_hash(f"{self._seed}:{lease.epoch}:{lease.shard_name}") & (2**62 - 1)
         slot = Slot(next(_SLOT_IDS), lease.shard_name, lease.epoch, lease.shard_index,
                     offset, count, seed=seed)
@@ -392,7 +391,7 @@ class LeaseFeed:
             self._yielded[lease.epoch] += max(count, 0)
         return slot
 
-    def _slots_of(self, lease: core.Lease) -> Iterator[Slot]:
+    def _slots_of(self, lease: types.Lease) -> Iterator[Slot]:
         if self._equalize == "none":
             with self._lock:
                 self._unfinished[lease.token] = lease
@@ -407,7 +406,7 @@ class LeaseFeed:
         self._held.append((lease, 0))
         yield from self._release_held()
 
-    def _release_held(self, final: Optional[core.EpochProgress] = None) -> Iterator[Slot]:
+    def _release_held(self, final: Optional[types.EpochProgress] = None) -> Iterator[Slot]:
         """drop: yields held elements up to the smallest consumer count."""
         if not self._held:
             return
@@ -470,7 +469,7 @@ class LeaseFeed:
                     return run.slot
         return None
 
-    def _wait_finished(self, epoch: int) -> core.EpochProgress:
+    def _wait_finished(self, epoch: int) -> types.EpochProgress:
         while True:
             progress = self._client.epoch_progress(self._job, epoch)
             if progress.finished:
@@ -490,109 +489,5 @@ class LeaseFeed:
                 else:
                     continue
                 last_beat = time.monotonic()
-            except (grpc.RpcError, core.DispatcherError):
+            except (grpc.RpcError, types.DispatcherError):
                 pass  # The next acquire reports a lasting failure.
-
-
-class ShardConsumer:
-    """A worker's stream of Python elements from leased shards, each shard once.
-
-    For tests, simulations and Python-side consumers; training reads through
-    `tfscale.data.dispatched.DispatchedInput`, whose elements stay in tf.data.
-    Iterating walks a `LeaseFeed`'s slots, streams each shard with
-    `read_fn(name)` (skipping the lease's offset), and reports a slot
-    finished when the consumer asks for the element after its last. Closing
-    the iterator early (or the process dying) gives the unfinished leases
-    back, at the progress reported with `report_consumed`.
-
-    With `shuffle_seed`, each shard's elements are shuffled (the whole shard
-    in memory), the same way every time the shard is read in an epoch, so a
-    shard resumed partway skips exactly the elements consumed before.
-
-    Attributes:
-      delivered, lost, per_epoch: as `LeaseFeed`'s, for the latest iterator.
-    """
-
-    def __init__(
-        self,
-        client: client_lib.DispatcherClient,
-        job: str,
-        worker: str,
-        read_fn: Callable[[str], Iterable[T]],
-        max_shards: int = 2,
-        poll_s: float = 0.02,
-        shuffle_seed: Optional[int] = None,
-    ):
-        self._client = client
-        self._job = job
-        self._worker = worker
-        self._read_fn = read_fn
-        self._max_shards = max_shards
-        self._poll_s = poll_s
-        self._shuffle_seed = shuffle_seed
-        self._feed = self._new_feed()
-        self._yielded = 0
-
-    @property
-    def delivered(self) -> list[tuple[int, str]]:
-        return self._feed.delivered
-
-    @property
-    def lost(self) -> list[tuple[int, str]]:
-        return self._feed.lost
-
-    @property
-    def per_epoch(self) -> dict[int, int]:
-        return self._feed.per_epoch
-
-    def __iter__(self) -> Iterator[T]:
-        self._feed = feed = self._new_feed()
-        self._yielded = 0
-        slots = feed.slots()
-        try:
-            for slot in slots:
-                count = 0
-                for element in self._elements(slot):
-                    self._yielded += 1
-                    yield element
-                    count += 1
-                feed.finished(slot.id, count)
-        finally:
-            slots.close()
-
-    def report_consumed(self, consumed: int, send: bool = False) -> None:
-        """Training consumed the first `consumed` elements of the latest iterator."""
-        self._feed.report_consumed(consumed, send)
-
-    def position(
-        self, consumed: int, base: core.InputPosition = core.InputPosition()
-    ) -> core.InputPosition:
-        """`LeaseFeed.position` of the latest iterator.
-
-        Raises:
-          ValueError: for more elements than were yielded, or with equalize="drop".
-        """
-        if consumed > self._yielded:
-            raise ValueError(
-                f"consumed={consumed} is more than the elements yielded ({self._yielded})"
-            )
-        return self._feed.position(consumed, base)
-
-    def _new_feed(self) -> LeaseFeed:
-        return LeaseFeed(
-            self._client, self._job, self._worker, self._max_shards,
-            seed=self._shuffle_seed or 0, poll_s=self._poll_s,
-        )
-
-    def _elements(self, slot: Slot) -> Iterator[T]:
-        elements: Iterable[T] = self._read_fn(slot.name)
-        if self._shuffle_seed is not None:
-            elements = list(elements)
-            random.Random(f"{self._shuffle_seed}:{slot.epoch}:{slot.name}").shuffle(elements)
-        if slot.repeat:
-            elements = list(elements)
-            elements = itertools.islice(itertools.cycle(elements), slot.count) if elements else ()
-            yield from elements
-            return
-        stop = None if slot.count < 0 else slot.offset + slot.count
-        yield from itertools.islice(elements, slot.offset, stop)

@@ -39,12 +39,13 @@ import grpc  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from tfscale.data.dispatcher import auth  # noqa: E402
 from tfscale.data.dispatcher import client as client_lib  # noqa: E402
-from tfscale.data.dispatcher import core  # noqa: E402
 from tfscale.data.dispatcher import journal as journal_lib  # noqa: E402
 from tfscale.data.dispatcher import policies  # noqa: E402
 from tfscale.data.dispatcher import server as server_lib  # noqa: E402
 from tfscale.data.dispatcher import shards as shards_lib  # noqa: E402
+from tfscale.data.dispatcher import types  # noqa: E402
 
 _PORT = flags.DEFINE_integer(
     "port", 0, "Port to listen on; 0 picks a free one.", lower_bound=0, upper_bound=65535
@@ -61,7 +62,7 @@ _NUM_CONSUMERS = flags.DEFINE_integer(
     "num_consumers", 0, "Synchronous consumers to equalize (with --equalize)."
 )
 _EQUALIZE = flags.DEFINE_enum(
-    "equalize", "none", list(core.EQUALIZE), "Equal element counts per epoch: pad or drop."
+    "equalize", "none", list(types.EQUALIZE), "Equal element counts per epoch: pad or drop."
 )
 _SNAPSHOT_INTERVAL = flags.DEFINE_integer(
     "snapshot_interval",
@@ -139,7 +140,7 @@ def serve() -> None:
     if _SHARDS.value:
         try:
             server.core.create_job(_job_spec())
-        except core.DispatcherError as e:
+        except types.DispatcherError as e:
             raise BadUsage(str(e)) from None
     _start(server, config)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -169,14 +170,14 @@ def status() -> None:
         print(format_status(client.status()))
     except grpc.RpcError as e:
         raise _rpc_failure(e, address) from None
-    except core.DispatcherError as e:
+    except types.DispatcherError as e:
         raise CommandError(f"the dispatcher at {address} refused the request: {e}") from None
     finally:
         client.close()
 
 
-def format_status(status: object) -> str:
-    """A human-readable table of a `StatusResponse`."""
+def format_status(status: types.DispatcherStatus) -> str:
+    """A human-readable table of a dispatcher's status."""
     lines = [f"uptime {status.uptime_s:.1f}s, imbalance {status.imbalance:.3f} (max/mean completed)"]
     for job in status.jobs:
         lines.append(
@@ -192,17 +193,19 @@ def format_status(status: object) -> str:
             f"{w.job:<12}{w.worker:<16}{'yes' if w.live else 'no':<6}{w.leases:>7}"
             f"{w.outstanding:>13}{w.completed_shards:>7}{w.completed_size:>11}{w.throughput:>11.1f}"
         )
+    if status.omitted_workers:
+        lines.append(f"... and {status.omitted_workers} more workers")
     return "\n".join(lines)
 
 
-def _job_spec() -> core.JobSpec:
+def _job_spec() -> types.JobSpec:
     try:
         shards = shards_lib.expand(_SHARDS.value, count_elements=_EQUALIZE.value != "none")
     except ValueError as e:
         raise BadUsage(f"--shards: {e}") from None
     except OSError as e:
         raise CommandError(f"cannot read --shards={_SHARDS.value}: {_os_cause(e)}") from None
-    return core.JobSpec(
+    return types.JobSpec(
         name=_JOB.value,
         shards=tuple(shards),
         policy=_POLICY.value,
@@ -259,7 +262,7 @@ def _rpc_failure(error: grpc.RpcError, address: str) -> CommandError:
 
 def _read_token() -> Optional[str]:
     try:
-        return client_lib.read_token_file(_AUTH_TOKEN_FILE.value)
+        return auth.read_token_file(_AUTH_TOKEN_FILE.value)
     except OSError as e:
         raise CommandError(f"cannot read --auth_token_file: {_os_cause(e)}") from None
     except ValueError as e:

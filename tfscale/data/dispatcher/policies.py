@@ -162,11 +162,6 @@ def _window(view: PolicyView, max_shards: int) -> Sequence[ShardIndex]:
     return view.pending[: max(WINDOW, 8 * max_shards)]
 
 
-def _by_rank(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
-    """`shards` in the epoch's permutation order."""
-    return sorted(shards, key=lambda shard: view.order[shard])
-
-
 def _largest_first(view: PolicyView, shards: Sequence[ShardIndex]) -> list[ShardIndex]:
     """`shards` by size, largest first; ties in permutation order."""
     return sorted(shards, key=lambda shard: (-view.sizes[shard], view.order[shard]))

@@ -27,40 +27,37 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
-import hmac
 import ipaddress
-import os
 import threading
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import NamedTuple
+from typing import Optional
 
 import grpc
 from absl import logging
 
+from tfscale.data.dispatcher import auth
 from tfscale.data.dispatcher import core
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
 from tfscale.data.dispatcher import dispatcher_pb2_grpc as pb_grpc
 from tfscale.data.dispatcher import journal as journal_lib
+from tfscale.data.dispatcher import types
 from tfscale.data.dispatcher import wire
 
 __all__ = [
-    "AUTH_METADATA_KEY",
-    "OMITTED_WORKERS_METADATA_KEY",
     "DispatcherServer",
     "ServerConfig",
-    "read_token_file",
     "server_context",
 ]
 
-AUTH_METADATA_KEY = "authorization"
-# Trailing metadata of a Status reply that left workers out: how many.
-OMITTED_WORKERS_METADATA_KEY = "tfscale-omitted-workers"
-
 _CODES = {
-    core.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    core.NotFound: grpc.StatusCode.NOT_FOUND,
-    core.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    core.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    core.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    types.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    types.NotFound: grpc.StatusCode.NOT_FOUND,
+    types.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    types.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    types.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 # Status details travel in a header, which gRPC clients cap at 8 KiB by default.
 _MAX_DETAILS_BYTES = 1024
@@ -119,7 +116,7 @@ def _status_codes(context: grpc.ServicerContext) -> Iterator[None]:
     """Maps every exception to a gRPC status code (the one place that does)."""
     try:
         yield
-    except core.DispatcherError as e:
+    except types.DispatcherError as e:
         code = next(c for kind, c in _CODES.items() if isinstance(e, kind))
         context.abort(code, _details(e))
     except Exception as e:  # A bug or a failing disk: say so rather than UNKNOWN.
@@ -149,18 +146,13 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
 
     def ListJobs(self, request: pb.ListJobsRequest, context: Any) -> pb.ListJobsResponse:
         with self._serving(context):
-            return pb.ListJobsResponse(jobs=[pb.JobStatus(**j) for j in self._core.jobs()])
+            jobs = [wire.job_status_to_proto(job) for job in self._core.jobs()]
+            return pb.ListJobsResponse(jobs=jobs)
 
     def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: Any) -> pb.RegisterWorkerResponse:
         with self._serving(context):
             joined = self._core.register_worker(request.job, request.worker)
-            return pb.RegisterWorkerResponse(
-                heartbeat_interval_s=joined.lease_timeout_s / 4,
-                lease_timeout_s=joined.lease_timeout_s,
-                num_epochs=joined.num_epochs,
-                num_consumers=joined.num_consumers,
-                equalize=joined.equalize,
-            )
+            return wire.registration_to_proto(joined)
 
     def Rewind(self, request: pb.RewindRequest, context: Any) -> pb.RewindResponse:
         with self._serving(context):
@@ -173,14 +165,12 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
     ) -> pb.EpochProgressResponse:
         with self._serving(context):
             progress = self._core.epoch_progress(request.job, request.epoch)
-            return pb.EpochProgressResponse(
-                finished=progress.finished, floor=progress.floor, ceiling=progress.ceiling
-            )
+            return wire.epoch_progress_to_proto(progress)
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
         with self._serving(context):
             revoked = self._core.heartbeat(
-                request.job, request.worker, {p.token: p.offset for p in request.progress}
+                request.job, request.worker, wire.progress_from_proto(request.progress)
             )
             return pb.HeartbeatResponse(revoked_tokens=revoked)
 
@@ -193,14 +183,9 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
                 claim=wire.claim_from_proto(request.claim),
                 complete=tuple(request.complete),
                 release=tuple(request.release),
-                progress={p.token: p.offset for p in request.progress},
+                progress=wire.progress_from_proto(request.progress),
             )
-            return pb.AcquireResponse(
-                leases=[wire.lease_to_proto(lease) for lease in result.leases],
-                end_of_job=result.end_of_job,
-                retry_after_s=result.retry_after_s,
-                rejected=result.rejected,
-            )
+            return wire.acquire_result_to_proto(result)
 
     def Commit(self, request: pb.CommitRequest, context: Any) -> pb.CommitResponse:
         with self._serving(context):
@@ -220,33 +205,11 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
     def Status(self, request: pb.StatusRequest, context: Any) -> pb.StatusResponse:
         with self._serving(context):
             status = self._core.status()
-            if status["omitted_workers"]:
+            if status.omitted_workers:
                 context.set_trailing_metadata(
-                    ((OMITTED_WORKERS_METADATA_KEY, str(status["omitted_workers"])),)
+                    ((wire.OMITTED_WORKERS_METADATA_KEY, str(status.omitted_workers)),)
                 )
             return wire.status_to_proto(status)
-
-
-class _TokenAuth(grpc.ServerInterceptor):
-    """Rejects every RPC without `authorization: Bearer <token>`."""
-
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
-
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
-
-        self._deny = grpc.unary_unary_rpc_method_handler(deny)
-
-    def intercept_service(self, continuation: Callable, details: Any) -> Any:
-        metadata = dict(details.invocation_metadata or ())
-        presented = metadata.get(AUTH_METADATA_KEY, "")
-        if isinstance(presented, str):
-            presented = presented.encode()
-        # In constant time, so that response times do not reveal the token byte by byte.
-        if not hmac.compare_digest(presented, self._expected):
-            return self._deny
-        return continuation(details)
 
 
 class _Undecodable(NamedTuple):
@@ -289,7 +252,9 @@ class DispatcherServer:
 
     With a `work_dir`, the constructor recovers the journal and locks the
     directory until `stop()`; the lock file names this process and, once
-    started, its address.
+    started, its address. `start()` after `stop()` serves again: with a
+    `work_dir` it locks the directory again and recovers a new `core` from
+    the journal, as a restarted process would; without one the core carries on.
 
     Args:
       config: a `ServerConfig`.
@@ -300,27 +265,24 @@ class DispatcherServer:
       journal_lib.JournalCorruptError: the journal cannot be recovered.
     """
 
-    def __init__(self, config: ServerConfig = ServerConfig(), clock: Callable[[], float] = None):
+    def __init__(
+        self,
+        config: ServerConfig = ServerConfig(),
+        clock: Optional[Callable[[], float]] = None,
+    ):
         self._config = config
-        self._journal = None
-        kwargs = {"restore_grace_s": config.restore_grace_s}
-        if clock:
-            kwargs["clock"] = clock
-        if config.work_dir:
-            self._journal = journal_lib.Journal(
-                config.work_dir, fsync=config.fsync, snapshot_every=config.snapshot_every
-            )
-            try:
-                self.core = core.DispatcherCore(journal=self._journal, **kwargs)
-            except BaseException:
-                self._journal.close()
-                raise
-        else:
-            self.core = core.DispatcherCore(**kwargs)
+        self._clock = clock
+        self._journal: Optional[journal_lib.Journal] = None
+        self._core = self._recover()
         self._server: Optional[grpc.Server] = None
         self._port: Optional[int] = None
         self._stopped = threading.Event()
         self._expirer: Optional[threading.Thread] = None
+
+    @property
+    def core(self) -> core.DispatcherCore:
+        """The dispatcher's state machine (a new one after a restart with a `work_dir`)."""
+        return self._core
 
     @property
     def target(self) -> str:
@@ -338,12 +300,18 @@ class DispatcherServer:
             file cannot be read.
           ValueError: a TLS certificate without a key (or the reverse), an auth
             token twice or an empty token file.
+          journal_lib.WorkDirLockedError: after `stop()`, another dispatcher
+            took the `work_dir` meanwhile.
+          journal_lib.JournalCorruptError: after `stop()`, the journal cannot
+            be recovered.
         """
         if self._server is not None:
             return self
+        if self._config.work_dir and self._journal is None:  # stopped: the journal was closed
+            self._core = self._recover()
         credentials = self._credentials()
         token = self._auth_token()
-        interceptors = [_TokenAuth(token)] if token else []
+        interceptors = [auth.TokenAuth(token)] if token else []
         server = grpc.server(
             concurrent.futures.ThreadPoolExecutor(max_workers=self._config.max_threads),
             interceptors=interceptors + [_DecodeErrors()],
@@ -374,7 +342,10 @@ class DispatcherServer:
         self._server = server
         if self._journal is not None:
             self._journal.mark_holder(f"serving {self.target}")
-        self._expirer = threading.Thread(target=self._expire_loop, name="lease-expiry", daemon=True)
+        self._stopped = threading.Event()
+        self._expirer = threading.Thread(
+            target=self._expire_loop, args=(self._stopped,), name="lease-expiry", daemon=True
+        )
         self._expirer.start()
         return self
 
@@ -389,8 +360,32 @@ class DispatcherServer:
         if self._server is not None:
             self._server.stop(grace_s).wait()
             self._server = None
+        if self._expirer is not None:
+            self._expirer.join()  # it may be expiring leases: let it finish before the close
+            self._expirer = None
         if self._journal is not None:
             self._journal.close()
+            self._journal = None
+
+    def _recover(self) -> core.DispatcherCore:
+        """A new core, recovered from the `work_dir`'s journal (locking it) if there is one."""
+        kwargs: dict[str, Any] = {"restore_grace_s": self._config.restore_grace_s}
+        if self._clock:
+            kwargs["clock"] = self._clock
+        if not self._config.work_dir:
+            return core.DispatcherCore(**kwargs)
+        journal = journal_lib.Journal(
+            self._config.work_dir,
+            fsync=self._config.fsync,
+            snapshot_every=self._config.snapshot_every,
+        )
+        try:
+            recovered = core.DispatcherCore(journal=journal, **kwargs)
+        except BaseException:
+            journal.close()
+            raise
+        self._journal = journal
+        return recovered
 
     def _credentials(self) -> Optional[grpc.ServerCredentials]:
         cert, key = self._config.tls_cert_file, self._config.tls_key_file
@@ -411,26 +406,11 @@ class DispatcherServer:
                 "Pass the auth token or a file holding it, not both. Received: auth_token=<set>, "
                 f"auth_token_file={path!r}"
             )
-        return read_token_file(path) if path else token
+        return auth.read_token_file(path) if path else token
 
-    def _expire_loop(self) -> None:
-        while not self._stopped.wait(self._config.expire_interval_s):
-            self.core.expire_all()
-
-
-def read_token_file(path: str) -> str:
-    """The token in `path`, with a warning if its group or others can read it."""
-    with open(path) as f:
-        mode = os.fstat(f.fileno()).st_mode & 0o777
-        token = f.read().strip()
-    if mode & 0o044:
-        logging.warning(
-            "The auth token file %s is readable by its group or others (mode %03o); "
-            "run `chmod 600 %s`.", path, mode, path
-        )
-    if not token:
-        raise ValueError(f"The auth token file {path} is empty")
-    return token
+    def _expire_loop(self, stopped: threading.Event) -> None:
+        while not stopped.wait(self._config.expire_interval_s):
+            self._core.expire_all()
 
 
 def _is_loopback(host: str) -> bool:

@@ -1,6 +1,9 @@
-"""The dispatcher's vocabulary: jobs, shards, leases, positions, errors.
+"""The dispatcher's vocabulary: jobs, shards, leases, positions, reports, errors, limits.
 
-Plain frozen dataclasses shared by the core, the gRPC layer and clients.
+Plain frozen dataclasses shared by the core, the gRPC layer and clients. This
+module imports nothing else of the dispatcher: every other module of it may
+import this one, and its limits have one owner (training configs check
+against them too).
 
 Example:
 
@@ -14,25 +17,28 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
-
-from tfscale.data.dispatcher import policies as policies_lib
+from typing import Any
+from typing import Optional
 
 __all__ = [
     "EQUALIZE",
+    "POLICY_NAMES",
     "AcquireResult",
     "AlreadyExists",
     "DispatcherError",
+    "DispatcherStatus",
     "EpochProgress",
     "FailedPrecondition",
     "InputPosition",
     "InvalidArgument",
     "JobSpec",
+    "JobStatus",
     "Lease",
     "MAX_EPOCHS",
     "MAX_JOBS",
     "MAX_LEASE_TIMEOUT_S",
     "MAX_NAME_BYTES",
+    "MAX_SHARDS_PER_CALL",
     "MAX_SHARDS_PER_JOB",
     "MAX_SHARD_SIZE",
     "MAX_WORKERS_PER_JOB",
@@ -40,6 +46,7 @@ __all__ = [
     "Registration",
     "ResourceExhausted",
     "ShardSpec",
+    "WorkerStatus",
     "describe",
     "validate_name",
     "validate_position",
@@ -47,6 +54,8 @@ __all__ = [
 ]
 
 EQUALIZE = ("none", "pad", "drop")
+# The shard policies (`policies.make_policy` builds them).
+POLICY_NAMES = ("adaptive", "consistent_hash", "least_loaded", "round_robin")
 
 # Limits that keep every count the dispatcher sums inside int64 and every reply
 # inside gRPC's default 4 MiB: names and lists bound what one request may add,
@@ -59,6 +68,8 @@ MAX_TOTAL_SIZE = 2**62  # sum of the shard sizes times num_epochs
 MAX_LEASE_TIMEOUT_S = 86_400.0
 MAX_JOBS = 1024
 MAX_WORKERS_PER_JOB = 4096
+# Shards one acquire may lease.
+MAX_SHARDS_PER_CALL = 1024
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -124,7 +135,7 @@ class JobSpec:
     Attributes:
       name: job name.
       shards: the shards, visited once per epoch.
-      policy: a name of `policies_lib.POLICIES`.
+      policy: one of `POLICY_NAMES`.
       num_epochs: how many passes over the shards.
       seed: seeds each epoch's shard permutation.
       lease_timeout_s: a lease not renewed for this long expires.
@@ -194,12 +205,21 @@ class InputPosition:
 
 @dataclasses.dataclass(frozen=True)
 class Registration:
-    """What a worker learns when it joins a job."""
+    """What a worker learns when it joins a job.
+
+    Attributes:
+      lease_timeout_s: a lease not renewed for this long expires.
+      num_epochs: the job's epochs.
+      num_consumers: synchronous consumers to equalize (0: none).
+      equalize: `"none"`, `"pad"` or `"drop"`.
+      heartbeat_interval_s: heartbeat at least this often to keep the leases.
+    """
 
     lease_timeout_s: float
     num_epochs: int
     num_consumers: int
     equalize: str
+    heartbeat_interval_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +246,86 @@ class AcquireResult:
     retry_after_s: float = 0.0
     # Tokens to complete or release that were no longer active.
     rejected: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class JobStatus:
+    """Progress of one job.
+
+    Attributes:
+      name: the job's name.
+      policy: its shard policy.
+      epoch: the current epoch, 0-based; `num_epochs` once finished.
+      num_epochs: the job's epochs.
+      num_shards: shards per epoch.
+      pending: shards of the current epoch neither leased nor completed.
+      leased: shards of the current epoch under lease.
+      completed: shards completed in the current epoch.
+      finished: every epoch is done.
+      grants: shard leases granted since the job was created.
+    """
+
+    name: str
+    policy: str
+    epoch: int
+    num_epochs: int
+    num_shards: int
+    pending: int
+    leased: int
+    completed: int
+    finished: bool
+    grants: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStatus:
+    """One worker of one job.
+
+    Attributes:
+      job: the job's name.
+      worker: the worker's name.
+      live: it was heard from within the job's lease timeout.
+      leases: leases it holds.
+      outstanding: total size of the shards it holds leases on.
+      completed_shards: shards it completed, over all epochs.
+      completed_size: their total size.
+      throughput: size units per second over its timed completions (0.0: unknown).
+    """
+
+    job: str
+    worker: str
+    live: bool
+    leases: int
+    outstanding: int
+    completed_shards: int
+    completed_size: int
+    throughput: float
+
+
+@dataclasses.dataclass(frozen=True)
+class DispatcherStatus:
+    """A dispatcher's jobs and workers, for `tfscale-dispatcher status`.
+
+    Attributes:
+      jobs: every job.
+      workers: workers of every job, live ones first, at most a bounded number.
+      omitted_workers: workers left out of `workers`.
+      imbalance: max over mean of the size completed per live worker (1.0: balanced).
+      uptime_s: seconds since the dispatcher started.
+
+    Example:
+
+    ```python
+    status = client.status()
+    [job.name for job in status.jobs if not job.finished]  # ['train']
+    ```
+    """
+
+    jobs: tuple[JobStatus, ...] = ()
+    workers: tuple[WorkerStatus, ...] = ()
+    omitted_workers: int = 0
+    imbalance: float = 1.0
+    uptime_s: float = 0.0
 
 
 def validate_position(spec: JobSpec, position: InputPosition) -> None:
@@ -304,8 +404,7 @@ def validate_spec(spec: JobSpec) -> None:
             "equalize needs num_consumers >= 1 and num_consumers needs equalize. Received: "
             f"num_consumers={spec.num_consumers}, equalize={spec.equalize!r}"
         )
-    if spec.policy not in policies_lib.POLICIES:
+    if spec.policy not in POLICY_NAMES:
         raise InvalidArgument(
-            f"Unknown policy {describe(spec.policy)}. Valid policies: "
-            f"{', '.join(sorted(policies_lib.POLICIES))}"
+            f"Unknown policy {describe(spec.policy)}. Valid policies: {', '.join(POLICY_NAMES)}"
         )
