@@ -1,6 +1,8 @@
 """`tfscale-launch`: a torchrun-style launcher for multi-worker TensorFlow runs.
 
-Usage:
+Usage: tfscale-launch [flags] -- COMMAND [ARGS ...]
+
+Examples:
 
 ```
 tfscale-launch --nproc_per_node=2 [--max_restarts=3] [--log_ranks=0|all|0,1] \\
@@ -32,6 +34,7 @@ from typing import Sequence
 from absl import app
 from absl import flags
 
+from tfscale import cli
 from tfscale.launch import local
 from tfscale.launch import manifests
 
@@ -72,6 +75,8 @@ _MEMORY = flags.DEFINE_string(
     "memory", None, "Memory request and limit of each worker pod, e.g. 32Gi."
 )
 _GPUS = flags.DEFINE_integer("gpus", 0, "GPUs (nvidia.com/gpu) of each worker pod or Slurm task.")
+# What --help shows: this module's flags, and absl.logging's --log_dir, which the launcher uses.
+_FLAGS = tuple(f.name for f in flags.FLAGS.get_flags_for_module(__name__)) + ("log_dir",)
 
 
 def main(argv: Sequence[str]) -> None:
@@ -128,7 +133,7 @@ def _manifest(command: list[str]) -> str:
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main)
+    cli.run(main, cli.Usage(__doc__, flags=_FLAGS))
 
 
 if __name__ == "__main__":

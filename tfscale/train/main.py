@@ -1,6 +1,8 @@
 """`tfscale-train`: train a Keras model from a config file.
 
-Usage:
+Usage: tfscale-train --config=FILE[:variant] --workdir=DIR [--config.a.b=value ...]
+
+Examples:
 
 ```
 tfscale-train --config=configs/default.py --workdir=/tmp/tfscale/default
@@ -8,7 +10,13 @@ tfscale-train --config=configs/default.py:smoke --workdir=/tmp/smoke \\
     --config.distribution.kind=one_device --config.training.epochs=1
 ```
 
-`main` only parses flags; the work is `tfscale.train.lib.run(config, workdir)`.
+`--config` names a Python file whose `get_config(variant)` returns the
+experiment's ConfigDict (`tfscale/train/config.py` lists every field with its
+default). `--config.a.b=value` overrides one field, e.g.
+`--config.training.epochs=5`, `--config.distribution.kind=mirrored` or
+`--config.optimizer.learning_rate=0.001`; an unknown field or a bad value
+fails with one line naming it (exit status 2). Checkpoints, logs and
+metrics.json go to `--workdir`; the same command run again resumes there.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from absl import flags  # noqa: E402
 from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from tfscale import cli  # noqa: E402
 from tfscale.train import config as config_lib  # noqa: E402
 from tfscale.train import lib  # noqa: E402
 
@@ -133,7 +142,7 @@ def _fail(message: str) -> NoReturn:
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, cli.Usage(__doc__, flags=("config", "workdir")), flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

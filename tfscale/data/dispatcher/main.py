@@ -1,6 +1,8 @@
 """`tfscale-dispatcher`: serve shards, or show a dispatcher's status.
 
-Usage:
+Usage: tfscale-dispatcher serve|status [flags]
+
+Examples:
 
 ```
 tfscale-dispatcher serve --port=0 --work_dir=/tmp/dispatcher --policy=adaptive \\
@@ -20,6 +22,7 @@ A command that fails prints one line, `tfscale-dispatcher: CAUSE`, and exits
 with 2 for a bad command line (an unknown command or flag, a bad flag value,
 a bad `--shards` spec or job) or 1 for anything else (an unreachable or
 refusing dispatcher, an unreadable file, an address that cannot be bound).
+`tfscale-dispatcher COMMAND --help` shows the flags of one command.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import grpc  # noqa: E402
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
+from tfscale import cli  # noqa: E402
 from tfscale.data.dispatcher import auth  # noqa: E402
 from tfscale.data.dispatcher import client as client_lib  # noqa: E402
 from tfscale.data.dispatcher import journal as journal_lib  # noqa: E402
@@ -80,6 +84,54 @@ _TLS_CERT_FILE = flags.DEFINE_string("tls_cert_file", None, "PEM certificate cha
 _TLS_KEY_FILE = flags.DEFINE_string("tls_key_file", None, "PEM private key (serve).")
 _TLS_ROOT_CERT_FILE = flags.DEFINE_string("tls_root_cert_file", None, "PEM root cert (status).")
 _ADDRESS = flags.DEFINE_string("address", None, "Dispatcher address, HOST:PORT (status).")
+
+_SERVE_USAGE = cli.Usage(
+    """`tfscale-dispatcher serve`: serve shards to workers until SIGTERM or SIGINT.
+
+Usage: tfscale-dispatcher serve [--port=0] [--work_dir=DIR] [--shards=SPEC] [flags]
+
+Example:
+
+tfscale-dispatcher serve --port=0 --work_dir=/tmp/dispatcher --policy=adaptive \\
+    --shards='/data/train-*.tfrecord' --job=train --num_epochs=3
+
+Prints `tfscale-dispatcher listening on HOST:PORT` once it accepts
+connections. `--shards` (a file glob, `range:N:K` or `tfds:NAME:SPLIT:N`)
+creates the job `--job`; a job given again after a restart (same
+`--work_dir`) continues where it stopped.
+""",
+    flags=(
+        "port",
+        "host",
+        "work_dir",
+        "policy",
+        "shards",
+        "job",
+        "num_epochs",
+        "seed",
+        "lease_timeout_s",
+        "num_consumers",
+        "equalize",
+        "snapshot_interval",
+        "restore_grace_s",
+        "auth_token_file",
+        "tls_cert_file",
+        "tls_key_file",
+    ),
+)
+_STATUS_USAGE = cli.Usage(
+    """`tfscale-dispatcher status`: show the jobs and workers of a running dispatcher.
+
+Usage: tfscale-dispatcher status --address=HOST:PORT [flags]
+
+Example:
+
+tfscale-dispatcher status --address=127.0.0.1:40123 --auth_token_file=TOKEN
+
+An unreachable address is retried for 5 s before the command fails.
+""",
+    flags=("address", "auth_token_file", "tls_root_cert_file"),
+)
 
 _PROG = "tfscale-dispatcher"
 _COMMANDS = ("serve", "status")
@@ -307,7 +359,8 @@ def _exit(message: str, code: int) -> NoReturn:
 
 def run_main() -> None:
     """Console-script entry point."""
-    app.run(main, flags_parser=_parse_flags)
+    commands = {"serve": _SERVE_USAGE, "status": _STATUS_USAGE}
+    cli.run(main, cli.Usage(__doc__), commands=commands, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
