@@ -5,7 +5,6 @@ Two real worker processes with TF_CONFIG on loopback ports.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -22,21 +21,16 @@ import tensorflow as tf  # noqa: E402
 import tfscale  # noqa: E402
 from tests import multi_worker_script as script  # noqa: E402
 from tfscale.data import synthetic  # noqa: E402
+from tfscale.strategies import cluster  # noqa: E402
 from tfscale.train import models  # noqa: E402
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start_workers(command_for):
     """Starts 2 processes with TF_CONFIG on free loopback ports; returns their results."""
-    workers = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    workers = [f"127.0.0.1:{testutil.free_port()}" for _ in range(2)]
     processes = []
     for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        tf_config = cluster.Cluster(tuple(workers), index).tf_config()
         env = dict(
             os.environ, TF_CONFIG=json.dumps(tf_config), PYTHONPATH=testutil.REPO_ROOT,
             TF_CPP_MIN_LOG_LEVEL="3",

@@ -272,10 +272,16 @@ class ErrorsTest(absltest.TestCase):
 
     def test_batch_axis_must_be_a_mesh_axis(self):
         with self.assertRaisesRegex(
-            ValueError, r"batch_axis must be an axis of mesh batch=2,model=2 \(batch, model\)\. "
+            ValueError, r"batch_axis must be an axis of the mesh \(batch, model\)\. "
             r"Received: batch_axis='bacth'"
         ):
             tfscale.distribution("dtensor", mesh="batch=2,model=2", batch_axis="bacth")
+
+    def test_strategy_refuses_a_misspelled_batch_axis(self):
+        mesh = tfscale.sharding.build_mesh("batch=2,model=2")
+        with self.assertRaisesRegex(ValueError, r"Received: batch_axis='bacth'"):
+            tfscale.sharding.DTensorStrategy(mesh, tfscale.LayoutMap(), batch_axis="bacth")
+        self.assertEqual(tfscale.sharding.DTensorStrategy(mesh, tfscale.LayoutMap()).batch_axis, "batch")
 
     def test_batch_axis_defaults_to_batch_when_the_mesh_has_it(self):
         self.assertEqual(tfscale.distribution("dtensor", mesh="batch=2,model=2").num_replicas_in_sync, 2)

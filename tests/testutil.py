@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 
 import tfscale
+from tfscale.strategies import cluster
 
 NUM_CPUS = 4
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(tfscale.__file__)))
@@ -27,11 +27,7 @@ def setup_devices() -> None:
     tfscale.local_devices()
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = cluster.free_port
 
 
 def cache_dir() -> str:

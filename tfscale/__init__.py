@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 # name -> module that defines it
 _EXPORTS = {
     "DevicesAlreadyInitializedError": "tfscale.devices",
-    "Distribution": "tfscale.distributions",
+    "Distribution": "tfscale.distribution_base",
     "LayoutMap": "tfscale.sharding.layout_map",
     "configure_devices": "tfscale.devices",
     "distribution": "tfscale.distributions",

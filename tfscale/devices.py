@@ -24,6 +24,7 @@ import tensorflow as tf
 
 __all__ = [
     "DevicesAlreadyInitializedError",
+    "accelerator_type",
     "configure_devices",
     "local_devices",
 ]
@@ -91,6 +92,15 @@ def configure_devices(
             raise DevicesAlreadyInitializedError(
                 _late_message(virtual_cpus, virtual_gpus_per_gpu, gpu_memory_limit_mb)
             ) from None
+
+
+def accelerator_type() -> str:
+    """`"GPU"` when this process can use a GPU, else `"CPU"`.
+
+    Reads the visible physical devices, so it does not initialize
+    TensorFlow's devices (DTensor's multi-client set-up must come first).
+    """
+    return "GPU" if tf.config.get_visible_devices("GPU") else "CPU"
 
 
 def local_devices(device_type: Optional[str] = None) -> list[str]:

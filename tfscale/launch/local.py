@@ -38,6 +38,8 @@ import threading
 import time
 from typing import Optional, Sequence, TextIO
 
+from tfscale.strategies import cluster as cluster_lib
+
 __all__ = [
     "TAIL_LINES",
     "LaunchConfig",
@@ -131,7 +133,7 @@ def worker_addresses(config: LaunchConfig, node_hosts: Sequence[str] = ()) -> li
       node_hosts: every node's host (default: `config.node_hosts`).
     """
     if config.nnodes == 1:
-        return [f"127.0.0.1:{_free_port()}" for _ in range(config.nproc_per_node)]
+        return [f"127.0.0.1:{cluster_lib.free_port()}" for _ in range(config.nproc_per_node)]
     hosts = list(node_hosts or config.node_hosts)
     return [
         f"{host}:{config.master_port + 1 + node * config.nproc_per_node + local}"
@@ -251,7 +253,7 @@ def _start(
     group = []
     for local in range(config.nproc_per_node):
         rank = config.node_rank * config.nproc_per_node + local
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": rank}}
+        tf_config = cluster_lib.Cluster(tuple(workers), rank).tf_config()
         env = dict(
             os.environ,
             TF_CONFIG=json.dumps(tf_config),
@@ -482,7 +484,3 @@ def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -24,10 +24,9 @@ from typing import Optional
 
 import tensorflow as tf
 from absl import logging
-from tensorflow.dtensor.python import accelerator_util
 from tensorflow.experimental import dtensor
-from tensorflow.python.eager import context
 
+from tfscale import compat
 from tfscale import devices as devices_lib
 from tfscale.strategies import cluster as cluster_lib
 
@@ -43,7 +42,7 @@ EXIT_BARRIER_TIMEOUT_S = 120
 
 def is_multi_client() -> bool:
     """Whether this process is one client of several in an initialized DTensor system."""
-    return accelerator_util.is_initialized() and dtensor.num_clients() > 1
+    return compat.dtensor_initialized() and dtensor.num_clients() > 1
 
 
 def initialize(cluster: Optional[cluster_lib.Cluster], device_type: Optional[str] = None) -> bool:
@@ -66,10 +65,10 @@ def initialize(cluster: Optional[cluster_lib.Cluster], device_type: Optional[str
     """
     if cluster is None or cluster.num_workers == 1:
         return False
-    if accelerator_util.is_initialized():
+    if compat.dtensor_initialized():
         return dtensor.num_clients() > 1
     if device_type is None:
-        device_type = "GPU" if tf.config.list_physical_devices("GPU") else "CPU"
+        device_type = devices_lib.accelerator_type()
     os.environ["DTENSOR_JOBS"] = ",".join(cluster.workers)
     os.environ["DTENSOR_CLIENT_ID"] = str(cluster.task_index)
     os.environ["DTENSOR_JOB_NAME"] = _JOB_NAME
@@ -95,6 +94,6 @@ def _exit_barrier() -> None:
     makes the barrier time out, and the process exits anyway.
     """
     try:
-        context.context().wait_at_barrier("tfscale_exit", EXIT_BARRIER_TIMEOUT_S * 1000)
+        compat.wait_at_barrier("tfscale_exit", EXIT_BARRIER_TIMEOUT_S * 1000)
     except Exception as e:  # pylint: disable=broad-except
         logging.warning("Not every DTensor client reached the exit barrier: %s", e)

@@ -21,8 +21,9 @@ import keras
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
-from tfscale.distributions import DatasetOrFn
-from tfscale.distributions import Distribution
+from tfscale.distribution_base import DatasetOrFn
+from tfscale.distribution_base import Distribution
+from tfscale.distribution_base import ShardPolicy
 from tfscale.sharding import clients
 from tfscale.sharding import layout_map as layout_map_lib
 from tfscale.sharding import memory
@@ -35,9 +36,6 @@ __all__ = [
     "dtensor_distribution",
 ]
 
-_ShardPolicy = tf.data.experimental.AutoShardPolicy
-
-
 class DTensorDistribution(Distribution):
     """A `Distribution` whose variables are split over a DTensor mesh.
 
@@ -46,8 +44,13 @@ class DTensorDistribution(Distribution):
     """
 
     def __init__(self, strategy: strategy_lib.DTensorStrategy, spec: mesh_lib.MeshSpec, options: dict[str, Any]):
-        super().__init__("dtensor", strategy, options)
+        super().__init__("dtensor", options)
+        self._strategy = strategy
         self._spec = spec
+
+    @property
+    def strategy(self) -> strategy_lib.DTensorStrategy:
+        return self._strategy
 
     @property
     def mesh(self) -> dtensor.Mesh:
@@ -78,12 +81,22 @@ class DTensorDistribution(Distribution):
     def is_chief(self) -> bool:
         return not clients.is_multi_client() or dtensor.client_id() == 0
 
+    def per_worker_batch_size(self, global_batch_size: int) -> int:
+        """The examples each client reads per step.
+
+        Clients whose devices hold the same batch-axis positions read the
+        same examples, so a client reads its group's share.
+        """
+        self.per_replica_batch_size(global_batch_size)
+        groups = strategy_lib.InputSplit.of(self.mesh, self.strategy.batch_axis).num_groups
+        return self._share(global_batch_size, groups, "client group(s)")
+
     def distribute_dataset(
         self,
         dataset_or_fn: DatasetOrFn,
         global_batch_size: int,
         *,
-        shard_policy: _ShardPolicy = _ShardPolicy.AUTO,
+        shard_policy: ShardPolicy = ShardPolicy.AUTO,
     ) -> strategy_lib.DTensorBatches:
         """Batches an unbatched dataset into DTensors split on the batch axis.
 
@@ -99,7 +112,7 @@ class DTensorDistribution(Distribution):
             same data (the mesh splits a replica over several clients).
           TypeError: for anything but a `tf.data.Dataset`.
         """
-        self.per_replica_batch_size(global_batch_size)
+        self.per_worker_batch_size(global_batch_size)
         if not isinstance(dataset_or_fn, tf.data.Dataset):
             raise TypeError(
                 "A dtensor distribution takes an unbatched tf.data.Dataset. "
@@ -107,7 +120,7 @@ class DTensorDistribution(Distribution):
             )
         dataset = dataset_or_fn
         split = strategy_lib.InputSplit.of(self.mesh, self.strategy.batch_axis)
-        if shard_policy == _ShardPolicy.OFF:
+        if shard_policy == ShardPolicy.OFF:
             if split.num_groups != self.num_workers:
                 raise ValueError(
                     f"Mesh {self._spec} puts the same batch-axis positions on several of its "
@@ -158,13 +171,7 @@ def dtensor_distribution(
             f"The layout map splits over mesh axes {missing} that mesh {spec} does not have. "
             f"Mesh axes: {', '.join(spec.names)}"
         )
-    if batch_axis is None:
-        batch_axis = mesh_lib.BATCH_AXIS if mesh_lib.BATCH_AXIS in spec.names else None
-    elif not isinstance(batch_axis, str) or batch_axis not in spec.names:
-        raise ValueError(
-            f"batch_axis must be an axis of mesh {spec} ({', '.join(spec.names)}). "
-            f"Received: batch_axis={batch_axis!r}"
-        )
+    batch_axis = mesh_lib.batch_axis_of(spec.names, batch_axis)
     multi_client = clients.initialize(cluster_lib.from_option(cluster, task_index))
     built = mesh_lib.build_mesh(spec, multi_client=multi_client)
     options = {"mesh": str(spec), "layout_map": layout_map}

@@ -24,15 +24,49 @@ from typing import Optional, Sequence
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from tfscale import devices as devices_lib
+
 __all__ = [
     "BATCH_AXIS",
     "MeshSpec",
+    "batch_axis_of",
     "build_mesh",
 ]
 
 BATCH_AXIS = "batch"
 
 _AXIS_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+
+
+def batch_axis_of(axis_names: Sequence[str], batch_axis: Optional[str] = None) -> Optional[str]:
+    """The mesh axis input batches are split over.
+
+    Args:
+      axis_names: the mesh's axis names.
+      batch_axis: an axis name, or None for the default: `"batch"` when the
+        mesh has that axis, else none (every device sees the whole batch).
+
+    Raises:
+      ValueError: for a name the mesh lacks (a misspelling must not mean
+        "no batch splitting").
+
+    Example:
+
+    ```python
+    batch_axis_of(["batch", "model"])           # "batch"
+    batch_axis_of(["model"])                    # None
+    batch_axis_of(["data", "model"], "data")    # "data"
+    ```
+    """
+    names = tuple(axis_names)
+    if batch_axis is None:
+        return BATCH_AXIS if BATCH_AXIS in names else None
+    if not isinstance(batch_axis, str) or batch_axis not in names:
+        raise ValueError(
+            f"batch_axis must be an axis of the mesh ({', '.join(names)}). "
+            f"Received: batch_axis={batch_axis!r}"
+        )
+    return batch_axis
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,19 +171,15 @@ def build_mesh(
     """
     spec = MeshSpec.parse(spec)
     if multi_client:
-        device_type = _device_type()
+        device_type = devices_lib.accelerator_type()
         found = dtensor.num_global_devices(device_type)
         _check_count(spec, found, f"{device_type} device(s) over {dtensor.num_clients()} clients")
         return dtensor.create_distributed_mesh(list(spec.axes), device_type=device_type)
     if devices is None:
-        device_type = _device_type()
+        device_type = devices_lib.accelerator_type()
         devices = [d.name for d in tf.config.list_logical_devices(device_type)]
     _check_count(spec, len(devices), "")
     return dtensor.create_mesh(list(spec.axes), devices=list(devices))
-
-
-def _device_type() -> str:
-    return "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
 
 
 def _check_count(spec: MeshSpec, found: int, what: str) -> None:

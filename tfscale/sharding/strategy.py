@@ -40,11 +40,9 @@ import threading
 from typing import Any, Callable, Iterator, Optional
 
 import tensorflow as tf
-from keras.src.backend.common import name_scope as keras_name_scope
 from tensorflow.experimental import dtensor
-from tensorflow.python.distribute import distribute_lib
-from tensorflow.python.distribute import input_lib
 
+from tfscale import compat
 from tfscale.sharding import layout_map as layout_map_lib
 from tfscale.sharding import mesh as mesh_lib
 from tfscale.sharding import variables
@@ -94,7 +92,7 @@ def layout_for(
     return dtensor.Layout([a or dtensor.UNSHARDED for a in axes], mesh)
 
 
-class _DTensorExtended(distribute_lib._DefaultDistributionExtended):  # pylint: disable=protected-access
+class _DTensorExtended(compat.default_extended_class()):
     """The strategy's implementation: variable creation, steps and input."""
 
     def __init__(
@@ -111,10 +109,10 @@ class _DTensorExtended(distribute_lib._DefaultDistributionExtended):  # pylint: 
         # The layout optimizer state copies, set by `colocate_vars_with`.
         self._reference = threading.local()
 
-    def _scope(self, strategy: distribute_lib.Strategy) -> Any:
+    def _scope(self, strategy: tf.distribute.Strategy) -> Any:
         # The default strategy's scope only checks; this one installs the
         # variable creator below.
-        return distribute_lib.StrategyExtendedV2._scope(self, strategy)
+        return compat.strategy_extended_scope(self, strategy)
 
     def variable_created_in_scope(self, v: tf.Variable) -> bool:
         return isinstance(v, dtensor.DVariable) and v.layout.mesh == self.mesh
@@ -141,7 +139,7 @@ class _DTensorExtended(distribute_lib._DefaultDistributionExtended):  # pylint: 
             shape = tuple(int(d) for d in value.shape)
             layout = getattr(self._reference, "layout", None)
             if layout is None or layout.rank != len(shape):
-                parent = keras_name_scope.current_path()
+                parent = compat.keras_name_scope_path()
                 path = f"{parent}/{name}" if parent else str(name)
                 layout = layout_for(path, shape, self.layout_map, self.mesh)
             return variables.ShardedVariable(
@@ -171,24 +169,24 @@ class _DTensorExtended(distribute_lib._DefaultDistributionExtended):  # pylint: 
         )
 
 
-class DTensorStrategy(distribute_lib.Strategy):
+class DTensorStrategy(tf.distribute.Strategy):
     """Runs Keras models with variables laid out on a DTensor mesh.
 
     Args:
       mesh: the `dtensor.Mesh` (see `tfscale.sharding.build_mesh`).
       layout_map: how variables are split; unmatched ones are replicated.
-      batch_axis: the mesh axis input batches are split over; `None` when the
-        mesh has no such axis (every device then sees the whole batch).
+      batch_axis: the mesh axis input batches are split over; default
+        `"batch"` when the mesh has it, else none (every device then sees the
+        whole batch). A name the mesh lacks is an error.
     """
 
     def __init__(
         self,
         mesh: dtensor.Mesh,
         layout_map: layout_map_lib.LayoutMap,
-        batch_axis: Optional[str] = mesh_lib.BATCH_AXIS,
+        batch_axis: Optional[str] = None,
     ):
-        if batch_axis is not None and batch_axis not in mesh.dim_names:
-            batch_axis = None
+        batch_axis = mesh_lib.batch_axis_of(mesh.dim_names, batch_axis)
         super().__init__(_DTensorExtended(self, mesh, layout_map, batch_axis))
 
     @property
@@ -210,7 +208,7 @@ class DTensorStrategy(distribute_lib.Strategy):
         return dtensor.Layout.batch_sharded(self.mesh, self.batch_axis, rank)
 
 
-class _IterableDTensorDataset(input_lib.DistributedDataset):
+class _IterableDTensorDataset(compat.DistributedDatasetBase):
     """Base of the datasets handed to Keras: iterating gives DTensor batches.
 
     Keras accepts `tf.distribute.DistributedDataset`s as they are; the
@@ -220,7 +218,7 @@ class _IterableDTensorDataset(input_lib.DistributedDataset):
     """
 
     def __init__(self, element_spec: Any, cardinality: int):
-        # input_lib.DistributedDataset's own state is not used.
+        # The upstream base's own state is not used (see compat.DistributedDatasetBase).
         self._tfscale_element_spec = element_spec
         self._tfscale_cardinality = cardinality
 
@@ -349,7 +347,7 @@ class DTensorBatches(_IterableDTensorDataset):
             return tf.nest.map_structure(lambda t: tuple(tf.split(t, parts)), batch)
 
         # No autotuning thread: deleting an iterator can wait out its sleep
-        # (see tfscale.distributions._no_device_pipeline_autotune).
+        # (see compat.disable_device_pipeline_autotune).
         options = tf.data.Options()
         options.autotune.enabled = False
         self._sliced = (

@@ -26,6 +26,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.experimental import dtensor
 
+from tfscale import compat
+
 __all__ = [
     "ShardedVariable",
     "gather",
@@ -67,7 +69,7 @@ def gather(value: Any, mesh: Optional[dtensor.Mesh] = None) -> tf.Tensor:
     return dtensor.relayout(value, dtensor.Layout.replicated(layout.mesh, layout.rank))
 
 
-class ShardedVariable(dtensor.DVariable):
+class ShardedVariable(compat.ReadOverride, dtensor.DVariable):
     """A DVariable that reads as a full array on the host and assigns from one.
 
     Args:
@@ -88,7 +90,8 @@ class ShardedVariable(dtensor.DVariable):
     # value as a tensor, and later reads in the same graph use that tensor:
     # a data dependency, which no expansion can reorder.
 
-    def _graph_value(self) -> Optional[tf.Tensor]:
+    def read_override(self) -> Optional[tf.Tensor]:
+        """The value this variable was last given in the graph being traced, if any."""
         if tf.executing_eagerly():
             return None
         ref = self._written.get(tf.compat.v1.get_default_graph())
@@ -102,21 +105,15 @@ class ShardedVariable(dtensor.DVariable):
         self._written[tf.compat.v1.get_default_graph()] = weakref.ref(value)
         return value if read_value else written
 
-    def _read_variable_op(self, no_copy: bool = False) -> tf.Tensor:
-        value = self._graph_value()
-        if value is None:
-            return super()._read_variable_op(no_copy=no_copy)
-        return tf.identity(value)
-
     def assign_add(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
         if tf.executing_eagerly():
             return super().assign_add(delta, use_locking, name, read_value)
-        return self._write(self._read_variable_op() + delta, read_value, name)
+        return self._write(self.value() + delta, read_value, name)
 
     def assign_sub(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
         if tf.executing_eagerly():
             return super().assign_sub(delta, use_locking, name, read_value)
-        return self._write(self._read_variable_op() - delta, read_value, name)
+        return self._write(self.value() - delta, read_value, name)
 
     def numpy(self) -> np.ndarray:
         # A replicated DTensor's first component is the full value; reading

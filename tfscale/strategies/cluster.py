@@ -27,6 +27,7 @@ import dataclasses
 import json
 import os
 import re
+import socket
 from typing import Any, Mapping, Optional, Sequence
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "from_kubernetes",
     "from_slurm",
     "from_tf_config",
+    "free_port",
     "from_option",
     "resolve",
 ]
@@ -85,6 +87,20 @@ class Cluster:
             "cluster": {"worker": list(self.workers)},
             "task": {"type": "worker", "index": self.task_index},
         }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` now (for workers started on this machine).
+
+    Example:
+
+    ```python
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    ```
+    """
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def from_tf_config(value: Optional[str] = None) -> Optional[Cluster]:

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence, Union
 
 import tensorflow as tf
 
+from tfscale import compat
 from tfscale import devices as devices_lib
 
 __all__ = [
@@ -50,8 +51,7 @@ class _MirroredStrategy(tf.distribute.MirroredStrategy):
     _key_bases = itertools.count(1)
 
     def __init__(self, *args: Any, **kwargs: Any):
-        # Read by MirroredExtended.__init__ (group_key_start = 1 + base).
-        self._collective_key_base = next(self._key_bases) * 100_000
+        compat.set_collective_key_base(self, next(self._key_bases) * 100_000)
         super().__init__(*args, **kwargs)
 
 

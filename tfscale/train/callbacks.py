@@ -32,6 +32,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
+from tfscale import compat
 from tfscale.train import files
 
 __all__ = [
@@ -178,8 +179,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self.model.optimizer.build(self.model.trainable_variables)
         self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
         self.restored_epoch = state["epoch"]
-        # The hook keras.callbacks.BackupAndRestore uses to set the start epoch.
-        self.model._initial_epoch = self.restored_epoch
+        compat.set_initial_epoch(self.model, self.restored_epoch)
         logging.info("Restored epoch %d from %s", self.restored_epoch, self.backup_dir)
 
     def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:

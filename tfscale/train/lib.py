@@ -32,8 +32,8 @@ import ml_collections
 from absl import logging
 
 from tfscale import devices
+from tfscale import distribution_base
 from tfscale import distributions as distribution_lib
-from tfscale.sharding import memory
 from tfscale.strategies import cluster as cluster_lib
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
@@ -50,10 +50,6 @@ __all__ = [
 
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
-
-# Kinds that run on this host only: a multi-worker cluster needs another.
-_SINGLE_HOST_KINDS = ("default", "one_device", "mirrored")
-
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, evaluates and writes `workdir/metrics.json` (on the chief).
@@ -78,7 +74,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     resume = _resume_state(os.path.join(workdir, CHECKPOINTS_DIR))
     config = _resized(config, dist, resume)
     try:
-        dist.per_replica_batch_size(config.training.global_batch_size)
+        dist.per_worker_batch_size(config.training.global_batch_size)
     except ValueError as e:
         raise config_lib.ConfigError(f"config.training: {e}") from None
     # Before the input pipeline: its shuffle seeds combine with the global seed.
@@ -102,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def _fit(
     config: ml_collections.ConfigDict,
     workdir: str,
-    dist: distribution_lib.Distribution,
+    dist: distribution_base.Distribution,
     train: inputs.TrainInput,
     resume: dict[str, Any],
 ) -> dict[str, Any]:
@@ -124,15 +120,15 @@ def _fit(
             loss=models.loss(config.model.name),
             metrics=["accuracy"],
         )
-    if dist.kind == "dtensor":
-        report = memory.memory_report(model)
+    report = dist.memory_report(model)
+    if report is not None:
         logging.info("Memory per device:\n%s", report)
     if dist.is_chief:
         os.makedirs(workdir, exist_ok=True)
     throughput = callbacks_lib.Throughput(
         global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
     )
-    consumed = _ConsumedElements(global_batch // dist.num_workers, train.report_consumed)
+    consumed = _ConsumedElements(dist.per_worker_batch_size(global_batch), train.report_consumed)
     epochs = list(resume.get("extra", {}).get("history", []))
 
     def checkpoint_extra(epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
@@ -141,7 +137,7 @@ def _fit(
         return {
             "input_position": train.position(consumed.count),
             "history": list(epochs),
-            "per_replica_batch": global_batch // dist.num_replicas_in_sync,
+            "per_replica_batch": dist.per_replica_batch_size(global_batch),
             "replicas": dist.num_replicas_in_sync,
         }
 
@@ -178,13 +174,14 @@ def _fit(
     metrics = _metrics(config, dist, backup, history, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
-    if dist.kind == "dtensor":
-        metrics["memory"] = memory.memory_report(model).to_dict()
+    report = dist.memory_report(model)
+    if report is not None:
+        metrics["memory"] = report.to_dict()
     return metrics
 
 
 def _resized(
-    config: ml_collections.ConfigDict, dist: distribution_lib.Distribution, resume: dict[str, Any]
+    config: ml_collections.ConfigDict, dist: distribution_base.Distribution, resume: dict[str, Any]
 ) -> ml_collections.ConfigDict:
     """The config for a run resumed on another number of replicas.
 
@@ -287,7 +284,7 @@ def _check_single_host(kind: str) -> None:
     Raises:
       ValueError: when this process is one of several workers.
     """
-    if kind not in _SINGLE_HOST_KINDS:
+    if distribution_lib.spans_hosts(kind):
         return
     cluster = cluster_lib.resolve("auto")
     if cluster is not None and cluster.num_workers > 1:
@@ -308,7 +305,7 @@ def _resume_state(backup_dir: str) -> dict[str, Any]:
         raise config_lib.ConfigError(str(e)) from None
 
 
-def _distribution(config: ml_collections.ConfigDict) -> distribution_lib.Distribution:
+def _distribution(config: ml_collections.ConfigDict) -> distribution_base.Distribution:
     """The configured distribution; options of other kinds are dropped.
 
     A config file's preset for one kind (say a dtensor `mesh`) must not stop
@@ -347,7 +344,7 @@ def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras
 
 def _metrics(
     config: ml_collections.ConfigDict,
-    dist: distribution_lib.Distribution,
+    dist: distribution_base.Distribution,
     backup: callbacks_lib.BackupAndRestore,
     history: keras.callbacks.History,
     epochs: list[dict[str, Any]],

@@ -96,7 +96,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -109,6 +108,8 @@ from absl import app
 from absl import flags
 
 import faults_restarts
+
+from tfscale.strategies import cluster
 
 _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _WORKER = os.path.join(_REPO, "tools", "bench", "fault_worker.py")
@@ -287,12 +288,6 @@ class Processes:
         self._running.clear()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _argv(*head: str, **options: object) -> list[str]:
     return [*head, *(f"--{name}={value}" for name, value in options.items())]
 
@@ -305,7 +300,7 @@ class _System:
     def __init__(self, procs: Processes, settings: Settings):
         self.procs = procs
         self.settings = settings
-        self.port = _free_port()
+        self.port = cluster.free_port()
         self.work_dir = procs.path("dispatcher_work_dir")
 
     @property
