@@ -150,6 +150,16 @@ class ClientTypesTest(absltest.TestCase):
             self.assertEqual(status.omitted_workers, 0)
 
 
+    def test_a_request_over_the_size_limit_is_resource_exhausted(self):
+        config = server_lib.ServerConfig(max_request_bytes=1024)
+        with server_lib.server_context(config) as server:
+            client = client_lib.DispatcherClient(server.target)
+            self.addCleanup(client.close)
+            shards = tuple(types.ShardSpec(f"shard-{i:04d}") for i in range(200))
+            with self.assertRaises(types.ResourceExhausted):
+                client.create_job(types.JobSpec("big", shards))
+
+
 class RestartTest(absltest.TestCase):
     """`start()` after `stop()` serves again."""
 

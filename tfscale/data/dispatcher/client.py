@@ -1,7 +1,7 @@
 """The dispatcher's RPC client.
 
 `DispatcherClient` turns the protocol into Python calls and gRPC errors into
-the core's exceptions, retrying while the dispatcher is unreachable (it may
+the `types.DispatcherError`s the core raised, retrying while the dispatcher is unreachable (it may
 be restarting) for up to `unavailable_timeout_s`, then raising
 `DispatcherUnavailable`. Its channel reconnects within a second of the
 dispatcher's return (gRPC's default backoff grows to minutes), so that a
@@ -46,6 +46,7 @@ _ERRORS = {
     grpc.StatusCode.NOT_FOUND: types.NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: types.FailedPrecondition,
     grpc.StatusCode.ALREADY_EXISTS: types.AlreadyExists,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: types.ResourceExhausted,
 }
 DEFAULT_UNAVAILABLE_TIMEOUT_S = 600.0
 # Reconnect attempts while the dispatcher is down: every 0.1 s at first, at
