@@ -88,7 +88,7 @@ def configure_devices(
     for device, logical in plan:
         try:
             tf.config.set_logical_device_configuration(device, logical)
-        except RuntimeError as e:
+        except RuntimeError:
             raise DevicesAlreadyInitializedError(
                 _late_message(virtual_cpus, virtual_gpus_per_gpu, gpu_memory_limit_mb)
             ) from None

@@ -29,8 +29,8 @@ import threading
 from typing import Any, Optional
 
 import tensorflow as tf
-from absl import logging
 
+from tfscale import compat
 from tfscale.data import identity
 from tfscale.data import readers as readers_lib
 from tfscale.data.dispatcher import client as client_lib
@@ -42,14 +42,6 @@ __all__ = [
     "default_worker_name",
 ]
 
-# Parallel interleave with a per-shard buffer: an upstream internal (the
-# public `interleave` sizes the buffer by `block_length`, unbounded here).
-try:
-    from tensorflow.python.data.ops import interleave_op as _interleave_op
-
-    _PARALLEL_INTERLEAVE = _interleave_op._ParallelInterleaveDataset  # pylint: disable=protected-access
-except (ImportError, AttributeError):  # pragma: no cover - a TF without it
-    _PARALLEL_INTERLEAVE = None
 # One shard at a time in the output (elements of a shard are consecutive).
 _WHOLE_SHARD = 2**62
 # Elements of fixed shapes move between the shard readers and the parse in
@@ -192,16 +184,15 @@ class DispatchedInput:
         )
         slots = tf.data.Dataset.from_generator(self._slots, output_signature=signature)
         self._batched = False  # set when `_open` is traced
-        if _PARALLEL_INTERLEAVE is not None:
-            runs = _PARALLEL_INTERLEAVE(
-                slots, self._open, cycle_length=self._cycle_length, block_length=_WHOLE_SHARD,
-                num_parallel_calls=self._cycle_length,
-                buffer_output_elements=max(1, -(-self._buffer_elements // _READ_BATCH)),
-                prefetch_input_elements=1, deterministic=True,
-            )
-        else:  # pragma: no cover
-            logging.warning("Parallel shard reads unavailable: reading one shard at a time")
-            runs = slots.flat_map(self._open)
+        # Several shards read at once, each with a bounded buffer, handed on
+        # whole and in lease order.
+        runs = compat.ordered_parallel_interleave(
+            slots,
+            self._open,
+            cycle_length=self._cycle_length,
+            block_length=_WHOLE_SHARD,
+            buffer_output_elements=max(1, -(-self._buffer_elements // _READ_BATCH)),
+        )
         batched = self._batched
         # Elements handed on so far, after each (batch of) element(s).
         def count(total, tagged):

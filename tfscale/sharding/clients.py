@@ -22,7 +22,6 @@ import atexit
 import os
 from typing import Optional
 
-import tensorflow as tf
 from absl import logging
 from tensorflow.experimental import dtensor
 

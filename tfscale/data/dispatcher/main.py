@@ -39,7 +39,6 @@ from typing import NoReturn, Optional, Sequence
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import grpc  # noqa: E402
-from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 
 from tfscale import cli  # noqa: E402
