@@ -1,7 +1,7 @@
 """Network (b) (conv 32, conv 64, dense 64, softmax) on the synthetic digits.
 
-  tfscale-train --config=configs/convnet.py --workdir=/tmp/tfscale/convnet
-  tfscale-train --config=configs/convnet.py:smoke --workdir=/tmp/tfscale/convnet_smoke
+tfscale-train --config=configs/convnet.py --workdir=/tmp/tfscale/convnet
+tfscale-train --config=configs/convnet.py:smoke --workdir=/tmp/tfscale/convnet_smoke
 """
 
 from tfscale.train import config as config_lib

@@ -1,7 +1,7 @@
 """The small transformer-encoder classifier (image rows as tokens), mirrored.
 
-  tfscale-train --config=configs/transformer.py --workdir=/tmp/tfscale/transformer
-  tfscale-train --config=configs/transformer.py:smoke --workdir=/tmp/tfscale/transformer_smoke
+tfscale-train --config=configs/transformer.py --workdir=/tmp/tfscale/transformer
+tfscale-train --config=configs/transformer.py:smoke --workdir=/tmp/tfscale/transformer_smoke
 """
 
 from tfscale.train import config as config_lib

@@ -21,7 +21,14 @@ BENCHMARKS = {
     ),
     "dtensor_sharding": (
         "dtensor_sharding.py",
-        ["--rounds=1", "--steps=3", "--model_sizes=1,4", "--model_dim=16", "--mlp_dim=32", "--num_layers=1"],
+        [
+            "--rounds=1",
+            "--steps=3",
+            "--model_sizes=1,4",
+            "--model_dim=16",
+            "--mlp_dim=32",
+            "--num_layers=1",
+        ],
         ["setups"],
         "dtensor_sharding.png",
     ),
@@ -65,8 +72,18 @@ class BenchmarkScriptsTest(parameterized.TestCase):
         out = self.create_tempdir().full_path
         env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
         result = subprocess.run(
-            [sys.executable, os.path.join(testutil.REPO_ROOT, "tools", "bench", script), f"--out={out}", *flags],
-            cwd=testutil.REPO_ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+            [
+                sys.executable,
+                os.path.join(testutil.REPO_ROOT, "tools", "bench", script),
+                f"--out={out}",
+                *flags,
+            ],
+            cwd=testutil.REPO_ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         with open(os.path.join(out, "results.json")) as f:

@@ -21,7 +21,9 @@ BATCH = 8
 
 def _data():
     x = np.random.default_rng(0).random((STEPS * BATCH, 3)).astype("float32")
-    return tf.data.Dataset.from_tensor_slices((x, x @ np.array([1.0, -2.0, 0.5], "float32"))).batch(BATCH)
+    return tf.data.Dataset.from_tensor_slices((x, x @ np.array([1.0, -2.0, 0.5], "float32"))).batch(
+        BATCH
+    )
 
 
 def _model(seed=0):
@@ -50,7 +52,9 @@ class ThroughputTest(absltest.TestCase):
             self.assertAlmostEqual(record["examples_per_sec"], STEPS * BATCH / record["seconds"])
             self.assertGreater(record["step_time_ms"], 0)
             self.assertLessEqual(record["step_time_ms"] / 1000, record["seconds"])
-        self.assertEqual(history.history["examples_per_sec"][1], throughput.epochs[1]["examples_per_sec"])
+        self.assertEqual(
+            history.history["examples_per_sec"][1], throughput.epochs[1]["examples_per_sec"]
+        )
         self.assertContainsSubset(
             {"throughput/examples_per_sec", "throughput/step_time_ms"}, _scalar_tags(log_dir)
         )
@@ -77,7 +81,9 @@ class BackupAndRestoreTest(absltest.TestCase):
         self.assertEqual(int(second.optimizer.iterations), 2 * STEPS)
 
         third = _model(seed=2)
-        history = third.fit(_data(), epochs=3, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        history = third.fit(
+            _data(), epochs=3, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0
+        )
         self.assertEqual(history.epoch, [2])
         self.assertEqual(int(third.optimizer.iterations), 3 * STEPS)
         self.assertEqual(callbacks.read_backup_state(backup_dir)["epoch"], 3)
@@ -93,7 +99,9 @@ class BackupAndRestoreTest(absltest.TestCase):
 
     def test_orphan_weights_from_a_crash_are_ignored(self):
         backup_dir = self.create_tempdir().full_path
-        _model().fit(_data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        _model().fit(
+            _data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0
+        )
         # A crash after writing the next weights, before the state file moved on.
         with open(os.path.join(backup_dir, "epoch-00002.weights.h5"), "wb") as f:
             f.write(b"torn")
@@ -105,7 +113,9 @@ class BackupAndRestoreTest(absltest.TestCase):
 
     def test_non_chief_restores_from_chief_and_writes_privately(self):
         backup_dir = self.create_tempdir().full_path
-        _model().fit(_data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        _model().fit(
+            _data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0
+        )
         before = sorted(os.listdir(backup_dir))
         worker = callbacks.BackupAndRestore(backup_dir, is_chief=False)
         private = []
@@ -122,7 +132,9 @@ class BackupAndRestoreTest(absltest.TestCase):
         self.assertFalse(os.path.exists(private[0]))
 
     def test_bad_max_to_keep(self):
-        with self.assertRaisesRegex(ValueError, "max_to_keep must be >= 1. Received: max_to_keep=0"):
+        with self.assertRaisesRegex(
+            ValueError, "max_to_keep must be >= 1. Received: max_to_keep=0"
+        ):
             callbacks.BackupAndRestore("/tmp/x", max_to_keep=0)
 
 

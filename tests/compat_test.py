@@ -44,7 +44,9 @@ class KerasTest(absltest.TestCase):
 
         model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
         model.compile(optimizer="sgd", loss="mse")
-        history = model.fit(np.ones((8, 2)), np.ones((8, 1)), epochs=3, verbose=0, callbacks=[Resume()])
+        history = model.fit(
+            np.ones((8, 2)), np.ones((8, 1)), epochs=3, verbose=0, callbacks=[Resume()]
+        )
         self.assertEqual(history.epoch, [2], "fit no longer starts at model._initial_epoch")
 
 
@@ -78,7 +80,9 @@ class DistributeTest(absltest.TestCase):
 
         with Strategy().scope():
             tf.Variable(1.0, name="v")
-        self.assertEqual(created, ["v"], "StrategyExtendedV2._scope no longer calls _create_variable")
+        self.assertEqual(
+            created, ["v"], "StrategyExtendedV2._scope no longer calls _create_variable"
+        )
 
     def test_keras_accepts_a_distributed_dataset_subclass(self):
         class Batches(compat.DistributedDatasetBase):
@@ -115,7 +119,9 @@ class DistributeTest(absltest.TestCase):
             next(iter(strategy.experimental_distribute_dataset(dataset)))
         finally:
             multi_device_iterator_ops._create_device_dataset = create
-        self.assertEqual(len(calls), 2, "MultiDeviceIterator no longer builds per-device pipelines by name")
+        self.assertEqual(
+            len(calls), 2, "MultiDeviceIterator no longer builds per-device pipelines by name"
+        )
 
 
 class VariablesTest(absltest.TestCase):
@@ -125,7 +131,12 @@ class VariablesTest(absltest.TestCase):
                 return tf.constant(5.0)
 
         v = Variable(1.0)
-        reads = [float(v.value()), float(v.read_value()), float(tf.convert_to_tensor(v)), float(v + 0)]
+        reads = [
+            float(v.value()),
+            float(v.read_value()),
+            float(tf.convert_to_tensor(v)),
+            float(v + 0),
+        ]
         self.assertEqual(reads, [5.0] * 4, "reads no longer go through _read_variable_op")
 
         @tf.function

@@ -50,7 +50,9 @@ class ApplyVariantTest(absltest.TestCase):
         self.assertEqual(config.training.epochs, 3)
 
     def test_unknown_variant_lists_valid(self):
-        with self.assertRaisesRegex(ValueError, "Unknown config variant 'big'. Valid variants: smoke, tiny"):
+        with self.assertRaisesRegex(
+            ValueError, "Unknown config variant 'big'. Valid variants: smoke, tiny"
+        ):
             config_lib.apply_variant(config_lib.base_config(), "big", smoke=print, tiny=print)
 
 
@@ -59,7 +61,8 @@ class SetOptionsTest(absltest.TestCase):
         config = config_lib.base_config()
         config.distribution.all_reduce = "reduce_to_one"
         self.assertEqual(
-            config_lib.set_options(config.distribution), {"kind": "mirrored", "all_reduce": "reduce_to_one"}
+            config_lib.set_options(config.distribution),
+            {"kind": "mirrored", "all_reduce": "reduce_to_one"},
         )
 
 

@@ -58,19 +58,25 @@ class EnsureShardsTest(absltest.TestCase):
         parse = records.parse_fn((28, 28, 1))
         ids = [int(parse(r)["id"]) for r in tf.data.TFRecordDataset(files)]
         self.assertEqual(sorted(ids), list(range(num_examples)))
-        self.assertFalse([n for n in os.listdir(os.path.dirname(os.path.dirname(files[0]))) if n.startswith(".")])
+        self.assertFalse(
+            [n for n in os.listdir(os.path.dirname(os.path.dirname(files[0]))) if n.startswith(".")]
+        )
 
     def test_shards_hold_the_generated_images(self):
         cache = self.create_tempdir().full_path
         files = synthetic.ensure_shards(cache, "test")
-        images, labels = synthetic.generate(synthetic.SPLITS["test"][0], synthetic.SPLITS["test"][2])
+        images, labels = synthetic.generate(
+            synthetic.SPLITS["test"][0], synthetic.SPLITS["test"][2]
+        )
         element = next(iter(tf.data.TFRecordDataset(files[1:]).map(records.parse_fn((28, 28, 1)))))
         i = int(element["id"])
         np.testing.assert_allclose(element["image"].numpy()[..., 0], images[i] / 255.0, atol=1e-6)
         self.assertEqual(int(element["label"]), labels[i])
 
     def test_unknown_split(self):
-        with self.assertRaisesRegex(ValueError, r"Unknown split 'validation'.*Valid splits: train, test"):
+        with self.assertRaisesRegex(
+            ValueError, r"Unknown split 'validation'.*Valid splits: train, test"
+        ):
             synthetic.ensure_shards(self.create_tempdir().full_path, "validation")
 
 

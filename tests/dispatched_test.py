@@ -47,8 +47,14 @@ class DispatchedInputTest(parameterized.TestCase):
         self.client = client_lib.DispatcherClient(self.server.target)
 
     def _job(self, name="j", num_epochs=2, **kwargs):
-        spec = types.JobSpec(name, _range_shards(), kwargs.pop("policy", "least_loaded"),
-                             num_epochs, lease_timeout_s=30, **kwargs)
+        spec = types.JobSpec(
+            name,
+            _range_shards(),
+            kwargs.pop("policy", "least_loaded"),
+            num_epochs,
+            lease_timeout_s=30,
+            **kwargs,
+        )
         self.client.create_job(spec)
         return spec
 
@@ -63,8 +69,11 @@ class DispatchedInputTest(parameterized.TestCase):
         inputs = [self._input(f"w{i}", cycle_length=cycle_length, max_shards=2) for i in range(2)]
         outs = [[] for _ in inputs]
         threads = [
-            threading.Thread(target=lambda s=s, o=o: o.extend(
-                int(x) for b in s.dataset.batch(16) for x in b.numpy()))
+            threading.Thread(
+                target=lambda s=s, o=o: o.extend(
+                    int(x) for b in s.dataset.batch(16) for x in b.numpy()
+                )
+            )
             for s, o in zip(inputs, outs)
         ]
         for t in threads:
@@ -169,15 +178,25 @@ class DispatchedInputTest(parameterized.TestCase):
             path = os.path.join(root, f"part-{f}.tfrecord")
             with tf.io.TFRecordWriter(path) as writer:
                 for i in range(f * 10, f * 10 + 7 + f):
-                    example = tf.train.Example(features=tf.train.Features(feature={
-                        "text": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"t%d" % i])),
-                        "score": tf.train.Feature(float_list=tf.train.FloatList(value=[i / 2])),
-                    }))
+                    example = tf.train.Example(
+                        features=tf.train.Features(
+                            feature={
+                                "text": tf.train.Feature(
+                                    bytes_list=tf.train.BytesList(value=[b"t%d" % i])
+                                ),
+                                "score": tf.train.Feature(
+                                    float_list=tf.train.FloatList(value=[i / 2])
+                                ),
+                            }
+                        )
+                    )
                     writer.write(example.SerializeToString())
             files.append(path)
         self.client.create_job(types.JobSpec("own", tuple(shards.expand(os.path.join(root, "*")))))
-        features = {"text": tf.io.FixedLenFeature([], tf.string),
-                    "score": tf.io.FixedLenFeature([], tf.float32)}
+        features = {
+            "text": tf.io.FixedLenFeature([], tf.string),
+            "score": tf.io.FixedLenFeature([], tf.float32),
+        }
         reader = readers.tfrecord(lambda r: tf.io.parse_single_example(r, features))
         source = dispatched.DispatchedInput(self.server.target, "own", reader, worker="w0")
         got = {e["text"].numpy().decode(): float(e["score"]) for e in source.dataset}
@@ -198,7 +217,10 @@ class DispatchedInputTest(parameterized.TestCase):
 
     def test_bad_arguments_are_one_line_errors(self):
         for kwargs, cause in (
-            (dict(cycle_length=0), "cycle_length must be an integer >= 1. Received: cycle_length=0"),
+            (
+                dict(cycle_length=0),
+                "cycle_length must be an integer >= 1. Received: cycle_length=0",
+            ),
             (dict(buffer_elements=-1), "buffer_elements"),
             (dict(shuffle_buffer=-2), "shuffle_buffer"),
         ):

@@ -90,7 +90,9 @@ class JobTest(parameterized.TestCase):
         dict(change=dict(shards=(types.ShardSpec("a"), types.ShardSpec("a"))), match="unique"),
         dict(change=dict(num_epochs=0), match="num_epochs must be >= 1. Received: num_epochs=0"),
         dict(change=dict(lease_timeout_s=0.0), match="lease_timeout_s must be positive"),
-        dict(change=dict(policy="random"), match="Unknown policy 'random'. Valid policies: adaptive"),
+        dict(
+            change=dict(policy="random"), match="Unknown policy 'random'. Valid policies: adaptive"
+        ),
     )
     def test_malformed_specs_are_invalid_and_change_nothing(self, change, match):
         dispatcher, _ = _core()
@@ -258,7 +260,7 @@ class SlowShardTest(parameterized.TestCase):
             while dispatcher.heartbeat("job", "w0") != [lease.token]:
                 clock.now += 1.0
             lifetimes.append(clock.now - granted - 1.0)
-        expected = [TIMEOUT * 2**min(n, core.MAX_LEASE_DOUBLINGS) for n in range(len(lifetimes))]
+        expected = [TIMEOUT * 2 ** min(n, core.MAX_LEASE_DOUBLINGS) for n in range(len(lifetimes))]
         self.assertEqual(lifetimes, expected)
 
     def test_a_consistent_hash_owner_gets_its_expired_shard_back(self):
@@ -518,7 +520,8 @@ class RecoveryTest(parameterized.TestCase):
 
         clock = FakeClock()
         restarted = core.DispatcherCore(
-            clock=clock, journal=journal_lib.Journal(work_dir, fsync=False),
+            clock=clock,
+            journal=journal_lib.Journal(work_dir, fsync=False),
             restore_grace_s=3 * TIMEOUT,
         )
         clock.now += 2 * TIMEOUT  # past the lease timeout: "live" is still reconnecting
@@ -539,9 +542,7 @@ class RecoveryTest(parameterized.TestCase):
             with self.assertRaisesRegex(ValueError, "restore_grace_s must be finite"):
                 core.DispatcherCore(restore_grace_s=grace)
 
-    @parameterized.named_parameters(
-        ("replay", 1000), ("snapshot_and_replay", 3), ("snapshot", 1)
-    )
+    @parameterized.named_parameters(("replay", 1000), ("snapshot_and_replay", 3), ("snapshot", 1))
     def test_throughput_estimates_survive_a_restart(self, snapshot_every):
         work_dir = self.create_tempdir().full_path
         journal = journal_lib.Journal(work_dir, fsync=False, snapshot_every=snapshot_every)
@@ -569,13 +570,22 @@ class RecoveryTest(parameterized.TestCase):
         work_dir = self.create_tempdir().full_path
         with journal_lib.Journal(work_dir, fsync=False) as journal:
             journal.recover()
-            journal.append_many([
-                {"op": "create_job", "spec": _spec(2).to_dict()},
-                {"op": "register", "job": "job", "worker": "w0"},
-                {"op": "grant", "job": "job", "worker": "w0", "shard": 0, "epoch": 0,
-                 "token": 1, "speculative": False},
-                {"op": "complete", "job": "job", "token": 1},
-            ])
+            journal.append_many(
+                [
+                    {"op": "create_job", "spec": _spec(2).to_dict()},
+                    {"op": "register", "job": "job", "worker": "w0"},
+                    {
+                        "op": "grant",
+                        "job": "job",
+                        "worker": "w0",
+                        "shard": 0,
+                        "epoch": 0,
+                        "token": 1,
+                        "speculative": False,
+                    },
+                    {"op": "complete", "job": "job", "token": 1},
+                ]
+            )
         restarted, _ = _core(journal=journal_lib.Journal(work_dir, fsync=False))
         (worker,) = restarted.status().workers
         self.assertEqual((worker.completed_size, worker.throughput), (1, 0.0))

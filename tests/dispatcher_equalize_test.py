@@ -29,8 +29,13 @@ def _shards():
 def _run(equalize, num_consumers=3, policy="least_loaded"):
     """Three consumer threads of different speeds; returns (consumers, elements)."""
     spec = types.JobSpec(
-        "eq", _shards(), policy, NUM_EPOCHS, lease_timeout_s=30,
-        num_consumers=num_consumers if equalize != "none" else 0, equalize=equalize,
+        "eq",
+        _shards(),
+        policy,
+        NUM_EPOCHS,
+        lease_timeout_s=30,
+        num_consumers=num_consumers if equalize != "none" else 0,
+        equalize=equalize,
     )
     with server_lib.server_context() as server:
         client_lib.DispatcherClient(server.target).create_job(spec)

@@ -19,8 +19,17 @@ from tfscale.data.dispatcher import wire
 
 _SERVICE = "/tfscale.dispatcher.ShardDispatcher/"
 _METHODS = (
-    "CreateJob", "ListJobs", "RegisterWorker", "Heartbeat", "Acquire", "Commit", "Complete",
-    "Release", "Rewind", "EpochProgress", "Status",
+    "CreateJob",
+    "ListJobs",
+    "RegisterWorker",
+    "Heartbeat",
+    "Acquire",
+    "Commit",
+    "Complete",
+    "Release",
+    "Rewind",
+    "EpochProgress",
+    "Status",
 )
 
 
@@ -138,8 +147,7 @@ class RangeTest(_ServerTestCase):
         dict(job=_job(sizes=(1, -1)), details="shards[1].size must be >= 0"),
         dict(job=_job(num_epochs=0), details="num_epochs must be >= 1"),
         dict(job=_job(num_epochs=2**31 - 1), details="num_epochs must be <= 1000000"),
-        dict(job=_job(sizes=(2**40,) * 16, num_epochs=2**19),
-             details="must sum to at most 2**62"),
+        dict(job=_job(sizes=(2**40,) * 16, num_epochs=2**19), details="must sum to at most 2**62"),
         dict(job=_job(num_consumers=-1, equalize="pad"), details="num_consumers must be >= 0"),
     )
     def test_out_of_range_fields_are_invalid_argument(self, job, details):
@@ -174,9 +182,17 @@ class SizeLimitTest(_ServerTestCase):
         for call in (
             lambda: stub.RegisterWorker(pb.RegisterWorkerRequest(job="train", worker=huge)),
             lambda: stub.CreateJob(pb.CreateJobRequest(job=_job(name=huge))),
-            lambda: stub.CreateJob(pb.CreateJobRequest(job=pb.JobSpec(
-                name="other", shards=[pb.Shard(name=huge, size=1)], num_epochs=1,
-                lease_timeout_s=30.0, policy="round_robin"))),
+            lambda: stub.CreateJob(
+                pb.CreateJobRequest(
+                    job=pb.JobSpec(
+                        name="other",
+                        shards=[pb.Shard(name=huge, size=1)],
+                        num_epochs=1,
+                        lease_timeout_s=30.0,
+                        policy="round_robin",
+                    )
+                )
+            ),
             lambda: stub.Heartbeat(pb.HeartbeatRequest(job=huge, worker="w0")),
         ):
             error = self.assertCode(
@@ -256,8 +272,9 @@ class TokenTest(_ServerTestCase):
         stub.Status(pb.StatusRequest(), metadata=(("authorization", "Bearer s3cret"),))
 
     def test_a_token_and_a_token_file_are_refused(self):
-        server = server_lib.DispatcherServer(server_lib.ServerConfig(
-            auth_token="a", auth_token_file=self._token_file(0o600)))
+        server = server_lib.DispatcherServer(
+            server_lib.ServerConfig(auth_token="a", auth_token_file=self._token_file(0o600))
+        )
         with self.assertRaisesRegex(ValueError, "not both"):
             server.start()
 

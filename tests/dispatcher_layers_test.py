@@ -34,7 +34,7 @@ def _imports(module):
 def _siblings(module):
     """The modules of the dispatcher package that `module` imports."""
     prefix = _PACKAGE + "."
-    found = {n[len(prefix):].split(".")[0] for n in _imports(module) if n.startswith(prefix)}
+    found = {n[len(prefix) :].split(".")[0] for n in _imports(module) if n.startswith(prefix)}
     return found & set(_modules()) - {module}
 
 
@@ -66,10 +66,12 @@ class ImportGraphTest(absltest.TestCase):
     def test_no_higher_layer_is_imported(self):
         for module in _modules():
             higher = {
-                n for n in _imports(module)
-                if n.startswith("tfscale.") and not n.startswith(("tfscale.data.dispatcher",
-                                                                  "tfscale.data.records",
-                                                                  "tfscale.cli"))
+                n
+                for n in _imports(module)
+                if n.startswith("tfscale.")
+                and not n.startswith(
+                    ("tfscale.data.dispatcher", "tfscale.data.records", "tfscale.cli")
+                )
             }
             self.assertEqual(higher, set(), module)
 

@@ -427,8 +427,9 @@ class AdaptiveTest(parameterized.TestCase):
     def test_horizon_does_not_starve_alike_or_all_idle_workers(self):
         # Synchronous consumers run at nearly the same speed: no horizon.
         alike = {"fast": 100.0, "mid": 98.0, "slow": 97.0}
-        view = make_view("slow", self.WORKERS, [4], sizes=self.SIZES, throughput=alike,
-                         outstanding={"fast": 10})
+        view = make_view(
+            "slow", self.WORKERS, [4], sizes=self.SIZES, throughput=alike, outstanding={"fast": 10}
+        )
         self.assertEqual(policies.Adaptive().select(view, max_shards=1).shards, (4,))
         # Nobody holds a lease: the slow requester gets the shard, or the epoch would wait forever.
         view = make_view("slow", self.WORKERS, [4], sizes=self.SIZES, throughput=self.THROUGHPUT)
@@ -437,8 +438,14 @@ class AdaptiveTest(parameterized.TestCase):
     def test_slower_worker_only_gets_shards_within_the_horizon(self):
         # Pending 280 units + outstanding 10 over 175 units/s: a horizon of 1.66 s.
         # The slow worker (25/s) finishes a 40-unit shard in 1.6 s, not a 50-unit one.
-        view = make_view("slow", self.WORKERS, range(8), sizes=self.SIZES, throughput=self.THROUGHPUT,
-                         outstanding={"fast": 10})
+        view = make_view(
+            "slow",
+            self.WORKERS,
+            range(8),
+            sizes=self.SIZES,
+            throughput=self.THROUGHPUT,
+            outstanding={"fast": 10},
+        )
         shards = policies.Adaptive().select(view, max_shards=8).shards
         self.assertTrue(shards)
         self.assertTrue(all(self.SIZES[s] <= 40 for s in shards), shards)

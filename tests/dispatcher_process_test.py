@@ -23,8 +23,14 @@ class Dispatcher:
 
     def __init__(self, work_dir, *flags):
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.data.dispatcher", "serve", f"--work_dir={work_dir}",
-             *flags],
+            [
+                sys.executable,
+                "-m",
+                "tfscale.data.dispatcher",
+                "serve",
+                f"--work_dir={work_dir}",
+                *flags,
+            ],
             cwd=testutil.REPO_ROOT,
             env=_env(),
             stdout=subprocess.PIPE,
@@ -123,10 +129,21 @@ class WorkersTest(parameterized.TestCase):
         specs = [("w0", 0.002, -1), ("w1", 0.008, -1), ("w2", 0.002, 3)]  # w1 slow, w2 dies
         workers = [
             subprocess.Popen(
-                [sys.executable, os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
-                 dispatcher.address, "audit", name, out, str(delay), str(hang)],
-                cwd=testutil.REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True,
+                [
+                    sys.executable,
+                    os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
+                    dispatcher.address,
+                    "audit",
+                    name,
+                    out,
+                    str(delay),
+                    str(hang),
+                ],
+                cwd=testutil.REPO_ROOT,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             for (name, delay, hang), out in zip(specs, outs)
         ]
@@ -153,7 +170,6 @@ class WorkersTest(parameterized.TestCase):
         (job,) = client.list_jobs()
         self.assertTrue(job.finished)
 
-
     def test_a_killed_workers_shard_resumes_where_its_training_stopped(self):
         # w1 reports each element consumed before recording it, then dies
         # mid-shard holding the lease: the shard goes back at that offset, so
@@ -165,10 +181,22 @@ class WorkersTest(parameterized.TestCase):
         specs = [("w0", 0.004, -1, -1), ("w1", 0.002, -1, 15)]  # w1: 1.5 shards, then dies
         workers = [
             subprocess.Popen(
-                [sys.executable, os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
-                 dispatcher.address, "audit", name, out, str(delay), str(hang), str(train)],
-                cwd=testutil.REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
-                stderr=subprocess.DEVNULL, text=True,
+                [
+                    sys.executable,
+                    os.path.join(testutil.REPO_ROOT, "tests", "dispatcher_worker.py"),
+                    dispatcher.address,
+                    "audit",
+                    name,
+                    out,
+                    str(delay),
+                    str(hang),
+                    str(train),
+                ],
+                cwd=testutil.REPO_ROOT,
+                env=_env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
             )
             for (name, delay, hang, train), out in zip(specs, outs)
         ]
@@ -221,7 +249,9 @@ class StatusCommandTest(absltest.TestCase):
         )
         self.assertNotIn("Traceback", denied.stderr)
         allowed = testutil.run_module(
-            "tfscale.data.dispatcher", "status", f"--address={dispatcher.address}",
+            "tfscale.data.dispatcher",
+            "status",
+            f"--address={dispatcher.address}",
             f"--auth_token_file={token}",
         )
         self.assertEqual(allowed.returncode, 0, allowed.stderr[-2000:])

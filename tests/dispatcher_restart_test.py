@@ -25,7 +25,9 @@ PACE_S = 0.02
 def _spec(num_shards):
     total = num_shards * SHARD_SIZE
     return types.JobSpec(
-        "job", tuple(shards.expand(f"range:{total}:{SHARD_SIZE}")), num_epochs=NUM_EPOCHS,
+        "job",
+        tuple(shards.expand(f"range:{total}:{SHARD_SIZE}")),
+        num_epochs=NUM_EPOCHS,
         lease_timeout_s=LEASE_TIMEOUT_S,
     )
 
@@ -78,7 +80,9 @@ class RestartTest(absltest.TestCase):
                 server.stop()
                 time.sleep(outage_s)
                 server = server_lib.DispatcherServer(config).start()
-            self.assertTrue(paced.running, f"the job ended before the last restart: {paced.error!r}")
+            self.assertTrue(
+                paced.running, f"the job ended before the last restart: {paced.error!r}"
+            )
             paced.hurry()
             self.assertTrue(paced.join(timeout_s=60), "the consumer did not finish")
         finally:

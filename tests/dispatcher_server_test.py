@@ -9,7 +9,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 
 from tests import testutil
-
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import dispatcher_pb2 as pb
@@ -62,27 +61,57 @@ class ServerTest(parameterized.TestCase):
         self.assertEqual(status.workers[0].worker, "w0")
 
     @parameterized.parameters(
-        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="w0", max_shards=-1),
-             code=grpc.StatusCode.INVALID_ARGUMENT),
-        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="w0", max_shards=1,
-                                                      claim=7),
-             code=grpc.StatusCode.INVALID_ARGUMENT),
-        dict(call="Acquire",
-             request=pb.AcquireRequest(job="train", worker="w0", max_shards=1, complete=[1],
-                                       progress=[pb.ShardProgress(token=1, offset=-5)]),
-             code=grpc.StatusCode.INVALID_ARGUMENT),
-        dict(call="Acquire", request=pb.AcquireRequest(job="train", worker="ghost", max_shards=1),
-             code=grpc.StatusCode.FAILED_PRECONDITION),
-        dict(call="Complete", request=pb.CompleteRequest(job="train", worker="w0", token=12345),
-             code=grpc.StatusCode.FAILED_PRECONDITION),
-        dict(call="Release", request=pb.ReleaseRequest(job="train", worker="ghost", token=1),
-             code=grpc.StatusCode.FAILED_PRECONDITION),
-        dict(call="RegisterWorker", request=pb.RegisterWorkerRequest(job="train", worker=""),
-             code=grpc.StatusCode.INVALID_ARGUMENT),
-        dict(call="CreateJob", request=pb.CreateJobRequest(job=pb.JobSpec(name="empty")),
-             code=grpc.StatusCode.INVALID_ARGUMENT),
-        dict(call="Heartbeat", request=pb.HeartbeatRequest(job="nope", worker="w0"),
-             code=grpc.StatusCode.NOT_FOUND),
+        dict(
+            call="Acquire",
+            request=pb.AcquireRequest(job="train", worker="w0", max_shards=-1),
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        dict(
+            call="Acquire",
+            request=pb.AcquireRequest(job="train", worker="w0", max_shards=1, claim=7),
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        dict(
+            call="Acquire",
+            request=pb.AcquireRequest(
+                job="train",
+                worker="w0",
+                max_shards=1,
+                complete=[1],
+                progress=[pb.ShardProgress(token=1, offset=-5)],
+            ),
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        dict(
+            call="Acquire",
+            request=pb.AcquireRequest(job="train", worker="ghost", max_shards=1),
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        dict(
+            call="Complete",
+            request=pb.CompleteRequest(job="train", worker="w0", token=12345),
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        dict(
+            call="Release",
+            request=pb.ReleaseRequest(job="train", worker="ghost", token=1),
+            code=grpc.StatusCode.FAILED_PRECONDITION,
+        ),
+        dict(
+            call="RegisterWorker",
+            request=pb.RegisterWorkerRequest(job="train", worker=""),
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        dict(
+            call="CreateJob",
+            request=pb.CreateJobRequest(job=pb.JobSpec(name="empty")),
+            code=grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        dict(
+            call="Heartbeat",
+            request=pb.HeartbeatRequest(job="nope", worker="w0"),
+            code=grpc.StatusCode.NOT_FOUND,
+        ),
     )
     def test_bad_requests_get_status_codes_and_change_nothing(self, call, request, code):
         self.client.register_worker("train", "w0")
@@ -135,9 +164,7 @@ class ClientTypesTest(absltest.TestCase):
             self.assertIsInstance(result, types.AcquireResult)
             self.assertTrue(all(isinstance(lease, types.Lease) for lease in result.leases))
             self.assertEqual(result.leases[0].worker, "w0")
-            self.assertEqual(
-                client.epoch_progress("train", 0), types.EpochProgress(False, 2, 2)
-            )
+            self.assertEqual(client.epoch_progress("train", 0), types.EpochProgress(False, 2, 2))
             (job,) = client.list_jobs()
             self.assertEqual(job, server.core.jobs()[0])
             status = client.status()
@@ -148,7 +175,6 @@ class ClientTypesTest(absltest.TestCase):
                 (worker.worker, worker.live, worker.leases, worker.outstanding), ("w0", True, 2, 2)
             )
             self.assertEqual(status.omitted_workers, 0)
-
 
     def test_a_request_over_the_size_limit_is_resource_exhausted(self):
         config = server_lib.ServerConfig(max_request_bytes=1024)

@@ -17,13 +17,17 @@ from tfscale.data.dispatcher import shards  # noqa: E402
 class ExpandTest(parameterized.TestCase):
     def test_ranges(self):
         specs = shards.expand("range:25:10")
-        self.assertEqual([(s.name, s.size) for s in specs],
-                         [("range:0:10", 10), ("range:10:20", 10), ("range:20:25", 5)])
+        self.assertEqual(
+            [(s.name, s.size) for s in specs],
+            [("range:0:10", 10), ("range:10:20", 10), ("range:20:25", 5)],
+        )
 
     def test_tfds_slices(self):
         specs = shards.expand("tfds:mnist:train:3")
-        self.assertEqual([s.name for s in specs],
-                         ["tfds:mnist:train[0%:33%]", "tfds:mnist:train[33%:67%]", "tfds:mnist:train[67%:100%]"])
+        self.assertEqual(
+            [s.name for s in specs],
+            ["tfds:mnist:train[0%:33%]", "tfds:mnist:train[33%:67%]", "tfds:mnist:train[67%:100%]"],
+        )
         self.assertEqual(sum(s.size for s in specs), 100)
 
     def test_files_sized_by_bytes_or_records(self):
@@ -31,10 +35,14 @@ class ExpandTest(parameterized.TestCase):
         for i, n in enumerate((3, 5)):
             records.write_examples(
                 os.path.join(root, f"part-{i}.tfrecord"),
-                np.zeros((n, 28, 28), np.uint8), np.zeros(n), np.arange(n),
+                np.zeros((n, 28, 28), np.uint8),
+                np.zeros(n),
+                np.arange(n),
             )
         by_bytes = shards.expand(os.path.join(root, "*.tfrecord"))
-        self.assertEqual([os.path.basename(s.name) for s in by_bytes], ["part-0.tfrecord", "part-1.tfrecord"])
+        self.assertEqual(
+            [os.path.basename(s.name) for s in by_bytes], ["part-0.tfrecord", "part-1.tfrecord"]
+        )
         self.assertEqual(by_bytes[0].size, os.path.getsize(by_bytes[0].name))
         by_count = shards.expand(os.path.join(root, "*.tfrecord"), count_elements=True)
         self.assertEqual([s.size for s in by_count], [3, 5])

@@ -8,20 +8,40 @@ from tfscale.data.dispatcher import types
 from tfscale.data.dispatcher import wire
 
 _JOB = types.JobStatus(
-    name="train", policy="adaptive", epoch=1, num_epochs=3, num_shards=10, pending=4, leased=2,
-    completed=4, finished=False, grants=17,
+    name="train",
+    policy="adaptive",
+    epoch=1,
+    num_epochs=3,
+    num_shards=10,
+    pending=4,
+    leased=2,
+    completed=4,
+    finished=False,
+    grants=17,
 )
 _WORKER = types.WorkerStatus(
-    job="train", worker="w0", live=True, leases=2, outstanding=20, completed_shards=5,
-    completed_size=50, throughput=12.5,
+    job="train",
+    worker="w0",
+    live=True,
+    leases=2,
+    outstanding=20,
+    completed_shards=5,
+    completed_size=50,
+    throughput=12.5,
 )
 
 
 class RoundTripTest(parameterized.TestCase):
     def test_job_spec(self):
         spec = types.JobSpec(
-            "train", (types.ShardSpec("a", 3), types.ShardSpec("b", 4)), policy="least_loaded",
-            num_epochs=2, seed=-5, lease_timeout_s=7.5, num_consumers=2, equalize="pad",
+            "train",
+            (types.ShardSpec("a", 3), types.ShardSpec("b", 4)),
+            policy="least_loaded",
+            num_epochs=2,
+            seed=-5,
+            lease_timeout_s=7.5,
+            num_consumers=2,
+            equalize="pad",
         )
         self.assertEqual(wire.job_spec_from_proto(wire.job_spec_to_proto(spec)), spec)
 

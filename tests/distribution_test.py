@@ -17,7 +17,8 @@ import tfscale  # noqa: E402
 class FactoryTest(parameterized.TestCase):
     def test_kinds(self):
         self.assertEqual(
-            tfscale.kinds(), ("default", "dtensor", "mirrored", "multi_worker_mirrored", "one_device")
+            tfscale.kinds(),
+            ("default", "dtensor", "mirrored", "multi_worker_mirrored", "one_device"),
         )
 
     def test_unknown_kind_lists_valid_kinds(self):
@@ -37,10 +38,15 @@ class FactoryTest(parameterized.TestCase):
             tfscale.distribution("mirrored", device="/cpu:0")
 
     @parameterized.parameters(
-        dict(options=dict(communication="mpi"), match=r"communication must be one of auto, ring, nccl"),
+        dict(
+            options=dict(communication="mpi"),
+            match=r"communication must be one of auto, ring, nccl",
+        ),
         dict(options=dict(task_index=1), match=r"task_index goes with an explicit host list"),
         dict(options=dict(cluster="h1:1,h2:2"), match=r"An explicit host list needs task_index"),
-        dict(options=dict(cluster="h1:1,h2:2", task_index=2), match=r"task_index must be in \[0, 2\)"),
+        dict(
+            options=dict(cluster="h1:1,h2:2", task_index=2), match=r"task_index must be in \[0, 2\)"
+        ),
         dict(options=dict(cluster="slurm"), match=r"cluster='slurm', but its environment"),
     )
     def test_bad_multi_worker_options(self, options, match):
@@ -54,7 +60,9 @@ class FactoryTest(parameterized.TestCase):
     @parameterized.parameters(
         dict(options=dict(all_reduce="ring"), match=r"all_reduce must be one of auto, nccl"),
         dict(options=dict(all_reduce="nccl"), match=r"all_reduce='nccl' needs GPU devices"),
-        dict(options=dict(devices=9), match=r"devices=9 asks for more devices than this host has \(4"),
+        dict(
+            options=dict(devices=9), match=r"devices=9 asks for more devices than this host has \(4"
+        ),
         dict(options=dict(devices=["/cpu:7"]), match=r"Device '/cpu:7' not found"),
         dict(options=dict(devices=[]), match=r"devices must be None, a positive count"),
     )

@@ -56,7 +56,9 @@ def main(initial_npz, out_npz):
     weights = built.get_weights()
     if dist.is_chief:
         np.savez(out_npz, **{f"w{i}": w for i, w in enumerate(weights)})
-    print(f"OK workers={dist.num_workers} devices={len(dist.mesh.local_devices())} steps={int(built.optimizer.iterations.numpy())}")
+    print(
+        f"OK workers={dist.num_workers} devices={len(dist.mesh.local_devices())} steps={int(built.optimizer.iterations.numpy())}"
+    )
 
 
 if __name__ == "__main__":

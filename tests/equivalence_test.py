@@ -56,8 +56,16 @@ class MirroredEquivalenceTest(parameterized.TestCase):
         cls.initial = models.build("lenet", (28, 28, 1), 10).get_weights()
 
     @parameterized.named_parameters(
-        dict(testcase_name="sgd", optimizer="sgd", tolerance=1e-5, all_reduce="auto", form="dataset"),
-        dict(testcase_name="adam", optimizer="adam", tolerance=1e-4, all_reduce="auto", form="dataset"),
+        dict(
+            testcase_name="sgd", optimizer="sgd", tolerance=1e-5, all_reduce="auto", form="dataset"
+        ),
+        dict(
+            testcase_name="adam",
+            optimizer="adam",
+            tolerance=1e-4,
+            all_reduce="auto",
+            form="dataset",
+        ),
         dict(
             testcase_name="sgd_reduce_to_one_fn",
             optimizer="sgd",
@@ -68,7 +76,11 @@ class MirroredEquivalenceTest(parameterized.TestCase):
     )
     def test_weights_match_single_device(self, optimizer, tolerance, all_reduce, form):
         single = _train(
-            tfscale.distribution("one_device", device="/cpu:0"), optimizer, self.initial, self.data, form
+            tfscale.distribution("one_device", device="/cpu:0"),
+            optimizer,
+            self.initial,
+            self.data,
+            form,
         )
         mirrored = _train(
             tfscale.distribution("mirrored", devices=2, all_reduce=all_reduce),

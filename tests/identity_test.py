@@ -17,10 +17,18 @@ def _tf_config(task_type="worker", index=2, chief=None):
     return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
 
 
-_SLURM = {"SLURM_JOB_NODELIST": "node[01-02]", "SLURM_PROCID": "3", "SLURM_NTASKS": "4",
-          "SLURM_NTASKS_PER_NODE": "2(x2)"}
-_KUBERNETES = {"JOB_COMPLETION_INDEX": "1", "TFSCALE_NUM_WORKERS": "3",
-               "TFSCALE_JOB_NAME": "train", "TFSCALE_SERVICE": "train-workers"}
+_SLURM = {
+    "SLURM_JOB_NODELIST": "node[01-02]",
+    "SLURM_PROCID": "3",
+    "SLURM_NTASKS": "4",
+    "SLURM_NTASKS_PER_NODE": "2(x2)",
+}
+_KUBERNETES = {
+    "JOB_COMPLETION_INDEX": "1",
+    "TFSCALE_NUM_WORKERS": "3",
+    "TFSCALE_JOB_NAME": "train",
+    "TFSCALE_SERVICE": "train-workers",
+}
 
 
 class WorkerNameTest(parameterized.TestCase):
@@ -67,12 +75,17 @@ class WorkerNameTest(parameterized.TestCase):
         self.assertIn(f"Received: TFSCALE_WORKER_NAME={name!r}", str(e.exception))
 
     @parameterized.parameters(
-        dict(env={"JOB_COMPLETION_INDEX": "0", "TFSCALE_SERVICE": "s"},
-             match="Kubernetes Indexed Job without TFSCALE_NUM_WORKERS, TFSCALE_JOB_NAME"),
+        dict(
+            env={"JOB_COMPLETION_INDEX": "0", "TFSCALE_SERVICE": "s"},
+            match="Kubernetes Indexed Job without TFSCALE_NUM_WORKERS, TFSCALE_JOB_NAME",
+        ),
         dict(env={**_SLURM, "SLURM_PROCID": "4"}, match=r"task_index must be in \[0, 4\)"),
         dict(env={"TF_CONFIG": "{not json"}, match="TF_CONFIG is not valid JSON"),
-        dict(env={}, cluster="slurm",
-             match="cluster='slurm', but its environment variables are not set"),
+        dict(
+            env={},
+            cluster="slurm",
+            match="cluster='slurm', but its environment variables are not set",
+        ),
         dict(env={}, cluster="mpi", match="Unknown cluster source 'mpi'"),
     )
     def test_malformed_environment_propagates(self, env, match, cluster="auto"):
@@ -80,8 +93,10 @@ class WorkerNameTest(parameterized.TestCase):
             identity.worker_name(env, cluster=cluster)
 
     def test_does_not_import_tensorflow(self):
-        code = ("import sys; from tfscale.data import identity; identity.worker_name({}); "
-                "sys.exit('tensorflow' in sys.modules)")
+        code = (
+            "import sys; from tfscale.data import identity; identity.worker_name({}); "
+            "sys.exit('tensorflow' in sys.modules)"
+        )
         subprocess.run([sys.executable, "-c", code], check=True)
 
 

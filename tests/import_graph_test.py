@@ -123,7 +123,9 @@ class ImportGraphTest(absltest.TestCase):
             layer, _ = layer_of(module)
             for target in sorted(targets):
                 if layer_of(target)[0] > layer:
-                    upward.append(f"{module} (layer {layer}) -> {target} (layer {layer_of(target)[0]})")
+                    upward.append(
+                        f"{module} (layer {layer}) -> {target} (layer {layer_of(target)[0]})"
+                    )
         self.assertEqual(upward, [], "modules import from a higher layer")
 
     def test_the_graph_is_read(self):

@@ -39,20 +39,26 @@ class ConsoleTest(parameterized.TestCase):
     def test_rank_0_only_by_default_and_every_rank_in_its_log(self):
         logs = self.create_tempdir().full_path
         code, out, _ = _launch(
-            "import os; print('hello from', os.environ['TFSCALE_RANK'])", nproc_per_node=3, log_dir=logs
+            "import os; print('hello from', os.environ['TFSCALE_RANK'])",
+            nproc_per_node=3,
+            log_dir=logs,
         )
         self.assertEqual(code, 0)
         self.assertEqual(
             out.splitlines(),
-            [f"[tfscale-launch] console: rank 0; every rank's output: {logs}/attempt<k>/rank<N>.log",
-             "[0] hello from 0"],
+            [
+                f"[tfscale-launch] console: rank 0; every rank's output: {logs}/attempt<k>/rank<N>.log",
+                "[0] hello from 0",
+            ],
         )
         for rank in range(3):
             log = os.path.join(logs, "attempt0", f"rank{rank}.log")
             self.assertEqual(_read(log), f"hello from {rank}\n")
 
     def test_without_log_dir_hidden_ranks_go_to_a_temporary_directory(self):
-        _, out, _ = _launch("import os; print('rank', os.environ['TFSCALE_RANK'])", nproc_per_node=2)
+        _, out, _ = _launch(
+            "import os; print('rank', os.environ['TFSCALE_RANK'])", nproc_per_node=2
+        )
         logs = out.split("every rank's output: ")[1].split("/attempt<k>")[0]
         self.addCleanup(lambda: subprocess.run(["rm", "-r", logs], check=True))
         self.assertEqual(_read(os.path.join(logs, "attempt0", "rank1.log")), "rank 1\n")
@@ -72,8 +78,13 @@ class ConsoleTest(parameterized.TestCase):
         # absl's --log_dir defaults to $TEST_TMPDIR, which test runners set.
         with mock.patch.dict(os.environ, {"TEST_TMPDIR": self.create_tempdir().full_path}):
             result = testutil.run_module(
-                "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--",
-                sys.executable, "-c", "print('x')",
+                "tfscale.launch",
+                "--nproc_per_node=2",
+                "--log_ranks=all",
+                "--",
+                sys.executable,
+                "-c",
+                "print('x')",
             )
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(sorted(result.stdout.splitlines()), ["[0] x", "[1] x"])
@@ -83,7 +94,9 @@ class ConsoleTest(parameterized.TestCase):
         code, out, _ = _launch(PROGRESS + "print('windows line\\r')", log_dir=logs)
         self.assertEqual(code, 0)
         self.assertEqual(out.splitlines()[1:], ["[0] step 20/20", "[0] windows line"])
-        self.assertEqual(_read(os.path.join(logs, "attempt0", "rank0.log")), "step 20/20\nwindows line\n")
+        self.assertEqual(
+            _read(os.path.join(logs, "attempt0", "rank0.log")), "step 20/20\nwindows line\n"
+        )
 
     def test_a_keras_progress_bar_is_one_line_per_epoch_off_a_terminal(self):
         keras_fit = (
@@ -102,10 +115,19 @@ class ConsoleTest(parameterized.TestCase):
     def test_a_rewritten_line_is_updated_in_place_on_a_terminal(self):
         master, slave = pty.openpty()
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.launch", "--",
-             sys.executable, "-c", PROGRESS + "print('bye')"],
-            cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
-            stdout=slave, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "tfscale.launch",
+                "--",
+                sys.executable,
+                "-c",
+                PROGRESS + "print('bye')",
+            ],
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+            stdout=slave,
+            stderr=subprocess.PIPE,
         )
         os.close(slave)
         chunks = []
@@ -172,7 +194,9 @@ class FailureTest(absltest.TestCase):
             r"rank 1 \(local rank 1, pid \d+\) failed with exit code 137 \(killed by SIGKILL\); "
             r"restarting the worker group \(restart 1 of 1\)\n",
         )
-        self.assertIn("failed with exit code 137 (killed by SIGKILL); giving up after 1 of 1 restarts", err)
+        self.assertIn(
+            "failed with exit code 137 (killed by SIGKILL); giving up after 1 of 1 restarts", err
+        )
         # A restart keeps the previous attempt's logs.
         for attempt in range(2):
             log = os.path.join(logs, f"attempt{attempt}", "rank1.log")
@@ -185,8 +209,12 @@ class FailureTest(absltest.TestCase):
     def test_a_node_of_several_names_its_node(self):
         code, _, err = _launch(
             "import os, time; rank = int(os.environ['TFSCALE_RANK']); time.sleep(60 * (rank == 3)); "
-            "raise SystemExit(rank)", nproc_per_node=2, nnodes=2,
-            node_rank=1, node_hosts=("127.0.0.1", "127.0.0.1"), master_port=testutil.free_port(),
+            "raise SystemExit(rank)",
+            nproc_per_node=2,
+            nnodes=2,
+            node_rank=1,
+            node_hosts=("127.0.0.1", "127.0.0.1"),
+            master_port=testutil.free_port(),
             log_ranks=(3,),
         )
         self.assertEqual(code, 2)
@@ -212,7 +240,9 @@ class ConfigTest(absltest.TestCase):
     def test_bad_log_ranks_flag(self):
         result = testutil.run_module("tfscale.launch", "--log_ranks=first", "--", "true")
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("log_ranks must be 'all' or comma-separated ranks. Received: 'first'", result.stderr)
+        self.assertIn(
+            "log_ranks must be 'all' or comma-separated ranks. Received: 'first'", result.stderr
+        )
 
 
 if __name__ == "__main__":

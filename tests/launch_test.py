@@ -47,7 +47,11 @@ def _launch(*args, timeout=600):
 class LaunchTest(absltest.TestCase):
     def test_each_rank_gets_its_tf_config_and_a_prefix(self):
         result = _launch(
-            "--nproc_per_node=3", "--log_ranks=all", "--", sys.executable, "-c",
+            "--nproc_per_node=3",
+            "--log_ranks=all",
+            "--",
+            sys.executable,
+            "-c",
             "import json, os; c = json.loads(os.environ['TF_CONFIG']); "
             "print(c['task']['index'], len(c['cluster']['worker']), os.environ['TFSCALE_WORLD_SIZE'])",
         )
@@ -57,13 +61,19 @@ class LaunchTest(absltest.TestCase):
 
     def test_failure_restarts_the_group_then_gives_up(self):
         result = _launch(
-            "--nproc_per_node=2", "--max_restarts=2", "--", sys.executable, "-c",
+            "--nproc_per_node=2",
+            "--max_restarts=2",
+            "--",
+            sys.executable,
+            "-c",
             "import os, sys, time; print('attempt', os.environ['TFSCALE_RESTART']); time.sleep(1); "
             "sys.exit(7) if os.environ['TFSCALE_RANK'] == '1' else time.sleep(60)",
         )
         self.assertEqual(result.returncode, 7)
         self.assertEqual(result.stderr.count("[tfscale-launch] rank 1 (local rank 1, pid "), 3)
-        self.assertEqual(result.stderr.count("failed with exit code 7; restarting the worker group"), 2)
+        self.assertEqual(
+            result.stderr.count("failed with exit code 7; restarting the worker group"), 2
+        )
         self.assertIn("exit code 7; restarting the worker group (restart 2 of 2)", result.stderr)
         self.assertIn("exit code 7; giving up after 2 of 2 restarts", result.stderr)
         self.assertIn("[1] attempt 2", result.stderr)  # the hidden rank's last lines
@@ -72,7 +82,11 @@ class LaunchTest(absltest.TestCase):
     def test_restart_then_success(self):
         marker = os.path.join(self.create_tempdir().full_path, "failed-once")
         result = _launch(
-            "--nproc_per_node=2", "--max_restarts=1", "--", sys.executable, "-c",
+            "--nproc_per_node=2",
+            "--max_restarts=1",
+            "--",
+            sys.executable,
+            "-c",
             f"import os, sys; m = {marker!r}\n"
             "if os.environ['TFSCALE_RANK'] == '0' and not os.path.exists(m):\n"
             "    open(m, 'w').close(); sys.exit(1)\n"
@@ -89,10 +103,22 @@ class LaunchTest(absltest.TestCase):
             "signal.signal(signal.SIGTERM, stop); print('ready', flush=True); time.sleep(60)"
         )
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--",
-             sys.executable, "-c", worker],
-            cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tfscale.launch",
+                "--nproc_per_node=2",
+                "--log_ranks=all",
+                "--",
+                sys.executable,
+                "-c",
+                worker,
+            ],
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         for _ in range(2):
             self.assertIn("ready", launcher.stdout.readline())
@@ -103,7 +129,9 @@ class LaunchTest(absltest.TestCase):
     def test_bad_arguments(self):
         result = _launch("--nnodes=2", "--node_rank=0", "--", "true")
         self.assertNotEqual(result.returncode, 0)
-        self.assertIn("nnodes=2 needs master_addr or one host per node in node_hosts", result.stderr)
+        self.assertIn(
+            "nnodes=2 needs master_addr or one host per node in node_hosts", result.stderr
+        )
         result = _launch("--nproc_per_node=2")
         self.assertNotEqual(result.returncode, 0)
         self.assertIn("Give the worker command after `--`", result.stderr)
@@ -122,11 +150,26 @@ class LaunchTest(absltest.TestCase):
         )
         nodes = [
             subprocess.Popen(
-                [sys.executable, "-m", "tfscale.launch", "--nnodes=2", f"--node_rank={rank}",
-                 "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-                 "--log_ranks=all", "--", sys.executable, "-c", snippet],
-                cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [
+                    sys.executable,
+                    "-m",
+                    "tfscale.launch",
+                    "--nnodes=2",
+                    f"--node_rank={rank}",
+                    "--nproc_per_node=2",
+                    "--master_addr=127.0.0.1",
+                    f"--master_port={port}",
+                    "--log_ranks=all",
+                    "--",
+                    sys.executable,
+                    "-c",
+                    snippet,
+                ],
+                cwd=testutil.REPO_ROOT,
+                env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
             for rank in (1, 0)  # node 1 first: it must wait for node 0
         ]
@@ -134,9 +177,14 @@ class LaunchTest(absltest.TestCase):
         for node, (stdout, stderr) in zip(nodes, outputs):
             self.assertEqual(node.returncode, 0, stderr[-2000:])
         lines = sorted(
-            l for stdout, _ in outputs for l in stdout.splitlines() if l[:1] == "[" and l[1].isdigit()
+            l
+            for stdout, _ in outputs
+            for l in stdout.splitlines()
+            if l[:1] == "[" and l[1].isdigit()
         )
-        self.assertIn("[tfscale-launch] rendezvous: nodes ['127.0.0.1', '127.0.0.1']", outputs[0][0])
+        self.assertIn(
+            "[tfscale-launch] rendezvous: nodes ['127.0.0.1', '127.0.0.1']", outputs[0][0]
+        )
         workers = ",".join(f"127.0.0.1:{int(port) + 1 + r}" for r in range(4))
         self.assertEqual(lines, [f"[{r}] {r} {workers}" for r in range(4)])
 
@@ -152,8 +200,14 @@ class LaunchTrainingTest(absltest.TestCase):
         np.savez(initial_npz, **{f"w{i}": w for i, w in enumerate(initial)})
         out = os.path.join(tmp, "w.npz")
         result = _launch(
-            "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable,
-            os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py"), "tfscale", initial_npz, out,
+            "--nproc_per_node=2",
+            "--log_ranks=all",
+            "--",
+            sys.executable,
+            os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py"),
+            "tfscale",
+            initial_npz,
+            out,
         )
         self.assertEqual(result.returncode, 0, result.stdout[-3000:])
         self.assertEqual(result.stdout.count("OK accuracy="), 2)
@@ -167,15 +221,30 @@ class LaunchTrainingTest(absltest.TestCase):
         root = self.create_tempdir().full_path
         workdir, logs = os.path.join(root, "run"), os.path.join(root, "logs")
         launcher = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.launch", "--nproc_per_node=2", "--max_restarts=2",
-             f"--log_dir={logs}", "--",
-             sys.executable, "-m", "tfscale.train", "--config=configs/default.py:smoke",
-             f"--workdir={workdir}", f"--config.data.cache_dir={testutil.cache_dir()}",
-             "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
-             "--config.data.max_train_examples=24000", "--config.training.epochs=3"],
+            [
+                sys.executable,
+                "-m",
+                "tfscale.launch",
+                "--nproc_per_node=2",
+                "--max_restarts=2",
+                f"--log_dir={logs}",
+                "--",
+                sys.executable,
+                "-m",
+                "tfscale.train",
+                "--config=configs/default.py:smoke",
+                f"--workdir={workdir}",
+                f"--config.data.cache_dir={testutil.cache_dir()}",
+                "--config.distribution.kind=multi_worker_mirrored",
+                "--config.devices.virtual_cpus=1",
+                "--config.data.max_train_examples=24000",
+                "--config.training.epochs=3",
+            ],
             cwd=testutil.REPO_ROOT,
             env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         self.addCleanup(launcher.kill)
         state = os.path.join(workdir, "checkpoints")
@@ -218,18 +287,29 @@ class LaunchTrainingTest(absltest.TestCase):
     def test_two_workers_read_through_the_dispatcher(self):
         server = subprocess.Popen(
             [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
-            cwd=testutil.REPO_ROOT, env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
         )
         self.addCleanup(server.kill)
         address = server.stdout.readline().split()[-1]
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _launch(
-            "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable, "-m", "tfscale.train",
-            "--config=configs/default.py:smoke", f"--workdir={workdir}",
+            "--nproc_per_node=2",
+            "--log_ranks=all",
+            "--",
+            sys.executable,
+            "-m",
+            "tfscale.train",
+            "--config=configs/default.py:smoke",
+            f"--workdir={workdir}",
             f"--config.data.cache_dir={testutil.cache_dir()}",
-            "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
-            "--config.data.max_train_examples=24000", f"--config.data.dispatcher.address={address}",
+            "--config.distribution.kind=multi_worker_mirrored",
+            "--config.devices.virtual_cpus=1",
+            "--config.data.max_train_examples=24000",
+            f"--config.data.dispatcher.address={address}",
         )
         self.assertEqual(result.returncode, 0, result.stdout[-3000:])
         self.assertNotIn("ran out of data", result.stdout)
@@ -247,12 +327,21 @@ class ResizeTest(absltest.TestCase):
         root = self.create_tempdir().full_path
         workdir = os.path.join(root, "run")
         train = [
-            "-m", "tfscale.train", "--config=configs/default.py:smoke",
+            "-m",
+            "tfscale.train",
+            "--config=configs/default.py:smoke",
             f"--config.data.cache_dir={testutil.cache_dir()}",
-            "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
+            "--config.distribution.kind=multi_worker_mirrored",
+            "--config.devices.virtual_cpus=1",
         ]
-        result = _launch("--nproc_per_node=2", "--", sys.executable, *train, f"--workdir={workdir}",
-                         "--config.training.epochs=1")
+        result = _launch(
+            "--nproc_per_node=2",
+            "--",
+            sys.executable,
+            *train,
+            f"--workdir={workdir}",
+            "--config.training.epochs=1",
+        )
         self.assertEqual(result.returncode, 0, result.stdout[-3000:])
         with open(os.path.join(workdir, "metrics.json")) as f:
             self.assertEqual(json.load(f)["replicas"], 2)
@@ -264,7 +353,9 @@ class ResizeTest(absltest.TestCase):
             (other, "keep_per_replica_batch", 32),
         ):
             result = testutil.run_module(
-                *train[1:], f"--workdir={directory}", "--config.training.epochs=2",
+                *train[1:],
+                f"--workdir={directory}",
+                "--config.training.epochs=2",
                 f"--config.training.resize={resize}",
             )
             self.assertEqual(result.returncode, 0, result.stderr[-3000:])

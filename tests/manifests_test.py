@@ -14,8 +14,12 @@ from tests import testutil
 from tfscale.launch import manifests
 from tfscale.strategies import cluster
 
-COMMAND = ["tfscale-train", "--config=configs/default.py", "--workdir=/out",
-           "--config.distribution.kind=multi_worker_mirrored"]
+COMMAND = [
+    "tfscale-train",
+    "--config=configs/default.py",
+    "--workdir=/out",
+    "--config.distribution.kind=multi_worker_mirrored",
+]
 
 
 def _emit(*args, command=COMMAND):
@@ -35,11 +39,15 @@ def _env(container):
 
 class KubernetesTest(parameterized.TestCase):
     def test_each_pod_resolves_its_place_in_the_cluster(self):
-        docs = _by_kind(_emit("--emit=kubernetes", "--nnodes=4", "--image=reg/train:1", "--name=mnist"))
+        docs = _by_kind(
+            _emit("--emit=kubernetes", "--nnodes=4", "--image=reg/train:1", "--name=mnist")
+        )
         service, job = docs["Service"], docs["Job"]
         self.assertEqual(service["spec"]["clusterIP"], "None")
         spec = job["spec"]
-        self.assertEqual((spec["completionMode"], spec["completions"], spec["parallelism"]), ("Indexed", 4, 4))
+        self.assertEqual(
+            (spec["completionMode"], spec["completions"], spec["parallelism"]), ("Indexed", 4, 4)
+        )
         pod = spec["template"]["spec"]
         self.assertEqual(pod["subdomain"], service["metadata"]["name"])
         (container,) = pod["containers"]
@@ -56,8 +64,15 @@ class KubernetesTest(parameterized.TestCase):
             self.assertEqual(worker.tf_config()["task"], {"type": "worker", "index": index})
 
     def test_workdir_lives_on_an_emitted_claim(self):
-        docs = _by_kind(_emit("--emit=kubernetes", "--nnodes=2", "--image=i", "--volume_size=50Gi",
-                              "--storage_class=nfs"))
+        docs = _by_kind(
+            _emit(
+                "--emit=kubernetes",
+                "--nnodes=2",
+                "--image=i",
+                "--volume_size=50Gi",
+                "--storage_class=nfs",
+            )
+        )
         claim = docs["PersistentVolumeClaim"]
         self.assertEqual(claim["spec"]["resources"]["requests"]["storage"], "50Gi")
         self.assertEqual(claim["spec"]["storageClassName"], "nfs")
@@ -71,8 +86,16 @@ class KubernetesTest(parameterized.TestCase):
 
     def test_an_existing_claim_mounted_above_the_workdir(self):
         command = ["tfscale-train", "--workdir", "/data/runs/1"]
-        docs = _by_kind(_emit("--emit=kubernetes", "--nnodes=2", "--image=i", "--volume_claim=shared",
-                              "--mount_path=/data", command=command))
+        docs = _by_kind(
+            _emit(
+                "--emit=kubernetes",
+                "--nnodes=2",
+                "--image=i",
+                "--volume_claim=shared",
+                "--mount_path=/data",
+                command=command,
+            )
+        )
         self.assertNotIn("PersistentVolumeClaim", docs)
         pod = docs["Job"]["spec"]["template"]["spec"]
         self.assertEqual(pod["volumes"][0]["persistentVolumeClaim"]["claimName"], "shared")
@@ -84,7 +107,10 @@ class KubernetesTest(parameterized.TestCase):
     def test_workdir_outside_the_volume_is_an_error(self, workdir):
         with self.assertRaisesRegex(ValueError, "--workdir must be .*Received: --workdir="):
             manifests.kubernetes(
-                2, "i", ["train", f"--workdir={workdir}"], storage=manifests.Storage(mount_path="/data")
+                2,
+                "i",
+                ["train", f"--workdir={workdir}"],
+                storage=manifests.Storage(mount_path="/data"),
             )
 
     @parameterized.parameters(0, 3)
@@ -99,8 +125,16 @@ class KubernetesTest(parameterized.TestCase):
         self.assertEqual(spec["template"]["spec"]["restartPolicy"], "Never")
 
     def test_resources(self):
-        docs = _by_kind(_emit("--emit=kubernetes", "--nnodes=2", "--image=i", "--cpu=8", "--memory=32Gi",
-                              "--gpus=2"))
+        docs = _by_kind(
+            _emit(
+                "--emit=kubernetes",
+                "--nnodes=2",
+                "--image=i",
+                "--cpu=8",
+                "--memory=32Gi",
+                "--gpus=2",
+            )
+        )
         resources = docs["Job"]["spec"]["template"]["spec"]["containers"][0]["resources"]
         want = {"cpu": "8", "memory": "32Gi", "nvidia.com/gpu": "2"}
         self.assertEqual(resources, {"requests": want, "limits": want})
@@ -108,15 +142,26 @@ class KubernetesTest(parameterized.TestCase):
         self.assertNotIn("resources", docs["Job"]["spec"]["template"]["spec"]["containers"][0])
 
     def test_a_command_without_workdir_gets_no_volume(self):
-        docs = _by_kind(_emit("--emit=kubernetes", "--nnodes=2", "--image=i", command=["python", "x.py"]))
+        docs = _by_kind(
+            _emit("--emit=kubernetes", "--nnodes=2", "--image=i", command=["python", "x.py"])
+        )
         self.assertEqual(set(docs), {"Service", "Job"})
         self.assertNotIn("volumes", docs["Job"]["spec"]["template"]["spec"])
 
 
 class TfJobTest(absltest.TestCase):
     def test_workers_get_port_env_volume_and_restarts(self):
-        docs = _by_kind(_emit("--emit=tfjob", "--nnodes=3", "--image=reg/train:1", "--name=mnist",
-                              "--max_restarts=2", "--master_port=4100", "--memory=8Gi"))
+        docs = _by_kind(
+            _emit(
+                "--emit=tfjob",
+                "--nnodes=3",
+                "--image=reg/train:1",
+                "--name=mnist",
+                "--max_restarts=2",
+                "--master_port=4100",
+                "--memory=8Gi",
+            )
+        )
         job = docs["TFJob"]
         self.assertEqual(job["apiVersion"], "kubeflow.org/v1")
         self.assertEqual(job["spec"]["runPolicy"]["backoffLimit"], 2 * 3)
@@ -134,21 +179,31 @@ class TfJobTest(absltest.TestCase):
         hosts = [f"mnist-worker-{j}.default.svc:4100" for j in range(3)]
         for index in range(3):
             tf_config = {"cluster": {"worker": hosts}, "task": {"type": "worker", "index": index}}
-            resolved = cluster.resolve("auto", {**_env(container), "TF_CONFIG": json.dumps(tf_config)})
+            resolved = cluster.resolve(
+                "auto", {**_env(container), "TF_CONFIG": json.dumps(tf_config)}
+            )
             self.assertEqual((resolved.workers, resolved.task_index), (tuple(hosts), index))
 
 
 class SlurmTest(absltest.TestCase):
     def test_sbatch_script(self):
-        script = _emit("--emit=slurm", "--nnodes=2", "--nproc_per_node=2", "--master_port=4100", "--gpus=1")
+        script = _emit(
+            "--emit=slurm", "--nnodes=2", "--nproc_per_node=2", "--master_port=4100", "--gpus=1"
+        )
         self.assertIn("#SBATCH --nodes=2", script)
         self.assertIn("#SBATCH --ntasks-per-node=2", script)
         self.assertIn("#SBATCH --gpus-per-task=1", script)
         self.assertIn("srun --kill-on-bad-exit=1 " + " ".join(COMMAND), script)
-        env = {"SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)",
-               "TFSCALE_PORT": script.split("TFSCALE_PORT=")[1].split()[0]}
+        env = {
+            "SLURM_JOB_NODELIST": "gpu[07-08]",
+            "SLURM_NTASKS": "4",
+            "SLURM_NTASKS_PER_NODE": "2(x2)",
+            "TFSCALE_PORT": script.split("TFSCALE_PORT=")[1].split()[0],
+        }
         workers = [cluster.from_slurm({**env, "SLURM_PROCID": str(i)}) for i in range(4)]
-        self.assertEqual(workers[3].workers, ("gpu07:4100", "gpu07:4101", "gpu08:4100", "gpu08:4101"))
+        self.assertEqual(
+            workers[3].workers, ("gpu07:4100", "gpu07:4101", "gpu08:4100", "gpu08:4101")
+        )
         self.assertEqual([w.task_index for w in workers], [0, 1, 2, 3])
 
     def _run_script(self, max_restarts, fail_until):
@@ -169,8 +224,11 @@ class SlurmTest(absltest.TestCase):
         )
         script = manifests.slurm(1, [sys.executable, "-c", worker], max_restarts=max_restarts)
         result = subprocess.run(
-            ["bash", "-c", script], env=dict(os.environ, PATH=f"{tmp}:{os.environ['PATH']}"),
-            capture_output=True, text=True, timeout=60,
+            ["bash", "-c", script],
+            env=dict(os.environ, PATH=f"{tmp}:{os.environ['PATH']}"),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         with open(attempts) as f:
             return result, f.read()
@@ -189,17 +247,30 @@ class SlurmTest(absltest.TestCase):
 
 class ErrorsTest(absltest.TestCase):
     def test_missing_image_and_several_procs_per_pod(self):
-        result = testutil.run_module("tfscale.launch", "--emit=kubernetes", "--nnodes=2", "--", "cmd")
+        result = testutil.run_module(
+            "tfscale.launch", "--emit=kubernetes", "--nnodes=2", "--", "cmd"
+        )
         self.assertIn("A container image is needed: --image=IMAGE", result.stderr)
         result = testutil.run_module(
-            "tfscale.launch", "--emit=tfjob", "--nnodes=2", "--image=i", "--nproc_per_node=2", "--", "cmd"
+            "tfscale.launch",
+            "--emit=tfjob",
+            "--nnodes=2",
+            "--image=i",
+            "--nproc_per_node=2",
+            "--",
+            "cmd",
         )
         self.assertIn("runs one worker per pod: use --nproc_per_node=1", result.stderr)
 
     def test_workdir_outside_the_mount_from_the_command_line(self):
         result = testutil.run_module(
-            "tfscale.launch", "--emit=kubernetes", "--nnodes=2", "--image=i", "--mount_path=/data",
-            "--", *COMMAND,
+            "tfscale.launch",
+            "--emit=kubernetes",
+            "--nnodes=2",
+            "--image=i",
+            "--mount_path=/data",
+            "--",
+            *COMMAND,
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(
@@ -209,9 +280,13 @@ class ErrorsTest(absltest.TestCase):
         )
 
     def test_bad_values(self):
-        with self.assertRaisesRegex(ValueError, "Unknown manifest format 'helm'. Valid formats: kubernetes"):
+        with self.assertRaisesRegex(
+            ValueError, "Unknown manifest format 'helm'. Valid formats: kubernetes"
+        ):
             manifests.emit("helm", 1, "i", ["c"])
-        with self.assertRaisesRegex(ValueError, "max_restarts must be >= 0. Received: max_restarts=-1"):
+        with self.assertRaisesRegex(
+            ValueError, "max_restarts must be >= 0. Received: max_restarts=-1"
+        ):
             manifests.kubernetes(1, "i", ["c"], max_restarts=-1)
         with self.assertRaisesRegex(ValueError, "gpus must be >= 0. Received: gpus=-1"):
             manifests.Resources(gpus=-1)

@@ -37,10 +37,14 @@ class ModelsTest(parameterized.TestCase):
         np.testing.assert_allclose(probs.sum(axis=1), np.ones(3), rtol=1e-5)
 
     def test_transformer_layers_are_named_for_sharding(self):
-        model = models.build("transformer", (28, 28, 1), 10, model_dim=32, num_heads=4, num_layers=2)
+        model = models.build(
+            "transformer", (28, 28, 1), 10, model_dim=32, num_heads=4, num_layers=2
+        )
         names = {l.name for l in model.layers}
         for i in range(2):
-            self.assertContainsSubset({f"block{i}_attention", f"block{i}_mlp_up", f"block{i}_mlp_down"}, names)
+            self.assertContainsSubset(
+                {f"block{i}_attention", f"block{i}_mlp_up", f"block{i}_mlp_down"}, names
+            )
         out = model(np.zeros((2, 28, 28, 1), "float32"))
         self.assertEqual(out.shape, (2, 10))
 
@@ -53,7 +57,9 @@ class ModelsTest(parameterized.TestCase):
         self.assertFalse(models.loss("convnet").get_config()["from_logits"])
 
     def test_unknown_model(self):
-        with self.assertRaisesRegex(ValueError, "Unknown model 'resnet'. Valid models: convnet, lenet, transformer"):
+        with self.assertRaisesRegex(
+            ValueError, "Unknown model 'resnet'. Valid models: convnet, lenet, transformer"
+        ):
             models.build("resnet", (28, 28, 1), 10)
 
 

@@ -76,11 +76,15 @@ def train_mirrored_reference(initial, out_npz):
         model = models.build("lenet", (28, 28, 1), 10)
         model.set_weights(initial)
         model.compile(
-            optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9), loss=models.loss("lenet")
+            optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
+            loss=models.loss("lenet"),
         )
     model.fit(
         dist.distribute_dataset(data, GLOBAL_BATCH),
-        epochs=1, steps_per_epoch=STEPS, shuffle=False, verbose=0,
+        epochs=1,
+        steps_per_epoch=STEPS,
+        shuffle=False,
+        verbose=0,
     )
     np.savez(out_npz, *model.get_weights())
     return model.get_weights()

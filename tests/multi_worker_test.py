@@ -32,13 +32,19 @@ def _start_workers(command_for):
     for index in range(2):
         tf_config = cluster.Cluster(tuple(workers), index).tf_config()
         env = dict(
-            os.environ, TF_CONFIG=json.dumps(tf_config), PYTHONPATH=testutil.REPO_ROOT,
+            os.environ,
+            TF_CONFIG=json.dumps(tf_config),
+            PYTHONPATH=testutil.REPO_ROOT,
             TF_CPP_MIN_LOG_LEVEL="3",
         )
         processes.append(
             subprocess.Popen(
-                [sys.executable, *command_for(index)], cwd=testutil.REPO_ROOT, env=env,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                [sys.executable, *command_for(index)],
+                cwd=testutil.REPO_ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
             )
         )
     results = [p.communicate(timeout=300) for p in processes]
@@ -83,7 +89,9 @@ class MultiWorkerMirroredTest(absltest.TestCase):
 
         dist = tfscale.distribution("mirrored", devices=2)
         images, labels = synthetic.generate(script.STEPS * script.GLOBAL_BATCH, seed=7)
-        data = tf.data.Dataset.from_tensor_slices((images[..., None].astype("float32") / 255.0, labels))
+        data = tf.data.Dataset.from_tensor_slices(
+            (images[..., None].astype("float32") / 255.0, labels)
+        )
         with dist.scope():
             model = models.build("lenet", (28, 28, 1), 10)
             model.set_weights(self.initial)
@@ -93,7 +101,10 @@ class MultiWorkerMirroredTest(absltest.TestCase):
             )
         model.fit(
             dist.distribute_dataset(data, script.GLOBAL_BATCH),
-            epochs=1, steps_per_epoch=script.STEPS, shuffle=False, verbose=0,
+            epochs=1,
+            steps_per_epoch=script.STEPS,
+            shuffle=False,
+            verbose=0,
         )
         reference = model.get_weights()
         moved = max(float(np.abs(a - b).max()) for a, b in zip(reference, self.initial))
@@ -108,9 +119,13 @@ class TrainBinaryTest(absltest.TestCase):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         results = _start_workers(
             lambda i: [
-                "-m", "tfscale.train", "--config=configs/default.py:smoke", f"--workdir={workdir}",
+                "-m",
+                "tfscale.train",
+                "--config=configs/default.py:smoke",
+                f"--workdir={workdir}",
                 f"--config.data.cache_dir={testutil.cache_dir()}",
-                "--config.distribution.kind=multi_worker_mirrored", "--config.devices.virtual_cpus=1",
+                "--config.distribution.kind=multi_worker_mirrored",
+                "--config.devices.virtual_cpus=1",
             ]
         )
         for returncode, _, stderr in results:
@@ -118,11 +133,14 @@ class TrainBinaryTest(absltest.TestCase):
         with open(os.path.join(workdir, "metrics.json")) as f:
             metrics = json.load(f)
         self.assertEqual(
-            (metrics["kind"], metrics["workers"], metrics["replicas"]), ("multi_worker_mirrored", 2, 2)
+            (metrics["kind"], metrics["workers"], metrics["replicas"]),
+            ("multi_worker_mirrored", 2, 2),
         )
         self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2])
         self.assertGreater(metrics["eval"]["accuracy"], 0.2)
-        self.assertEqual(sorted(os.listdir(workdir)), ["checkpoints", "metrics.json", "tensorboard"])
+        self.assertEqual(
+            sorted(os.listdir(workdir)), ["checkpoints", "metrics.json", "tensorboard"]
+        )
 
 
 if __name__ == "__main__":

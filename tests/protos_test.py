@@ -3,6 +3,7 @@
 import os
 
 from absl.testing import absltest
+
 from tests import testutil
 
 PROTO = "tfscale/data/dispatcher/dispatcher.proto"
@@ -15,8 +16,12 @@ class GeneratedProtosTest(absltest.TestCase):
         # protoc runs in its own process: in one with gRPC servers and the
         # protobuf runtime already loaded it can crash.
         result = testutil.run_python(
-            "-m", "grpc_tools.protoc", f"--proto_path={testutil.REPO_ROOT}",
-            f"--python_out={out}", f"--grpc_python_out={out}", PROTO,
+            "-m",
+            "grpc_tools.protoc",
+            f"--proto_path={testutil.REPO_ROOT}",
+            f"--python_out={out}",
+            f"--grpc_python_out={out}",
+            PROTO,
         )
         self.assertEqual(result.returncode, 0, result.stderr)
         for name in GENERATED:

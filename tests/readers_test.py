@@ -27,8 +27,9 @@ def _write_records(path, shape, count=2):
 
 class DatasetReadersTest(parameterized.TestCase):
     def test_ranges(self):
-        self.assertEqual(list(readers.ranges()(tf.constant("range:3:7")).as_numpy_iterator()),
-                         [3, 4, 5, 6])
+        self.assertEqual(
+            list(readers.ranges()(tf.constant("range:3:7")).as_numpy_iterator()), [3, 4, 5, 6]
+        )
 
     @parameterized.parameters((28, 28, 1), (8, 6, 3))
     def test_records_parses_images_of_the_given_shape(self, *shape):
@@ -50,8 +51,12 @@ class DatasetReadersTest(parameterized.TestCase):
 
     def test_datasets_reader_rejects_mixed_specs(self):
         with self.assertRaisesRegex(ValueError, "share one element spec"):
-            readers.datasets({"a": tf.data.Dataset.range(3),
-                              "b": tf.data.Dataset.from_tensor_slices(np.zeros(3, np.float32))})
+            readers.datasets(
+                {
+                    "a": tf.data.Dataset.range(3),
+                    "b": tf.data.Dataset.from_tensor_slices(np.zeros(3, np.float32)),
+                }
+            )
 
 
 class ElementsTest(parameterized.TestCase):

@@ -47,8 +47,9 @@ class SidecarTest(parameterized.TestCase):
         records.write_counts(self.root, {"b": 2, "a": 1})
         with open(os.path.join(self.root, "counts.json")) as f:
             self.assertEqual(json.load(f), {"a": 1, "b": 2})
-        self.assertEqual(sorted(os.listdir(self.root)),
-                         ["counts.json", "part-0.tfrecord", "part-1.tfrecord"])
+        self.assertEqual(
+            sorted(os.listdir(self.root)), ["counts.json", "part-0.tfrecord", "part-1.tfrecord"]
+        )
 
     def test_dispatcher_expand_uses_the_sidecar(self):
         records.write_counts(self.root, {"part-0.tfrecord": 42, "part-1.tfrecord": 7})
@@ -105,8 +106,10 @@ class CacheTest(absltest.TestCase):
         with open(self.cache_file) as f:
             cache = json.load(f)
         stat = os.stat(self.files[0])
-        self.assertEqual(cache[os.path.abspath(self.files[0])],
-                         {"count": 3, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        self.assertEqual(
+            cache[os.path.abspath(self.files[0])],
+            {"count": 3, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns},
+        )
         # Written atomically: no temporary file is left.
         self.assertEqual(sorted(os.listdir(self.cache_dir)), ["record_counts.json"])
         with _no_reads():
@@ -184,8 +187,9 @@ class SyntheticCountsTest(absltest.TestCase):
         with _no_reads():
             self.assertEqual(records.shard_counts(files), in_order)
         # Only the shards and their metadata: the staging directory left nothing behind.
-        self.assertEqual(sorted(os.listdir(directory)),
-                         sorted([*counts, "counts.json", "info.json"]))
+        self.assertEqual(
+            sorted(os.listdir(directory)), sorted([*counts, "counts.json", "info.json"])
+        )
         self.assertEqual(os.listdir(os.path.dirname(directory)), ["test"])
 
 

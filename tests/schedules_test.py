@@ -24,11 +24,15 @@ class ScaleLearningRateTest(parameterized.TestCase):
         self.assertAlmostEqual(schedules.scale_learning_rate(0.1, 64, 256, rule), expected)
 
     def test_unknown_rule(self):
-        with self.assertRaisesRegex(ValueError, "Unknown scaling rule 'cubic'. Valid rules: linear, sqrt, none"):
+        with self.assertRaisesRegex(
+            ValueError, "Unknown scaling rule 'cubic'. Valid rules: linear, sqrt, none"
+        ):
             schedules.scale_learning_rate(0.1, 64, 256, "cubic")
 
     def test_non_positive_batch(self):
-        with self.assertRaisesRegex(ValueError, "reference_batch_size must be positive. Received: reference_batch_size=0"):
+        with self.assertRaisesRegex(
+            ValueError, "reference_batch_size must be positive. Received: reference_batch_size=0"
+        ):
             schedules.scale_learning_rate(0.1, 0, 256, "linear")
 
 
@@ -54,7 +58,9 @@ class WarmupTest(parameterized.TestCase):
         self.assertAlmostEqual(float(restored(3)), 0.2, places=6)
 
     def test_bad_warmup_steps(self):
-        with self.assertRaisesRegex(ValueError, "warmup_steps must be >= 1. Received: warmup_steps=0"):
+        with self.assertRaisesRegex(
+            ValueError, "warmup_steps must be >= 1. Received: warmup_steps=0"
+        ):
             schedules.Warmup(0.1, 0.2, 0)
 
 

@@ -60,7 +60,8 @@ class LayoutMapTest(parameterized.TestCase):
     def test_rank_mismatch_names_variable_rule_and_shapes(self):
         layout_map = tfscale.LayoutMap({r"kernel": (None, None, "model")})
         with self.assertRaisesRegex(
-            ValueError, r"rule 'kernel' gives 3 dimension\(s\).*'dense/kernel' has shape \(4, 8\) \(rank 2\)"
+            ValueError,
+            r"rule 'kernel' gives 3 dimension\(s\).*'dense/kernel' has shape \(4, 8\) \(rank 2\)",
         ):
             layout_map.axes_for("dense/kernel", (4, 8))
 
@@ -109,7 +110,9 @@ class LayoutMapTest(parameterized.TestCase):
         self.assertEqual(vocab.mesh_axes, {"mp"})
 
     def test_bad_presets(self):
-        with self.assertRaisesRegex(ValueError, r"Unknown layout preset 'zero'.*data_parallel, megatron"):
+        with self.assertRaisesRegex(
+            ValueError, r"Unknown layout preset 'zero'.*data_parallel, megatron"
+        ):
             tfscale.LayoutMap.preset("zero")
         with self.assertRaisesRegex(ValueError, r"embedding must be one of.*'rows'"):
             tfscale.LayoutMap.preset("megatron", embedding="rows")

@@ -106,14 +106,18 @@ class EquivalenceTest(parameterized.TestCase):
         single.fit(data.batch(GLOBAL_BATCH), epochs=1, shuffle=False, verbose=0)
         dist = _dtensor(mesh)
         sharded = _build(name, dist, initial, optimizer)
-        split = [v.path for v in sharded.weights if "model" in (v.value.layout.sharding_specs or [])]
+        split = [
+            v.path for v in sharded.weights if "model" in (v.value.layout.sharding_specs or [])
+        ]
         self.assertNotEmpty(split, "the megatron preset must split some weights")
         history = sharded.fit(dist.distribute_dataset(data, GLOBAL_BATCH), epochs=1, verbose=0)
 
         self.assertEqual(int(sharded.optimizer.iterations.numpy()), STEPS)
         moved = _max_diff(single.get_weights(), initial)
         self.assertGreater(moved, 100 * TOLERANCE, "training must move the weights")
-        for path, a, b in zip([v.path for v in single.weights], single.get_weights(), sharded.get_weights()):
+        for path, a, b in zip(
+            [v.path for v in single.weights], single.get_weights(), sharded.get_weights()
+        ):
             np.testing.assert_allclose(b, a, rtol=0, atol=TOLERANCE, err_msg=path)
         reference = single.evaluate(x, y, batch_size=GLOBAL_BATCH, verbose=0, return_dict=True)
         self.assertTrue(np.isfinite(history.history["loss"][0]))
@@ -139,8 +143,12 @@ class LayoutTest(absltest.TestCase):
         specs = {v.path: list(v.value.layout.sharding_specs) for v in model.weights}
         self.assertEqual(specs["block0_mlp_up/kernel"], ["unsharded", "model"])
         self.assertEqual(specs["block0_mlp_down/kernel"], ["model", "unsharded"])
-        self.assertEqual(specs["block0_attention/query/kernel"], ["unsharded", "model", "unsharded"])
-        self.assertEqual(specs["block0_attention/attention_output/kernel"], ["model", "unsharded", "unsharded"])
+        self.assertEqual(
+            specs["block0_attention/query/kernel"], ["unsharded", "model", "unsharded"]
+        )
+        self.assertEqual(
+            specs["block0_attention/attention_output/kernel"], ["model", "unsharded", "unsharded"]
+        )
         self.assertEqual(specs["head/kernel"], ["unsharded", "unsharded"])
         for v in model.weights:
             self.assertIsInstance(v.value, variables.ShardedVariable)
@@ -179,7 +187,9 @@ class LayoutTest(absltest.TestCase):
         model = _build("mlp", dist)
         x, y = _data((12,), count=GLOBAL_BATCH * 2 + 3)
         seen = []
-        callback = keras.callbacks.LambdaCallback(on_train_batch_end=lambda b, logs: seen.append(logs["loss"]))
+        callback = keras.callbacks.LambdaCallback(
+            on_train_batch_end=lambda b, logs: seen.append(logs["loss"])
+        )
         model.fit(x, y, batch_size=GLOBAL_BATCH, epochs=2, callbacks=[callback], verbose=0)
         self.assertLen(seen, 6)  # 3 batches (the last has 3 examples) x 2 epochs
         self.assertTrue(all(np.isfinite(seen)))
@@ -189,7 +199,11 @@ class LayoutTest(absltest.TestCase):
 class MemoryReportTest(parameterized.TestCase):
     @parameterized.parameters(1, 2, 4)
     def test_per_device_bytes_of_split_variables(self, model_size):
-        mesh = f"model={model_size}" if model_size == 4 else f"batch={4 // model_size},model={model_size}"
+        mesh = (
+            f"model={model_size}"
+            if model_size == 4
+            else f"batch={4 // model_size},model={model_size}"
+        )
         dist = _dtensor(mesh=mesh)
         model = _build("mlp", dist)
         report = tfscale.sharding.memory_report(model)
@@ -204,7 +218,9 @@ class MemoryReportTest(parameterized.TestCase):
         # The report's figure is what a device really holds.
         for v in model.weights:
             component = dtensor.unpack(v.value.read_value())[0]
-            self.assertEqual(entries[v.path].per_device_bytes, int(np.prod(component.shape)) * 4, v.path)
+            self.assertEqual(
+                entries[v.path].per_device_bytes, int(np.prod(component.shape)) * 4, v.path
+            )
         self.assertEqual(report.per_device_bytes, report.parameter_bytes + report.optimizer_bytes)
         self.assertIn("mlp_up/kernel", str(report))
 
@@ -256,13 +272,17 @@ class ErrorsTest(absltest.TestCase):
 
     def test_indivisible_dimension(self):
         dist = _dtensor(layout_map={r"head/kernel": (None, "model")})
-        with self.assertRaisesRegex(ValueError, r"'head/kernel' of shape \(12, 5\): dimension 1 \(5\).*'model' \(size 2\)"):
+        with self.assertRaisesRegex(
+            ValueError, r"'head/kernel' of shape \(12, 5\): dimension 1 \(5\).*'model' \(size 2\)"
+        ):
             with dist.scope():
                 _mlp()
 
     def test_rank_mismatch_names_variable_and_shapes(self):
         dist = _dtensor(layout_map={r"mlp_up/kernel": ("model",)})
-        with self.assertRaisesRegex(ValueError, r"1 dimension.*\('model',\).*'mlp_up/kernel' has shape \(12, 32\)"):
+        with self.assertRaisesRegex(
+            ValueError, r"1 dimension.*\('model',\).*'mlp_up/kernel' has shape \(12, 32\)"
+        ):
             with dist.scope():
                 _mlp()
 
@@ -272,8 +292,9 @@ class ErrorsTest(absltest.TestCase):
 
     def test_batch_axis_must_be_a_mesh_axis(self):
         with self.assertRaisesRegex(
-            ValueError, r"batch_axis must be an axis of the mesh \(batch, model\)\. "
-            r"Received: batch_axis='bacth'"
+            ValueError,
+            r"batch_axis must be an axis of the mesh \(batch, model\)\. "
+            r"Received: batch_axis='bacth'",
         ):
             tfscale.distribution("dtensor", mesh="batch=2,model=2", batch_axis="bacth")
 
@@ -281,10 +302,14 @@ class ErrorsTest(absltest.TestCase):
         mesh = tfscale.sharding.build_mesh("batch=2,model=2")
         with self.assertRaisesRegex(ValueError, r"Received: batch_axis='bacth'"):
             tfscale.sharding.DTensorStrategy(mesh, tfscale.LayoutMap(), batch_axis="bacth")
-        self.assertEqual(tfscale.sharding.DTensorStrategy(mesh, tfscale.LayoutMap()).batch_axis, "batch")
+        self.assertEqual(
+            tfscale.sharding.DTensorStrategy(mesh, tfscale.LayoutMap()).batch_axis, "batch"
+        )
 
     def test_batch_axis_defaults_to_batch_when_the_mesh_has_it(self):
-        self.assertEqual(tfscale.distribution("dtensor", mesh="batch=2,model=2").num_replicas_in_sync, 2)
+        self.assertEqual(
+            tfscale.distribution("dtensor", mesh="batch=2,model=2").num_replicas_in_sync, 2
+        )
         self.assertEqual(tfscale.distribution("dtensor", mesh="model=4").num_replicas_in_sync, 1)
         named = tfscale.distribution("dtensor", mesh="data=2,model=2", batch_axis="data")
         self.assertEqual(named.num_replicas_in_sync, 2)
@@ -302,7 +327,9 @@ class InputSplitTest(parameterized.TestCase):
         ("batch=4", "batch", 4, (0, 1, 2, 3)),
         ("model=4", None, 1, (0, 0, 0, 0)),
     )
-    def test_each_device_gets_the_slice_of_its_batch_position(self, spec, axis, parts, device_parts):
+    def test_each_device_gets_the_slice_of_its_batch_position(
+        self, spec, axis, parts, device_parts
+    ):
         split = strategy_lib.InputSplit.of(mesh_lib.build_mesh(spec), axis)
         self.assertEqual(split, strategy_lib.InputSplit(1, 0, parts, device_parts))
 

@@ -26,7 +26,9 @@ class TrainBinaryTest(absltest.TestCase):
         result = _train(workdir, "--config.training.epochs=1")
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertIn("Memory per device", result.stderr)
-        self.assertRegex(result.stderr, r"block0_mlp_up/kernel\s+\(32, 64\)\s+\(-, model\)\s+8.00 KiB\s+4.00 KiB")
+        self.assertRegex(
+            result.stderr, r"block0_mlp_up/kernel\s+\(32, 64\)\s+\(-, model\)\s+8.00 KiB\s+4.00 KiB"
+        )
         metrics = testutil.read_metrics(workdir)
         self.assertEqual(metrics["kind"], "dtensor")
         self.assertEqual(metrics["replicas"], 2)  # the batch axis
@@ -64,8 +66,14 @@ class MultiClientTest(absltest.TestCase):
         np.savez(initial_npz, **{f"w{i}": w for i, w in enumerate(initial)})
         out = os.path.join(tmp, "out.npz")
         result = testutil.run_module(
-            "tfscale.launch", "--nproc_per_node=2", "--log_ranks=all", "--", sys.executable,
-            os.path.join(testutil.REPO_ROOT, "tests", "dtensor_worker_script.py"), initial_npz, out,
+            "tfscale.launch",
+            "--nproc_per_node=2",
+            "--log_ranks=all",
+            "--",
+            sys.executable,
+            os.path.join(testutil.REPO_ROOT, "tests", "dtensor_worker_script.py"),
+            initial_npz,
+            out,
             timeout=600,
         )
         self.assertEqual(result.returncode, 0, result.stdout[-3000:])
@@ -77,7 +85,9 @@ class MultiClientTest(absltest.TestCase):
         self.assertGreater(moved, 1e-2)
         with np.load(out) as got:
             for i, want in enumerate(reference.get_weights()):
-                np.testing.assert_allclose(got[f"w{i}"], want, rtol=0, atol=1e-4, err_msg=f"weight {i}")
+                np.testing.assert_allclose(
+                    got[f"w{i}"], want, rtol=0, atol=1e-4, err_msg=f"weight {i}"
+                )
 
 
 if __name__ == "__main__":

@@ -117,7 +117,11 @@ class TrainEquivalenceTest(parameterized.TestCase):
     def _reference(self, optimizer, model):
         key = (optimizer, model)
         if key not in self._references:
-            overrides = {**_OPTIMIZERS[optimizer], "model.name": model, "distribution.kind": "one_device"}
+            overrides = {
+                **_OPTIMIZERS[optimizer],
+                "model.name": model,
+                "distribution.kind": "one_device",
+            }
             self._references[key] = self._run("one_device", overrides)
         return self._references[key]
 

@@ -41,7 +41,8 @@ class OneLineErrorTest(absltest.TestCase):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _train(workdir, config="configs/nope.py")
         self._assert_fails(
-            result, f"--config=configs/nope.py: no such file 'configs/nope.py' (from {testutil.REPO_ROOT})"
+            result,
+            f"--config=configs/nope.py: no such file 'configs/nope.py' (from {testutil.REPO_ROOT})",
         )
         result = _train(workdir, config="configs/default.py:smok")
         self._assert_fails(
@@ -73,11 +74,16 @@ class OneLineErrorTest(absltest.TestCase):
         result = _train("/proc/tfscale-run")
         self.assertEqual(result.returncode, 2, result.stderr[-3000:])
         last = result.stderr.strip().splitlines()[-1]
-        self.assertStartsWith(last, "tfscale-train: error: --workdir=/proc/tfscale-run cannot be written (/proc: ")
+        self.assertStartsWith(
+            last, "tfscale-train: error: --workdir=/proc/tfscale-run cannot be written (/proc: "
+        )
 
     def test_single_host_kind_in_a_cluster_names_the_kind_to_use(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        tf_config = {"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}
+        tf_config = {
+            "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+            "task": {"type": "worker", "index": 1},
+        }
         with mock.patch.dict(os.environ, {"TF_CONFIG": json.dumps(tf_config)}):
             result = _train(workdir)
         self._assert_fails(
@@ -91,7 +97,9 @@ class OneLineErrorTest(absltest.TestCase):
 
     def test_truncated_checkpoint_is_named(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = _train(workdir, "--config.training.epochs=1", "--config.training.steps_per_epoch=2")
+        result = _train(
+            workdir, "--config.training.epochs=1", "--config.training.steps_per_epoch=2"
+        )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
         path = os.path.join(workdir, lib.CHECKPOINTS_DIR, state["weights"])
@@ -99,11 +107,15 @@ class OneLineErrorTest(absltest.TestCase):
             head = f.read(3000)
         with open(path, "wb") as f:
             f.write(head)
-        result = _train(workdir, "--config.training.epochs=2", "--config.training.steps_per_epoch=2")
+        result = _train(
+            workdir, "--config.training.epochs=2", "--config.training.steps_per_epoch=2"
+        )
         self.assertEqual(result.returncode, 2, result.stderr[-3000:])
         self.assertNotIn("Traceback", result.stderr)
         last = result.stderr.strip().splitlines()[-1]
-        self.assertStartsWith(last, f"tfscale-train: error: Checkpoint {path} (epoch 1) cannot be read: ")
+        self.assertStartsWith(
+            last, f"tfscale-train: error: Checkpoint {path} (epoch 1) cannot be read: "
+        )
         self.assertIn("truncated file", last)
 
 
@@ -119,7 +131,9 @@ class KindSwitchTest(absltest.TestCase):
             config="configs/transformer_dtensor.py:smoke",
         )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
-        self.assertIn("config.distribution: kind 'mirrored' takes no layout_map, mesh; ignored", result.stderr)
+        self.assertIn(
+            "config.distribution: kind 'mirrored' takes no layout_map, mesh; ignored", result.stderr
+        )
         self.assertEqual(testutil.read_metrics(workdir)["kind"], "mirrored")
 
 

@@ -42,7 +42,9 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertLess(metrics["history"][1]["loss"], metrics["history"][0]["loss"])
         self.assertGreater(metrics["throughput"]["examples_per_sec"], 0)
         self.assertGreater(metrics["wall_time_s"], 0)
-        self.assertEqual(callbacks.read_backup_state(os.path.join(workdir, "checkpoints"))["epoch"], 2)
+        self.assertEqual(
+            callbacks.read_backup_state(os.path.join(workdir, "checkpoints"))["epoch"], 2
+        )
         self.assertTrue(os.listdir(os.path.join(workdir, "tensorboard")))
         self.assertIn("Epoch 2/2", result.stdout)  # the Keras progress output
 
@@ -59,7 +61,9 @@ class TrainBinaryTest(absltest.TestCase):
 
     def test_embedded_dispatcher_feeds_training_and_resumes(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=1")
+        result = testutil.train_binary(
+            workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=1"
+        )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         metrics = testutil.read_metrics(workdir)
         self.assertRegex(metrics["dispatcher"], r"^127\.0\.0\.1:\d+$")
@@ -68,7 +72,9 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertNotIn("ran out of data", result.stderr)
 
         # One more epoch: the journaled job is extended, training resumes.
-        result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=2")
+        result = testutil.train_binary(
+            workdir, "--config.data.dispatcher.embedded=True", "--config.training.epochs=2"
+        )
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         self.assertNotIn("ran out of data", result.stderr)
         resumed = testutil.read_metrics(workdir)
@@ -82,13 +88,21 @@ class TrainBinaryTest(absltest.TestCase):
             "--config.training.epochs=2",
         )
         command = [
-            sys.executable, "-m", "tfscale.train", "--config=configs/default.py:smoke",
-            f"--workdir={workdir}", f"--config.data.cache_dir={testutil.cache_dir()}", *args,
+            sys.executable,
+            "-m",
+            "tfscale.train",
+            "--config=configs/default.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.data.cache_dir={testutil.cache_dir()}",
+            *args,
         ]
         env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
         process = subprocess.Popen(
-            command, cwd=testutil.REPO_ROOT, env=env,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            command,
+            cwd=testutil.REPO_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.addCleanup(process.kill)
         state = os.path.join(workdir, "checkpoints")
@@ -121,8 +135,15 @@ class TrainBinaryTest(absltest.TestCase):
         files = synthetic.ensure_shards(testutil.cache_dir(), "train")
         pattern = os.path.join(os.path.dirname(files[0]), "*.tfrecord-*")
         server = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.data.dispatcher", "serve", f"--shards={pattern}",
-             "--job=train", "--policy=least_loaded"],
+            [
+                sys.executable,
+                "-m",
+                "tfscale.data.dispatcher",
+                "serve",
+                f"--shards={pattern}",
+                "--job=train",
+                "--policy=least_loaded",
+            ],
             cwd=testutil.REPO_ROOT,
             env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
             stdout=subprocess.PIPE,
@@ -141,11 +162,15 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertIn("job train [least_loaded]: epoch 1/1", status.stdout)
         self.assertIn("shards 16:", status.stdout)
         result = testutil.train_binary(
-            workdir + "2", f"--config.data.dispatcher.address={address}", "--config.training.epochs=3"
+            workdir + "2",
+            f"--config.data.dispatcher.address={address}",
+            "--config.training.epochs=3",
         )
         self.assertNotEqual(result.returncode, 0)
         self.assertIn(
-            "Dispatcher job 'train' at {} has 1 epoch(s); config.training.epochs=3 needs as many".format(address),
+            "Dispatcher job 'train' at {} has 1 epoch(s); config.training.epochs=3 needs as many".format(
+                address
+            ),
             result.stderr,
         )
 
@@ -163,15 +188,39 @@ class TrainBinaryTest(absltest.TestCase):
 
     def test_bad_values_fail_clearly_and_write_nothing(self):
         cases = [
-            ("--config.training.epochs=0", "config.training.epochs must be a positive int. Received: training.epochs=0"),
-            ("--config.distribution.kind=tpu", "Unknown distribution kind 'tpu'. Valid kinds: default, dtensor, mirrored, multi_worker_mirrored, one_device"),
-            ("--config.distribution.all_reduce=ring", "all_reduce must be one of auto, nccl, hierarchical_copy, reduce_to_one"),
-            ("--config.distribution.devices=9", "devices=9 asks for more devices than this host has (2:"),
-            ("--config.training.global_batch_size=63", "global_batch_size must be a positive multiple of the 2 replica(s)"),
-            ("--config.optimizer.name=lamb", "config.optimizer.name must be one of ('sgd', 'adam'). Received: optimizer.name='lamb'"),
+            (
+                "--config.training.epochs=0",
+                "config.training.epochs must be a positive int. Received: training.epochs=0",
+            ),
+            (
+                "--config.distribution.kind=tpu",
+                "Unknown distribution kind 'tpu'. Valid kinds: default, dtensor, mirrored, multi_worker_mirrored, one_device",
+            ),
+            (
+                "--config.distribution.all_reduce=ring",
+                "all_reduce must be one of auto, nccl, hierarchical_copy, reduce_to_one",
+            ),
+            (
+                "--config.distribution.devices=9",
+                "devices=9 asks for more devices than this host has (2:",
+            ),
+            (
+                "--config.training.global_batch_size=63",
+                "global_batch_size must be a positive multiple of the 2 replica(s)",
+            ),
+            (
+                "--config.optimizer.name=lamb",
+                "config.optimizer.name must be one of ('sgd', 'adam'). Received: optimizer.name='lamb'",
+            ),
             ("--config.data.source=mnist", "Unknown data source 'mnist'"),
-            ("--config.data.dispatcher.policy=fifo", "config.data.dispatcher.policy must be one of"),
-            ("--config.data.dispatcher.address=nohost", "config.data.dispatcher.address must be HOST:PORT"),
+            (
+                "--config.data.dispatcher.policy=fifo",
+                "config.data.dispatcher.policy must be one of",
+            ),
+            (
+                "--config.data.dispatcher.address=nohost",
+                "config.data.dispatcher.address must be HOST:PORT",
+            ),
         ]
         root = self.create_tempdir().full_path
         for flag, message in cases:
@@ -259,12 +308,27 @@ class RunTest(parameterized.TestCase):
         self.assertEqual(keras.config.dtype_policy().name, "float32")
 
     @parameterized.parameters(
-        dict(field=("training", "precision"), value="float16",
-             message="config.training.precision must be one of ('float32', 'mixed_float16', 'mixed_bfloat16')"),
-        dict(field=("training", "verbose"), value=3, message="config.training.verbose must be 0, 1 or 2"),
-        dict(field=("optimizer", "learning_rate"), value=-1.0, message="optimizer.learning_rate must be a positive number"),
+        dict(
+            field=("training", "precision"),
+            value="float16",
+            message="config.training.precision must be one of ('float32', 'mixed_float16', 'mixed_bfloat16')",
+        ),
+        dict(
+            field=("training", "verbose"),
+            value=3,
+            message="config.training.verbose must be 0, 1 or 2",
+        ),
+        dict(
+            field=("optimizer", "learning_rate"),
+            value=-1.0,
+            message="optimizer.learning_rate must be a positive number",
+        ),
         dict(field=("data", "max_train_examples"), value=10, message="fewer than one global batch"),
-        dict(field=("seed",), value=-1, message="config.seed must be a non-negative int. Received: seed=-1"),
+        dict(
+            field=("seed",),
+            value=-1,
+            message="config.seed must be a non-negative int. Received: seed=-1",
+        ),
     )
     def test_bad_values_raise_before_writing(self, field, value, message):
         config = self._config()

@@ -22,7 +22,9 @@ path = compat.keras_name_scope_path()  # e.g. "dense_1" inside a layer's build
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import keras
 import tensorflow as tf

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from tfscale.distribution_base import Distribution
 from tfscale.sharding import distribution as sharding_distribution
@@ -79,7 +80,9 @@ def register(name: str, factory: Callable[..., Distribution], *, spans_hosts: bo
 
 
 register("default", strategy_distribution.kind("default", local.default), spans_hosts=False)
-register("one_device", strategy_distribution.kind("one_device", local.one_device), spans_hosts=False)
+register(
+    "one_device", strategy_distribution.kind("one_device", local.one_device), spans_hosts=False
+)
 register("mirrored", strategy_distribution.kind("mirrored", local.mirrored), spans_hosts=False)
 register(
     "multi_worker_mirrored",

@@ -26,7 +26,8 @@ position = source.position(consumed=1000)  # save it with the checkpoint
 from __future__ import annotations
 
 import threading
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import tensorflow as tf
 
@@ -112,9 +113,12 @@ class DispatchedInput:
         auth_token: Optional[str] = None,
         tls_root_cert_file: Optional[str] = None,
     ):
-        for name, value, low in (("max_shards", max_shards, 1), ("cycle_length", cycle_length, 1),
-                                 ("buffer_elements", buffer_elements, 1),
-                                 ("shuffle_buffer", shuffle_buffer, 0)):
+        for name, value, low in (
+            ("max_shards", max_shards, 1),
+            ("cycle_length", cycle_length, 1),
+            ("buffer_elements", buffer_elements, 1),
+            ("shuffle_buffer", shuffle_buffer, 0),
+        ):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}. Received: {name}={value!r}")
         self.worker = worker or default_worker_name()
@@ -194,6 +198,7 @@ class DispatchedInput:
             buffer_output_elements=max(1, -(-self._buffer_elements // _READ_BATCH)),
         )
         batched = self._batched
+
         # Elements handed on so far, after each (batch of) element(s).
         def count(total, tagged):
             total += _size(tagged, batched)
@@ -211,7 +216,11 @@ class DispatchedInput:
     def _slots(self):
         """The generator behind the slots dataset: one `LeaseFeed` per iterator."""
         feed = feed_lib.LeaseFeed(
-            self._client, self.job, self.worker, self._max_shards, seed=self._seed,
+            self._client,
+            self.job,
+            self.worker,
+            self._max_shards,
+            seed=self._seed,
             track_consumed=self._track_consumed,
         )
         self._latest = feed
@@ -312,4 +321,3 @@ def _dummy(spec: Any) -> Any:
         return tf.zeros([d if d is not None else 0 for d in s.shape.as_list()], s.dtype)
 
     return tf.nest.map_structure(zeros, spec)
-

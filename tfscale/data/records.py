@@ -32,7 +32,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -216,8 +220,11 @@ def _read_cache(cache_dir: str) -> dict[str, Any]:
         logging.warning("Ignoring the record count cache %s, which cannot be read: %s", path, e)
         return {}
     if not isinstance(cache, dict):
-        logging.warning("Ignoring the record count cache %s: expected a JSON object, got %s",
-                        path, type(cache).__name__)
+        logging.warning(
+            "Ignoring the record count cache %s: expected a JSON object, got %s",
+            path,
+            type(cache).__name__,
+        )
         return {}
     return cache
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import tensorflow as tf
 
@@ -90,13 +91,13 @@ def load_split(
         files = synthetic.ensure_shards(cache_dir, split)
         return _from_files(files, cache_dir)
     if source.startswith("tfrecord:"):
-        pattern = source[len("tfrecord:"):].replace("{split}", split)
+        pattern = source[len("tfrecord:") :].replace("{split}", split)
         files = sorted(tf.io.gfile.glob(pattern))
         if not files:
             raise ValueError(f"No file matches {pattern!r} (source={source!r}, split={split!r})")
         return _from_files(files, cache_dir)
     if source.startswith("tfds:") and len(source) > len("tfds:"):
-        return _from_tfds(source[len("tfds:"):], split, tfds_data_dir, download)
+        return _from_tfds(source[len("tfds:") :], split, tfds_data_dir, download)
     raise ValueError(f"Unknown data source {source!r}. Valid sources: {', '.join(SOURCE_KINDS)}")
 
 

@@ -2,8 +2,9 @@
 
 No network is needed: each image is a digit glyph of a 5x7 bitmap font,
 drawn with a random scale, rotation, shear, shift and stroke width, with a
-faint distractor digit on half of the images and pixel noise on all. The set is generated once from a seed and written as sharded
-TFRecord files, so file sharding and the shard dispatcher read real shards.
+faint distractor digit on half of the images and pixel noise on all. The
+set is generated once from a seed and written as sharded TFRecord files,
+so file sharding and the shard dispatcher read real shards.
 A small CNN learns it to about 97% accuracy in a few epochs; chance is 10%.
 
 Example:
@@ -158,8 +159,14 @@ def _write_split(root: str, split: str) -> None:
             counts[name] = len(ids)
         # In the staging directory, so the counts appear with the shards or not at all.
         records.write_counts(staging, counts)
-        info = {"name": NAME, "version": VERSION, "split": split, "files": files,
-                "num_examples": num_examples, "seed": seed}
+        info = {
+            "name": NAME,
+            "version": VERSION,
+            "split": split,
+            "files": files,
+            "num_examples": num_examples,
+            "seed": seed,
+        }
         with open(os.path.join(staging, "info.json"), "w") as f:
             json.dump(info, f, indent=1)
         try:

@@ -16,8 +16,9 @@ Example:
 
 ```python
 config = LaunchConfig(nproc_per_node=2, max_restarts=3, log_dir="/tmp/run/logs")
-exit_code = launch(config, ["python", "-m", "tfscale.train", "--config=configs/default.py",
-                            "--workdir=/tmp/run", "--config.distribution.kind=multi_worker_mirrored"])
+command = ["python", "-m", "tfscale.train", "--config=configs/default.py", "--workdir=/tmp/run",
+           "--config.distribution.kind=multi_worker_mirrored"]
+exit_code = launch(config, command)
 ```
 """
 
@@ -36,7 +37,9 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Optional, Sequence, TextIO
+from typing import Optional
+from typing import Sequence
+from typing import TextIO
 
 from tfscale.strategies import cluster as cluster_lib
 
@@ -92,7 +95,9 @@ class LaunchConfig:
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1. Received: nproc_per_node={self.nproc_per_node}")
+            raise ValueError(
+                f"nproc_per_node must be >= 1. Received: nproc_per_node={self.nproc_per_node}"
+            )
         if self.nnodes < 1 or not 0 <= self.node_rank < self.nnodes:
             raise ValueError(
                 f"node_rank must be in [0, nnodes). Received: nnodes={self.nnodes}, "
@@ -104,7 +109,9 @@ class LaunchConfig:
                 f"Received: node_hosts={list(self.node_hosts)}"
             )
         if self.max_restarts < 0:
-            raise ValueError(f"max_restarts must be >= 0. Received: max_restarts={self.max_restarts}")
+            raise ValueError(
+                f"max_restarts must be >= 0. Received: max_restarts={self.max_restarts}"
+            )
         world = self.nnodes * self.nproc_per_node
         if self.log_ranks is not None and not all(0 <= r < world for r in self.log_ranks):
             raise ValueError(
@@ -125,6 +132,8 @@ def parse_ranks(value: str) -> Ranks:
     if not all(part.isdigit() for part in parts):
         raise ValueError(f"log_ranks must be 'all' or comma-separated ranks. Received: {value!r}")
     return tuple(int(part) for part in parts)
+
+
 def worker_addresses(config: LaunchConfig, node_hosts: Sequence[str] = ()) -> list[str]:
     """`host:port` of every worker of the job, by global rank.
 
@@ -246,8 +255,12 @@ def launch(
 
 
 def _start(
-    config: LaunchConfig, command: Sequence[str], attempt: int, hosts: Sequence[str],
-    console: _Console, log_dir: Optional[str],
+    config: LaunchConfig,
+    command: Sequence[str],
+    attempt: int,
+    hosts: Sequence[str],
+    console: _Console,
+    log_dir: Optional[str],
 ) -> list[_Worker]:
     workers = worker_addresses(config, hosts)
     group = []
@@ -321,7 +334,11 @@ class _Worker:
     """One worker process and the thread that carries its output to the console and its log."""
 
     def __init__(
-        self, process: subprocess.Popen, rank: int, local_rank: int, console: _Console,
+        self,
+        process: subprocess.Popen,
+        rank: int,
+        local_rank: int,
+        console: _Console,
         log_path: Optional[str],
     ) -> None:
         self.process = process
@@ -482,5 +499,3 @@ def _isatty(stream: TextIO) -> bool:
 
 def _exit_code(code: int) -> int:
     return 128 - code if code < 0 else code
-
-

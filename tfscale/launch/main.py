@@ -52,13 +52,17 @@ _MAX_RESTARTS = flags.DEFINE_integer(
     "max_restarts", 0, "Group restarts after failures (in a manifest: restarts of each worker)."
 )
 _LOG_RANKS = flags.DEFINE_string(
-    "log_ranks", "0",
+    "log_ranks",
+    "0",
     "Global ranks whose output the console shows: comma-separated, or `all`. Every rank's output "
     "goes to --log_dir/attempt<k>/rank<N>.log (k: restart count); without --log_dir, to a new "
     "temporary directory, unless --log_ranks=all.",
 )
 _EMIT = flags.DEFINE_enum(
-    "emit", None, list(manifests.FORMATS), "Print a manifest for --nnodes workers instead of running."
+    "emit",
+    None,
+    list(manifests.FORMATS),
+    "Print a manifest for --nnodes workers instead of running.",
 )
 _IMAGE = flags.DEFINE_string("image", None, "Container image (--emit=kubernetes|tfjob).")
 _NAME = flags.DEFINE_string("name", "tfscale", "Job name in an emitted manifest.")
@@ -110,11 +114,18 @@ def _manifest(command: list[str]) -> str:
     try:
         if _EMIT.value == "slurm":
             return manifests.slurm(
-                _NNODES.value, command, _NPROC.value, name=_NAME.value, port=_MASTER_PORT.value,
-                max_restarts=_MAX_RESTARTS.value, gpus=_GPUS.value,
+                _NNODES.value,
+                command,
+                _NPROC.value,
+                name=_NAME.value,
+                port=_MASTER_PORT.value,
+                max_restarts=_MAX_RESTARTS.value,
+                gpus=_GPUS.value,
             )
         if _NPROC.value != 1:
-            raise ValueError(f"--emit={_EMIT.value} runs one worker per pod: use --nproc_per_node=1")
+            raise ValueError(
+                f"--emit={_EMIT.value} runs one worker per pod: use --nproc_per_node=1"
+            )
         storage = manifests.Storage(
             claim=_VOLUME_CLAIM.value,
             size=_VOLUME_SIZE.value,
@@ -123,8 +134,14 @@ def _manifest(command: list[str]) -> str:
         )
         resources = manifests.Resources(cpu=_CPU.value, memory=_MEMORY.value, gpus=_GPUS.value)
         return manifests.emit(
-            _EMIT.value, _NNODES.value, _IMAGE.value, command, name=_NAME.value,
-            port=_MASTER_PORT.value, max_restarts=_MAX_RESTARTS.value, storage=storage,
+            _EMIT.value,
+            _NNODES.value,
+            _IMAGE.value,
+            command,
+            name=_NAME.value,
+            port=_MASTER_PORT.value,
+            max_restarts=_MAX_RESTARTS.value,
+            storage=storage,
             resources=resources,
         )
     except ValueError as e:

@@ -31,7 +31,9 @@ from __future__ import annotations
 import dataclasses
 import posixpath
 import shlex
-from typing import Any, Optional, Sequence
+from typing import Any
+from typing import Optional
+from typing import Sequence
 
 import yaml
 
@@ -106,9 +108,14 @@ class Resources:
 
 
 def kubernetes(
-    nnodes: int, image: str, command: Sequence[str], name: str = "tfscale",
-    port: int = cluster_lib.DEFAULT_PORT, max_restarts: int = 0,
-    storage: Storage = Storage(), resources: Resources = Resources(),
+    nnodes: int,
+    image: str,
+    command: Sequence[str],
+    name: str = "tfscale",
+    port: int = cluster_lib.DEFAULT_PORT,
+    max_restarts: int = 0,
+    storage: Storage = Storage(),
+    resources: Resources = Resources(),
 ) -> str:
     """A claim for the workdir, a headless Service and an Indexed Job of `nnodes` pods, as YAML.
 
@@ -167,9 +174,14 @@ def kubernetes(
 
 
 def tfjob(
-    nnodes: int, image: str, command: Sequence[str], name: str = "tfscale",
-    port: int = cluster_lib.DEFAULT_PORT, max_restarts: int = 0,
-    storage: Storage = Storage(), resources: Resources = Resources(),
+    nnodes: int,
+    image: str,
+    command: Sequence[str],
+    name: str = "tfscale",
+    port: int = cluster_lib.DEFAULT_PORT,
+    max_restarts: int = 0,
+    storage: Storage = Storage(),
+    resources: Resources = Resources(),
 ) -> str:
     """A Kubeflow TFJob with `nnodes` workers (the operator sets TF_CONFIG), as YAML.
 
@@ -201,8 +213,13 @@ def tfjob(
 
 
 def slurm(
-    nnodes: int, command: Sequence[str], nproc_per_node: int = 1, name: str = "tfscale",
-    time_limit: str = "01:00:00", port: int = cluster_lib.DEFAULT_PORT, max_restarts: int = 0,
+    nnodes: int,
+    command: Sequence[str],
+    nproc_per_node: int = 1,
+    name: str = "tfscale",
+    time_limit: str = "01:00:00",
+    port: int = cluster_lib.DEFAULT_PORT,
+    max_restarts: int = 0,
     gpus: int = 0,
 ) -> str:
     """An sbatch script running one worker per task on `nnodes` nodes.
@@ -303,7 +320,9 @@ def _inside(path: str, directory: str) -> bool:
 
 
 def _pod(
-    container: Document, volume: Optional[Document], restart_policy: Optional[str] = None,
+    container: Document,
+    volume: Optional[Document],
+    restart_policy: Optional[str] = None,
     subdomain: Optional[str] = None,
 ) -> Document:
     pod: Document = {}
@@ -319,8 +338,13 @@ def _pod(
 
 
 def _container(
-    name: str, image: str, command: Sequence[str], port: Document, env: dict[str, str],
-    resources: Resources, volume: Optional[Document],
+    name: str,
+    image: str,
+    command: Sequence[str],
+    port: Document,
+    env: dict[str, str],
+    resources: Resources,
+    volume: Optional[Document],
 ) -> Document:
     container: Document = {
         "name": name,

@@ -15,7 +15,8 @@ model.fit(dist.distribute_dataset(unbatched_ds, global_batch_size=64), epochs=2)
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import keras
 import tensorflow as tf
@@ -36,6 +37,7 @@ __all__ = [
     "dtensor_distribution",
 ]
 
+
 class DTensorDistribution(Distribution):
     """A `Distribution` whose variables are split over a DTensor mesh.
 
@@ -43,7 +45,12 @@ class DTensorDistribution(Distribution):
     `num_replicas_in_sync` is its size (1 for a mesh without one).
     """
 
-    def __init__(self, strategy: strategy_lib.DTensorStrategy, spec: mesh_lib.MeshSpec, options: dict[str, Any]):
+    def __init__(
+        self,
+        strategy: strategy_lib.DTensorStrategy,
+        spec: mesh_lib.MeshSpec,
+        options: dict[str, Any],
+    ):
         super().__init__("dtensor", options)
         self._strategy = strategy
         self._spec = spec
@@ -179,4 +186,6 @@ def dtensor_distribution(
         options["batch_axis"] = batch_axis
     if cluster != "auto":
         options.update(cluster=cluster, task_index=task_index)
-    return DTensorDistribution(strategy_lib.DTensorStrategy(built, rules, batch_axis), spec, options)
+    return DTensorDistribution(
+        strategy_lib.DTensorStrategy(built, rules, batch_axis), spec, options
+    )

@@ -21,7 +21,12 @@ layout_map = tfscale.LayoutMap.preset("megatron")
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any
+from typing import Iterable
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
+from typing import Union
 
 __all__ = [
     "Axes",
@@ -58,13 +63,23 @@ class LayoutMap:
     ```
     """
 
-    def __init__(self, rules: Union[Mapping[str, Sequence[Optional[str]]], Iterable[tuple[str, Sequence[Optional[str]]]], Any, None] = None):
+    def __init__(
+        self,
+        rules: Union[
+            Mapping[str, Sequence[Optional[str]]],
+            Iterable[tuple[str, Sequence[Optional[str]]]],
+            Any,
+            None,
+        ] = None,
+    ):
         self._rules: list[tuple[re.Pattern[str], Axes]] = []
         for pattern, axes in _rule_items(rules):
             self._add(pattern, axes)
 
     @classmethod
-    def preset(cls, name: str, *, model_axis: str = "model", embedding: str = "hidden") -> "LayoutMap":
+    def preset(
+        cls, name: str, *, model_axis: str = "model", embedding: str = "hidden"
+    ) -> "LayoutMap":
         """A named layout for common models.
 
         Args:
@@ -159,9 +174,13 @@ class LayoutMap:
         try:
             compiled = re.compile(pattern)
         except re.error as e:
-            raise ValueError(f"Layout rule {pattern!r} is not a valid regular expression: {e}") from None
-        if isinstance(axes, str) or not isinstance(axes, Sequence) or not all(
-            a is None or isinstance(a, str) for a in axes
+            raise ValueError(
+                f"Layout rule {pattern!r} is not a valid regular expression: {e}"
+            ) from None
+        if (
+            isinstance(axes, str)
+            or not isinstance(axes, Sequence)
+            or not all(a is None or isinstance(a, str) for a in axes)
         ):
             raise ValueError(
                 f"Layout rule {pattern!r}: axes must be a tuple with a mesh axis name or None "

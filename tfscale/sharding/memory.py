@@ -17,7 +17,8 @@ report.per_device_bytes            # parameters + optimizer state on one device
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import keras
 import numpy as np
@@ -103,10 +104,14 @@ class MemoryReport:
         rows = [("variable", "shape", "layout", "full", "per device")]
         for v in self.variables:
             layout = "(" + ", ".join(a or "-" for a in v.layout) + ")"
-            rows.append((v.path, str(v.shape), layout, _size(v.full_bytes), _size(v.per_device_bytes)))
+            rows.append(
+                (v.path, str(v.shape), layout, _size(v.full_bytes), _size(v.per_device_bytes))
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [
-            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+            "  ".join(
+                c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
             for r in rows
         ]
         mesh = f" on mesh {self.mesh}" if self.mesh else ""

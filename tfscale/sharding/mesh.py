@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Optional, Sequence
+from typing import Optional
+from typing import Sequence
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -101,7 +102,9 @@ class MeshSpec:
                 )
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"Mesh axis names must be unique. Received: {self} repeats {duplicates}")
+            raise ValueError(
+                f"Mesh axis names must be unique. Received: {self} repeats {duplicates}"
+            )
 
     @classmethod
     def parse(cls, spec: "str | MeshSpec") -> "MeshSpec":
@@ -113,9 +116,7 @@ class MeshSpec:
         if isinstance(spec, MeshSpec):
             return spec
         if not isinstance(spec, str) or not spec.strip():
-            raise ValueError(
-                f'A mesh spec is a string like "batch=2,model=2". Received: {spec!r}'
-            )
+            raise ValueError(f'A mesh spec is a string like "batch=2,model=2". Received: {spec!r}')
         axes = []
         for part in spec.split(","):
             name, sep, size = (s.strip() for s in part.partition("="))

@@ -37,7 +37,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import threading
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Optional
 
 import tensorflow as tf
 from tensorflow.experimental import dtensor
@@ -127,7 +130,9 @@ class _DTensorExtended(compat.default_extended_class()):
         finally:
             self._reference.layout = previous
 
-    def _create_variable(self, next_creator: Callable[..., tf.Variable], **kwargs: Any) -> tf.Variable:
+    def _create_variable(
+        self, next_creator: Callable[..., tf.Variable], **kwargs: Any
+    ) -> tf.Variable:
         del next_creator  # DTensor variables are made here, not by TF's default creator.
         initial_value = kwargs["initial_value"]
         name = kwargs.get("name")
@@ -159,7 +164,9 @@ class _DTensorExtended(compat.default_extended_class()):
             return variables.gather(value, self.mesh)
         return value
 
-    def _experimental_distribute_dataset(self, dataset: tf.data.Dataset, options: Any) -> "BatchedDTensorDataset":
+    def _experimental_distribute_dataset(
+        self, dataset: tf.data.Dataset, options: Any
+    ) -> "BatchedDTensorDataset":
         return BatchedDTensorDataset(dataset, self.mesh, self.batch_axis)
 
     def _distribute_datasets_from_function(self, dataset_fn: Any, options: Any) -> Any:

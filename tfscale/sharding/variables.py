@@ -20,7 +20,8 @@ v.assign(np.zeros((8, 16), "float32"))   # split to the layout again
 from __future__ import annotations
 
 import weakref
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import numpy as np
 import tensorflow as tf
@@ -47,7 +48,9 @@ def to_layout(value: Any, layout: dtensor.Layout) -> tf.Tensor:
     """`value` (a host array or tensor, or a DTensor) laid out as `layout`."""
     if not is_dtensor(value):
         value = tf.convert_to_tensor(value)
-        value = dtensor.copy_to_mesh(value, dtensor.Layout.replicated(layout.mesh, value.shape.rank))
+        value = dtensor.copy_to_mesh(
+            value, dtensor.Layout.replicated(layout.mesh, value.shape.rank)
+        )
     return dtensor.relayout(value, layout)
 
 
@@ -81,7 +84,9 @@ class ShardedVariable(compat.ReadOverride, dtensor.DVariable):
         super().__init__(initial_value, **kwargs)
         # graph -> the value this variable was last given in it (weakly: the
         # graph owns the tensor, and a strong reference would keep it alive).
-        self._written: "weakref.WeakKeyDictionary[tf.Graph, weakref.ref]" = weakref.WeakKeyDictionary()
+        self._written: "weakref.WeakKeyDictionary[tf.Graph, weakref.ref]" = (
+            weakref.WeakKeyDictionary()
+        )
 
     # In a traced step, DTensor's expansion of a function can let a read of a
     # variable run before an earlier write to it, dropping the order that
@@ -105,12 +110,24 @@ class ShardedVariable(compat.ReadOverride, dtensor.DVariable):
         self._written[tf.compat.v1.get_default_graph()] = weakref.ref(value)
         return value if read_value else written
 
-    def assign_add(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
+    def assign_add(
+        self,
+        delta: Any,
+        use_locking: Optional[bool] = None,
+        name: Optional[str] = None,
+        read_value: bool = True,
+    ) -> Any:
         if tf.executing_eagerly():
             return super().assign_add(delta, use_locking, name, read_value)
         return self._write(self.value() + delta, read_value, name)
 
-    def assign_sub(self, delta: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
+    def assign_sub(
+        self,
+        delta: Any,
+        use_locking: Optional[bool] = None,
+        name: Optional[str] = None,
+        read_value: bool = True,
+    ) -> Any:
         if tf.executing_eagerly():
             return super().assign_sub(delta, use_locking, name, read_value)
         return self._write(self.value() - delta, read_value, name)
@@ -125,7 +142,13 @@ class ShardedVariable(compat.ReadOverride, dtensor.DVariable):
         del copy  # numpy() always returns a fresh array.
         return np.asarray(self.numpy(), dtype=dtype)
 
-    def assign(self, value: Any, use_locking: Optional[bool] = None, name: Optional[str] = None, read_value: bool = True) -> Any:
+    def assign(
+        self,
+        value: Any,
+        use_locking: Optional[bool] = None,
+        name: Optional[str] = None,
+        read_value: bool = True,
+    ) -> Any:
         if not tf.executing_eagerly():
             return self._write(value, read_value, name)
         if not is_dtensor(value):

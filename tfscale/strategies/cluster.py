@@ -28,7 +28,10 @@ import json
 import os
 import re
 import socket
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any
+from typing import Mapping
+from typing import Optional
+from typing import Sequence
 
 __all__ = [
     "SOURCES",
@@ -70,7 +73,8 @@ class Cluster:
             raise ValueError(f"Worker addresses must be distinct. Received: {list(self.workers)}")
         if not 0 <= self.task_index < len(self.workers):
             raise ValueError(
-                f"task_index must be in [0, {len(self.workers)}). Received: task_index={self.task_index}"
+                f"task_index must be in [0, {len(self.workers)}). "
+                f"Received: task_index={self.task_index}"
             )
 
     @property
@@ -129,7 +133,9 @@ def from_tf_config(value: Optional[str] = None) -> Optional[Cluster]:
         )
     for job, addresses in jobs.items():
         if not isinstance(addresses, list) or not all(isinstance(a, str) for a in addresses):
-            raise ValueError(f"TF_CONFIG.cluster.{job} must be a list of host:port. Received: {addresses!r}")
+            raise ValueError(
+                f"TF_CONFIG.cluster.{job} must be a list of host:port. Received: {addresses!r}"
+            )
     workers = list(jobs.get("chief", [])) + list(jobs.get("worker", []))
     task_type = _field(task, "type", str, "TF_CONFIG.task")
     index = _field(task, "index", int, "TF_CONFIG.task")
@@ -166,7 +172,9 @@ def from_kubernetes(env: Mapping[str, str] = os.environ) -> Optional[Cluster]:
     """
     if "JOB_COMPLETION_INDEX" not in env:
         return None
-    missing = [k for k in ("TFSCALE_NUM_WORKERS", "TFSCALE_JOB_NAME", "TFSCALE_SERVICE") if k not in env]
+    missing = [
+        k for k in ("TFSCALE_NUM_WORKERS", "TFSCALE_JOB_NAME", "TFSCALE_SERVICE") if k not in env
+    ]
     if missing:
         raise ValueError(f"Kubernetes Indexed Job without {', '.join(missing)} in the environment")
     port = int(env.get("TFSCALE_PORT", DEFAULT_PORT))

@@ -20,7 +20,10 @@ model.fit(dist.distribute_dataset(unbatched_ds, global_batch_size=64))
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, Mapping, Union
+from typing import Any
+from typing import Callable
+from typing import Mapping
+from typing import Union
 
 import tensorflow as tf
 

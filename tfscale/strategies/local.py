@@ -17,7 +17,10 @@ strategy.num_replicas_in_sync  # 2
 from __future__ import annotations
 
 import itertools
-from typing import Any, Optional, Sequence, Union
+from typing import Any
+from typing import Optional
+from typing import Sequence
+from typing import Union
 
 import tensorflow as tf
 

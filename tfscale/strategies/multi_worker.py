@@ -24,7 +24,8 @@ strategy = multi_worker.multi_worker_mirrored(communication="ring")
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import tensorflow as tf
 
@@ -88,7 +89,9 @@ def multi_worker_mirrored(
         task_id=workers.task_index,
         rpc_layer="grpc",
     )
-    return _KerasMultiWorkerMirroredStrategy(cluster_resolver=resolver, communication_options=options)
+    return _KerasMultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=options
+    )
 
 
 def _is_nest(value: Any) -> bool:

@@ -25,7 +25,9 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import h5py
 import keras

@@ -17,7 +17,9 @@ validate(config)
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 import ml_collections
 from ml_collections import config_dict
@@ -196,24 +198,72 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """
     _check(config.seed, "seed", int, lambda v: v >= 0, "a non-negative int")
     training = config.training
-    _check(training.global_batch_size, "training.global_batch_size", int, lambda v: v > 0, "a positive int")
+    _check(
+        training.global_batch_size,
+        "training.global_batch_size",
+        int,
+        lambda v: v > 0,
+        "a positive int",
+    )
     _check(training.epochs, "training.epochs", int, lambda v: v > 0, "a positive int")
     if training.steps_per_epoch is not None:
-        _check(training.steps_per_epoch, "training.steps_per_epoch", int, lambda v: v > 0, "a positive int")
+        _check(
+            training.steps_per_epoch,
+            "training.steps_per_epoch",
+            int,
+            lambda v: v > 0,
+            "a positive int",
+        )
     _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
-    _check(training.checkpoints_to_keep, "training.checkpoints_to_keep", int, lambda v: v > 0, "a positive int")
-    _check(training.log_every_steps, "training.log_every_steps", int, lambda v: v >= 0, "a non-negative int")
+    _check(
+        training.checkpoints_to_keep,
+        "training.checkpoints_to_keep",
+        int,
+        lambda v: v > 0,
+        "a positive int",
+    )
+    _check(
+        training.log_every_steps,
+        "training.log_every_steps",
+        int,
+        lambda v: v >= 0,
+        "a non-negative int",
+    )
     _check(training.resize, "training.resize", str, lambda v: v in RESIZE, f"one of {RESIZE}")
-    _check(training.precision, "training.precision", str, lambda v: v in PRECISIONS, f"one of {PRECISIONS}")
+    _check(
+        training.precision,
+        "training.precision",
+        str,
+        lambda v: v in PRECISIONS,
+        f"one of {PRECISIONS}",
+    )
     optimizer = config.optimizer
     _check(optimizer.name, "optimizer.name", str, lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}")
-    _check(optimizer.learning_rate, "optimizer.learning_rate", float, lambda v: v > 0, "a positive number")
-    _check(optimizer.warmup_epochs, "optimizer.warmup_epochs", float, lambda v: v >= 0, "a non-negative number")
+    _check(
+        optimizer.learning_rate,
+        "optimizer.learning_rate",
+        float,
+        lambda v: v > 0,
+        "a positive number",
+    )
+    _check(
+        optimizer.warmup_epochs,
+        "optimizer.warmup_epochs",
+        float,
+        lambda v: v >= 0,
+        "a non-negative number",
+    )
     for name in ("max_train_examples", "max_eval_examples"):
         value = config.data[name]
         if value is not None:
             _check(value, f"data.{name}", int, lambda v: v > 0, "a positive int")
-    _check(config.data.shuffle_buffer, "data.shuffle_buffer", int, lambda v: v >= 0, "a non-negative int")
+    _check(
+        config.data.shuffle_buffer,
+        "data.shuffle_buffer",
+        int,
+        lambda v: v >= 0,
+        "a non-negative int",
+    )
     _validate_dispatcher(config.data.dispatcher)
 
 
@@ -225,26 +275,60 @@ def _validate_dispatcher(options: ml_collections.ConfigDict) -> None:
         )
     if options.address is not None:
         host, _, port = options.address.rpartition(":")
-        _check(options.address, "data.dispatcher.address", str,
-               lambda v: bool(host) and port.isdigit(), "HOST:PORT")
+        _check(
+            options.address,
+            "data.dispatcher.address",
+            str,
+            lambda v: bool(host) and port.isdigit(),
+            "HOST:PORT",
+        )
     policies = dispatcher_types.POLICY_NAMES
     max_shards = dispatcher_types.MAX_SHARDS_PER_CALL
     max_tfds_shards = dispatcher_shards.MAX_TFDS_SLICES
-    _check(options.policy, "data.dispatcher.policy", str,
-           lambda v: v in policies, f"one of {policies}")
-    _check(options.max_shards, "data.dispatcher.max_shards", int,
-           lambda v: 1 <= v <= max_shards, f"in [1, {max_shards}]")
-    _check(options.lease_timeout_s, "data.dispatcher.lease_timeout_s", float, lambda v: v > 0,
-           "a positive number")
-    _check(options.cycle_length, "data.dispatcher.cycle_length", int, lambda v: 1 <= v <= 64, "in [1, 64]")
-    _check(options.tfds_shards, "data.dispatcher.tfds_shards", int,
-           lambda v: 1 <= v <= max_tfds_shards, f"in [1, {max_tfds_shards}]")
-    _check(options.equalize, "data.dispatcher.equalize", str, lambda v: v in ("drop", "pad"), "drop or pad")
+    _check(
+        options.policy, "data.dispatcher.policy", str, lambda v: v in policies, f"one of {policies}"
+    )
+    _check(
+        options.max_shards,
+        "data.dispatcher.max_shards",
+        int,
+        lambda v: 1 <= v <= max_shards,
+        f"in [1, {max_shards}]",
+    )
+    _check(
+        options.lease_timeout_s,
+        "data.dispatcher.lease_timeout_s",
+        float,
+        lambda v: v > 0,
+        "a positive number",
+    )
+    _check(
+        options.cycle_length,
+        "data.dispatcher.cycle_length",
+        int,
+        lambda v: 1 <= v <= 64,
+        "in [1, 64]",
+    )
+    _check(
+        options.tfds_shards,
+        "data.dispatcher.tfds_shards",
+        int,
+        lambda v: 1 <= v <= max_tfds_shards,
+        f"in [1, {max_tfds_shards}]",
+    )
+    _check(
+        options.equalize,
+        "data.dispatcher.equalize",
+        str,
+        lambda v: v in ("drop", "pad"),
+        "drop or pad",
+    )
     for name in ("auth_token_file", "tls_root_cert_file"):
         path = options[name]
         if path is not None and not os.path.isfile(path):
             raise ConfigError(
-                f"config.data.dispatcher.{name} must name an existing file. Received: {name}={path!r}"
+                f"config.data.dispatcher.{name} must name an existing file. "
+                f"Received: {name}={path!r}"
             )
 
 

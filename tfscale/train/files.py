@@ -27,4 +27,3 @@ def write_json_atomic(path: str, value: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-

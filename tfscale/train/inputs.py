@@ -33,7 +33,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 import ml_collections
 import tensorflow as tf
@@ -157,9 +158,7 @@ def _dispatched(
     if split.files:
         reader = readers.records(split.image_shape)
     else:
-        reader = readers.tfds_slices(
-            [s.name for s in shards], data_dir=config.data.tfds_data_dir
-        )
+        reader = readers.tfds_slices([s.name for s in shards], data_dir=config.data.tfds_data_dir)
     source = dispatched.DispatchedInput(
         address,
         options.job,
@@ -219,7 +218,7 @@ def _shards(config: ml_collections.ConfigDict, split: sources.SplitData) -> tupl
     `counts.json`, else counted once and cached): no start reads the data through.
     """
     if not split.files:
-        name = config.data.source[len("tfds:"):]
+        name = config.data.source[len("tfds:") :]
         spec = f"tfds:{name}:{config.data.train_split}:{config.data.dispatcher.tfds_shards}"
         return shards_lib.expand(spec), split.num_examples
     counts = split.file_counts

@@ -25,7 +25,10 @@ import contextlib
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Optional
 
 import keras
 import ml_collections
@@ -50,6 +53,7 @@ __all__ = [
 
 METRICS_FILE = "metrics.json"
 CHECKPOINTS_DIR = "checkpoints"
+
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Trains, evaluates and writes `workdir/metrics.json` (on the chief).
@@ -197,8 +201,11 @@ def _resized(
     if global_batch != config.training.global_batch_size:
         logging.info(
             "Resumed on %d replicas (was %d): global batch %d -> %d, per replica %d",
-            dist.num_replicas_in_sync, saved["replicas"], config.training.global_batch_size,
-            global_batch, saved["per_replica_batch"],
+            dist.num_replicas_in_sync,
+            saved["replicas"],
+            config.training.global_batch_size,
+            global_batch,
+            saved["per_replica_batch"],
         )
     resized = config.copy_and_resolve_references()
     with resized.unlocked():
@@ -267,7 +274,9 @@ def _check_workdir(workdir: str) -> None:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
-        what = "exists and" if existing == os.path.abspath(workdir) else f"is under {existing}, which"
+        what = (
+            "exists and" if existing == os.path.abspath(workdir) else f"is under {existing}, which"
+        )
         raise config_lib.ConfigError(f"--workdir={workdir} {what} is not a directory")
     try:
         with tempfile.TemporaryFile(dir=existing):
@@ -328,7 +337,9 @@ def _distribution(config: ml_collections.ConfigDict) -> distribution_base.Distri
         raise config_lib.ConfigError(f"config.distribution: {e}") from None
 
 
-def _optimizer(config: ml_collections.ConfigDict, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+def _optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int
+) -> keras.optimizers.Optimizer:
     opt = config.optimizer
     learning_rate = schedules.scaled_learning_rate(
         opt.learning_rate,

@@ -25,7 +25,10 @@ import ast
 import difflib
 import os
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any
+from typing import NoReturn
+from typing import Optional
+from typing import Sequence
 
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) hides the
 # progress bar; users can still ask for it with TF_CPP_MIN_LOG_LEVEL=0.
@@ -85,7 +88,7 @@ def _explain(argv: Sequence[str], error: Exception) -> str:
         return config
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
-            path = arg[len("--config."):].split("=", 1)[0]
+            path = arg[len("--config.") :].split("=", 1)[0]
             unknown = _unknown_field(config, path)
             if unknown:
                 return f"{unknown} (from {arg})"
@@ -118,7 +121,11 @@ def _unknown_field(config: ml_collections.ConfigDict, path: str) -> Optional[str
         if name not in fields:
             where = "config." + ".".join(walked) if walked else "the config"
             close = difflib.get_close_matches(name, fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; fields: {', '.join(sorted(fields))}"
+            hint = (
+                f"; did you mean {close[0]!r}?"
+                if close
+                else f"; fields: {', '.join(sorted(fields))}"
+            )
             return f"Unknown config field {'.'.join(walked + [name])!r} in {where}{hint}"
         node = node[name]
         walked.append(name)

@@ -19,7 +19,8 @@ model.compile(optimizer="sgd", loss=models.loss("lenet"), metrics=["accuracy"])
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 import keras
 

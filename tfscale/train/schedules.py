@@ -17,7 +17,8 @@ optimizer = keras.optimizers.SGD(learning_rate=lr)
 from __future__ import annotations
 
 import math
-from typing import Any, Union
+from typing import Any
+from typing import Union
 
 import keras
 

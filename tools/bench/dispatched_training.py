@@ -47,8 +47,12 @@ def _run(path: str, cache_dir: str) -> float:
     """One `tfscale-train` run; its last epoch's examples/s."""
     with tempfile.TemporaryDirectory(prefix=f"tfscale-{path}-") as workdir:
         argv = [
-            sys.executable, "-m", "tfscale.train", "--config=configs/default.py",
-            f"--workdir={workdir}", f"--config.training.epochs={_EPOCHS.value}",
+            sys.executable,
+            "-m",
+            "tfscale.train",
+            "--config=configs/default.py",
+            f"--workdir={workdir}",
+            f"--config.training.epochs={_EPOCHS.value}",
             f"--config.data.cache_dir={cache_dir}",
         ]
         if _MAX_EXAMPLES.value:
@@ -90,20 +94,38 @@ def main(argv: list[str]) -> None:
         figures = {path: _run(path, cache_dir) for path in order}
         figures["ratio"] = figures["dispatched"] / figures["direct"]
         rounds.append(figures)
-        print(f"round {r}: direct {figures['direct']:,.0f}  dispatched {figures['dispatched']:,.0f}"
-              f"  ratio {figures['ratio']:.3f}", flush=True)
+        print(
+            f"round {r}: direct {figures['direct']:,.0f}  dispatched {figures['dispatched']:,.0f}"
+            f"  ratio {figures['ratio']:.3f}",
+            flush=True,
+        )
     summary = {
-        key: {"median": statistics.median(f[key] for f in rounds),
-              "min": min(f[key] for f in rounds), "max": max(f[key] for f in rounds)}
+        key: {
+            "median": statistics.median(f[key] for f in rounds),
+            "min": min(f[key] for f in rounds),
+            "max": max(f[key] for f in rounds),
+        }
         for key in (*_PATHS, "ratio")
     }
     with open(os.path.join(_OUT.value, "results.json"), "w") as f:
-        json.dump({"rounds": rounds, "summary": summary,
-                   "settings": {"epochs": _EPOCHS.value, "rounds": _ROUNDS.value,
-                                "max_train_examples": _MAX_EXAMPLES.value}}, f, indent=1)
+        json.dump(
+            {
+                "rounds": rounds,
+                "summary": summary,
+                "settings": {
+                    "epochs": _EPOCHS.value,
+                    "rounds": _ROUNDS.value,
+                    "max_train_examples": _MAX_EXAMPLES.value,
+                },
+            },
+            f,
+            indent=1,
+        )
     _plot(summary, os.path.join(_OUT.value, "dispatched_training.png"))
-    print(f"dispatched / direct examples/s: {summary['ratio']['median']:.3f} "
-          f"(min {summary['ratio']['min']:.3f}, max {summary['ratio']['max']:.3f})")
+    print(
+        f"dispatched / direct examples/s: {summary['ratio']['median']:.3f} "
+        f"(min {summary['ratio']['min']:.3f}, max {summary['ratio']['max']:.3f})"
+    )
     print(f"wrote {_OUT.value}/results.json and dispatched_training.png")
 
 

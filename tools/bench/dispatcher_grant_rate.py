@@ -338,7 +338,9 @@ def _targets(
     p99 = next(
         r["p99_ms"]
         for r in tfscale
-        if r["journal"] and r["clients"] == clients and r["shards_per_call"] == k
+        if r["journal"]
+        and r["clients"] == clients
+        and r["shards_per_call"] == k
         and r["mode"] == mode
     )
     return {
@@ -363,8 +365,11 @@ def _plot(results: dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
     fig, (rate, tail) = plt.subplots(1, 2, figsize=(14, 7))
-    series = [(m, k) for m in results["config"]["grant_modes"]
-              for k in results["config"]["shards_per_call"]]
+    series = [
+        (m, k)
+        for m in results["config"]["grant_modes"]
+        for k in results["config"]["shards_per_call"]
+    ]
     colors = {key: f"C{i}" for i, key in enumerate(series)}
     for journal, style in ((True, "-"), (False, "--")):
         label = "journal on" if journal else "journal off"
@@ -409,8 +414,9 @@ def _plot(results: dict[str, Any], path: str) -> None:
     # One legend for both panels, below them (the throughput panel has every series).
     handles, labels = rate.get_legend_handles_labels()
     target = tail.get_legend_handles_labels()
-    fig.legend(handles + target[0][-1:], labels + target[1][-1:], loc="lower center",
-               ncol=2, fontsize=7)
+    fig.legend(
+        handles + target[0][-1:], labels + target[1][-1:], loc="lower center", ncol=2, fontsize=7
+    )
     config = results["config"]
     fig.suptitle(
         f"{config['splits']} splits, {config['repeats']} repetitions, {config['cpus']} CPUs"

@@ -75,6 +75,7 @@ def _setups(devices: int, model_sizes: list[int]) -> list[tuple[str, str, dict]]
 
 def _build(kind: str, options: dict):
     import keras  # pylint: disable=import-outside-toplevel
+
     import tfscale  # pylint: disable=import-outside-toplevel
     from tfscale.train import models  # pylint: disable=import-outside-toplevel
 
@@ -82,8 +83,13 @@ def _build(kind: str, options: dict):
     keras.utils.set_random_seed(0)
     with dist.scope():
         model = models.build(
-            "transformer", (28, 28, 1), 10, model_dim=_MODEL_DIM.value, num_heads=_HEADS.value,
-            mlp_dim=_MLP_DIM.value, num_layers=_LAYERS.value,
+            "transformer",
+            (28, 28, 1),
+            10,
+            model_dim=_MODEL_DIM.value,
+            num_heads=_HEADS.value,
+            mlp_dim=_MLP_DIM.value,
+            num_layers=_LAYERS.value,
         )
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=models.loss("transformer"))
     return dist, model
@@ -133,7 +139,9 @@ def main(argv: list[str]) -> None:
     import tfscale  # pylint: disable=import-outside-toplevel
 
     if _GPU.value:
-        tfscale.configure_devices(virtual_gpus_per_gpu=_DEVICES.value, gpu_memory_limit_mb=_GPU_MEMORY.value)
+        tfscale.configure_devices(
+            virtual_gpus_per_gpu=_DEVICES.value, gpu_memory_limit_mb=_GPU_MEMORY.value
+        )
     else:
         tfscale.configure_devices(virtual_cpus=_DEVICES.value)
     setups = _setups(_DEVICES.value, [int(m) for m in _MODEL_SIZES.value])
@@ -145,28 +153,45 @@ def main(argv: list[str]) -> None:
         batches = dist.distribute_dataset(data, _BATCH.value)
         model.fit(batches, epochs=1, steps_per_epoch=3, verbose=0)  # trace and warm up
         built[name] = (model, batches, report)
-        print(f"{name}: {report.per_device_bytes} B per device (unsplit {report.full_bytes} B)", flush=True)
+        print(
+            f"{name}: {report.per_device_bytes} B per device (unsplit {report.full_bytes} B)",
+            flush=True,
+        )
 
     medians: dict[str, list[float]] = {name: [] for name, _, _ in setups}
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in setups}
     for round_index in range(_ROUNDS.value):
-        order = setups[round_index % len(setups):] + setups[: round_index % len(setups)]
+        order = setups[round_index % len(setups) :] + setups[: round_index % len(setups)]
         this_round = {}
         for name, _, _ in order:
             model, batches, _ = built[name]
             timer = _StepTimes()
-            model.fit(batches, epochs=1, steps_per_epoch=_STEPS.value, verbose=0, callbacks=[timer.callback])
+            model.fit(
+                batches,
+                epochs=1,
+                steps_per_epoch=_STEPS.value,
+                verbose=0,
+                callbacks=[timer.callback],
+            )
             this_round[name] = statistics.median(timer.times[1:])
         for name in this_round:
             medians[name].append(this_round[name])
             ratios[name].append(this_round[name] / this_round["mirrored"])
-        print(f"round {round_index + 1}: " + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in this_round.items()), flush=True)
+        print(
+            f"round {round_index + 1}: "
+            + ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in this_round.items()),
+            flush=True,
+        )
 
     results = {
         "devices": _DEVICES.value,
         "device_type": "GPU" if _GPU.value else "CPU",
-        "model": {"model_dim": _MODEL_DIM.value, "num_heads": _HEADS.value, "mlp_dim": _MLP_DIM.value,
-                  "num_layers": _LAYERS.value},
+        "model": {
+            "model_dim": _MODEL_DIM.value,
+            "num_heads": _HEADS.value,
+            "mlp_dim": _MLP_DIM.value,
+            "num_layers": _LAYERS.value,
+        },
         "global_batch_size": _BATCH.value,
         "rounds": _ROUNDS.value,
         "steps_per_round": _STEPS.value,
@@ -190,8 +215,10 @@ def main(argv: list[str]) -> None:
     _plot(results, os.path.join(_OUT.value, "dtensor_sharding.png"))
     print(f"{'setup':28s} {'per device':>12s} {'step ms':>9s} {'vs mirrored':>12s}")
     for name, row in results["setups"].items():
-        print(f"{name:28s} {row['per_device_bytes']:>10d} B {row['step_time_ms']:>9.2f} "
-              f"{row['step_time_ratio_vs_mirrored']:>11.2f}x")
+        print(
+            f"{name:28s} {row['per_device_bytes']:>10d} B {row['step_time_ms']:>9.2f} "
+            f"{row['step_time_ratio_vs_mirrored']:>11.2f}x"
+        )
     print(f"wrote {_OUT.value}/results.json and dtensor_sharding.png")
 
 

@@ -42,8 +42,8 @@ from __future__ import annotations
 import itertools
 import os
 import sys
-import time
 import threading
+import time
 from typing import Callable
 from typing import Iterable
 from typing import Optional

@@ -104,10 +104,9 @@ import time
 from typing import Callable
 from typing import Optional
 
+import faults_restarts
 from absl import app
 from absl import flags
-
-import faults_restarts
 
 from tfscale.strategies import cluster
 

@@ -26,7 +26,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -34,17 +35,28 @@ from absl import flags
 _OUT = flags.DEFINE_string("out", "/tmp/tfscale_bench/gpu", "Output directory (gpu.json).")
 _EPOCHS = flags.DEFINE_integer("epochs", 2, "Epochs per run.")
 _MAX_TRAIN = flags.DEFINE_integer("max_train_examples", None, "Limit on train examples per run.")
-_BUDGET_S = flags.DEFINE_float("budget_s", 450.0, "Total seconds for all runs; later runs are skipped.")
+_BUDGET_S = flags.DEFINE_float(
+    "budget_s", 450.0, "Total seconds for all runs; later runs are skipped."
+)
 _RUN_TIMEOUT_S = flags.DEFINE_float("run_timeout_s", 150.0, "Seconds one run may take.")
-_LOGICAL_GPU_MB = flags.DEFINE_integer("logical_gpu_memory_mb", 16384, "Memory of each of the 2 logical GPUs.")
+_LOGICAL_GPU_MB = flags.DEFINE_integer(
+    "logical_gpu_memory_mb", 16384, "Memory of each of the 2 logical GPUs."
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _has_gpu() -> bool:
     probe = subprocess.run(
-        [sys.executable, "-c", "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))"],
-        capture_output=True, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=False,
+        [
+            sys.executable,
+            "-c",
+            "import tensorflow as tf; print(len(tf.config.list_physical_devices('GPU')))",
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        check=False,
     )
     return probe.returncode == 0 and probe.stdout.strip().splitlines()[-1:] != ["0"]
 
@@ -63,25 +75,55 @@ def _runs(gpu: bool) -> list[tuple[str, str, list[str]]]:
     runs = []
     for model, config in (("cnn", "configs/default.py"), ("transformer", "configs/transformer.py")):
         for precision in ("float32", "mixed_float16"):
-            runs.append((f"{model} mirrored 1 device {precision}", config,
-                         [*one, f"--config.training.precision={precision}"]))
-    runs.append(("transformer mirrored 2 logical devices float32", "configs/transformer.py",
-                 [*two_devices, "--config.distribution.kind=mirrored"]))
-    runs.append(("transformer dtensor model=2 float32", "configs/transformer_dtensor.py",
-                 [*two_devices, "--config.distribution.mesh=model=2"]))
+            runs.append(
+                (
+                    f"{model} mirrored 1 device {precision}",
+                    config,
+                    [*one, f"--config.training.precision={precision}"],
+                )
+            )
+    runs.append(
+        (
+            "transformer mirrored 2 logical devices float32",
+            "configs/transformer.py",
+            [*two_devices, "--config.distribution.kind=mirrored"],
+        )
+    )
+    runs.append(
+        (
+            "transformer dtensor model=2 float32",
+            "configs/transformer_dtensor.py",
+            [*two_devices, "--config.distribution.mesh=model=2"],
+        )
+    )
     return runs
 
 
 def _train(config: str, overrides: list[str], timeout: float) -> dict[str, Any]:
     workdir = tempfile.mkdtemp(prefix="tfscale-gpu-bench-")
-    args = [sys.executable, "-m", "tfscale.train", f"--config={config}", f"--workdir={workdir}",
-            f"--config.training.epochs={_EPOCHS.value}", "--config.training.verbose=2", *overrides]
+    args = [
+        sys.executable,
+        "-m",
+        "tfscale.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.training.epochs={_EPOCHS.value}",
+        "--config.training.verbose=2",
+        *overrides,
+    ]
     if _MAX_TRAIN.value:
         args.append(f"--config.data.max_train_examples={_MAX_TRAIN.value}")
     start = time.perf_counter()
     try:
-        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                              env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"), check=False)
+        done = subprocess.run(
+            args,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2"),
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         return {"status": f"timed out after {timeout:.0f} s"}
     wall = time.perf_counter() - start
@@ -119,9 +161,16 @@ def main(argv: list[str]) -> None:
         else:
             results[name] = _train(config, overrides, min(_RUN_TIMEOUT_S.value, left))
         row = results[name]
-        print(f"{name:48s} {row['status']:>10s} "
-              + (f"{row['examples_per_sec']:9.0f} ex/s  {row['step_time_ms']:7.2f} ms/step  "
-                 f"acc {row['eval_accuracy']:.3f}" if row["status"] == "ok" else ""), flush=True)
+        print(
+            f"{name:48s} {row['status']:>10s} "
+            + (
+                f"{row['examples_per_sec']:9.0f} ex/s  {row['step_time_ms']:7.2f} ms/step  "
+                f"acc {row['eval_accuracy']:.3f}"
+                if row["status"] == "ok"
+                else ""
+            ),
+            flush=True,
+        )
     summary = {
         "gpu": gpu,
         "epochs": _EPOCHS.value,
@@ -129,13 +178,23 @@ def main(argv: list[str]) -> None:
         "runs": results,
         "ratios": {
             "cnn mixed_float16 / float32 step time": _ratio(
-                results, "cnn mirrored 1 device mixed_float16", "cnn mirrored 1 device float32", "step_time_ms"),
+                results,
+                "cnn mirrored 1 device mixed_float16",
+                "cnn mirrored 1 device float32",
+                "step_time_ms",
+            ),
             "transformer mixed_float16 / float32 step time": _ratio(
-                results, "transformer mirrored 1 device mixed_float16", "transformer mirrored 1 device float32",
-                "step_time_ms"),
+                results,
+                "transformer mirrored 1 device mixed_float16",
+                "transformer mirrored 1 device float32",
+                "step_time_ms",
+            ),
             "transformer dtensor model=2 / mirrored 2 logical step time": _ratio(
-                results, "transformer dtensor model=2 float32", "transformer mirrored 2 logical devices float32",
-                "step_time_ms"),
+                results,
+                "transformer dtensor model=2 float32",
+                "transformer mirrored 2 logical devices float32",
+                "step_time_ms",
+            ),
         },
     }
     os.makedirs(_OUT.value, exist_ok=True)

@@ -131,7 +131,9 @@ _RUN_TIMEOUT_S = flags.DEFINE_float(
     "run_timeout_s", 900.0, "Limit of one run, start to end (--quick: 180 unless given)."
 )
 _QUICK = flags.DEFINE_bool(
-    "quick", False, "Smoke test: --rounds=1 --large_files=2 --large_file_mb=20 --run_timeout_s=180 unless given.",
+    "quick",
+    False,
+    "Smoke test: --rounds=1 --large_files=2 --large_file_mb=20 --run_timeout_s=180 unless given.",
 )
 _ROLE = flags.DEFINE_enum(
     "role", "main", ["main", "consumer", "service"], "Internal: what this process is."
@@ -585,8 +587,17 @@ class _Bench:
             peak_rss_mb=max(r["peak_rss_mb"] for r in reports),
             complete=elements == info["elements"],
             per_consumer=[
-                {k: r[k] for k in ("elements", "seconds", "first_batch_s", "startup_s",
-                                   "peak_rss_mb", "ru_maxrss_mb")}
+                {
+                    k: r[k]
+                    for k in (
+                        "elements",
+                        "seconds",
+                        "first_batch_s",
+                        "startup_s",
+                        "peak_rss_mb",
+                        "ru_maxrss_mb",
+                    )
+                }
                 for r in reports
             ],
         )
@@ -606,7 +617,9 @@ class _Bench:
             f"--policy={_POLICY.value}",
             f"--work_dir={work_dir if _JOURNAL.value else ''}",
         ]
-        child = _Child(argv, os.path.join(self.logs, "tfscale_dispatcher.log"), "tfscale-dispatcher")
+        child = _Child(
+            argv, os.path.join(self.logs, "tfscale_dispatcher.log"), "tfscale-dispatcher"
+        )
         children.append(child)
         return child.expect("tfscale-dispatcher listening on", _START_TIMEOUT_S)
 
@@ -619,7 +632,8 @@ def _summary(rounds: list[dict[str, Any]], groups: list[tuple[str, int]], cases:
         found = []
         for r in rounds:
             run = next(
-                x for x in r["runs"]
+                x
+                for x in r["runs"]
                 if (x["dataset"], x["consumers"], x["case"]) == (dataset, consumers, case)
             )
             found.append(None if "error" in run else run)
@@ -631,8 +645,11 @@ def _summary(rounds: list[dict[str, Any]], groups: list[tuple[str, int]], cases:
         for case, runs in per_case.items():
             done = [r for r in runs if r]
             cell: dict[str, Any] = {
-                "dataset": dataset, "consumers": consumers, "case": case,
-                "rounds_ok": len(done), "rounds_failed": len(runs) - len(done),
+                "dataset": dataset,
+                "consumers": consumers,
+                "case": case,
+                "rounds_ok": len(done),
+                "rounds_failed": len(runs) - len(done),
             }
             if done:
                 rates = [r["elements_per_s"] for r in done]
@@ -648,7 +665,10 @@ def _summary(rounds: list[dict[str, Any]], groups: list[tuple[str, int]], cases:
         ratio: dict[str, Any] = {"dataset": dataset, "consumers": consumers}
         if TFSCALE in per_case:
             ours = per_case[TFSCALE]
-            for other, key in ((PLAIN, "tfscale_over_plain"), (SERVICE, "tfscale_over_tfdata_service")):
+            for other, key in (
+                (PLAIN, "tfscale_over_plain"),
+                (SERVICE, "tfscale_over_tfdata_service"),
+            ):
                 if other in per_case:
                     values = [
                         a["elements_per_s"] / b["elements_per_s"]
@@ -664,7 +684,8 @@ def _summary(rounds: list[dict[str, Any]], groups: list[tuple[str, int]], cases:
                 )
                 ratio["rss_tfscale_minus_plain_mb_rounds"] = [
                     a["peak_rss_mb"] - b["peak_rss_mb"]
-                    for a, b in zip(ours, per_case[PLAIN]) if a and b
+                    for a, b in zip(ours, per_case[PLAIN])
+                    if a and b
                 ]
         ratios.append(ratio)
     return {"cells": cells, "ratios": ratios}
@@ -739,7 +760,9 @@ def _plot(results: dict[str, Any], path: str) -> None:
             f"{info['bytes'] / _MB:.0f} MB"
         )
         for ax in (rate_ax, rss_ax):
-            ax.set_xticks(range(len(consumer_counts)), [f"{n} consumer(s)" for n in consumer_counts])
+            ax.set_xticks(
+                range(len(consumer_counts)), [f"{n} consumer(s)" for n in consumer_counts]
+            )
         rate_ax.set_ylabel("elements/s (median; bars: min-max)")
         rss_ax.set_ylabel("consumer peak RSS, MB (max)")
         rate_ax.legend(fontsize=8)
@@ -762,7 +785,9 @@ def _quick_default(flag: Any, quick_value: Any) -> Any:
 def _choices(flag: Any, valid: tuple[str, ...]) -> list[str]:
     unknown = sorted(set(flag.value) - set(valid))
     if unknown or not flag.value:
-        raise app.UsageError(f"--{flag.name}: expected some of {', '.join(valid)}. Got: {flag.value}")
+        raise app.UsageError(
+            f"--{flag.name}: expected some of {', '.join(valid)}. Got: {flag.value}"
+        )
     return [v for v in valid if v in flag.value]
 
 
@@ -784,7 +809,9 @@ def _measure(bench: _Bench, groups: list[tuple[str, int]], cases: list[str], rou
                         f"peak RSS {run['peak_rss_mb']:.0f} MB"
                         + ("" if run["complete"] else " WRONG ELEMENT COUNT")
                     )
-                print(f"round {r + 1}/{rounds} {dataset} x{consumers} {case}: {figures}", flush=True)
+                print(
+                    f"round {r + 1}/{rounds} {dataset} x{consumers} {case}: {figures}", flush=True
+                )
         all_rounds.append({"round": r, "runs": runs})
     return all_rounds
 
@@ -814,7 +841,9 @@ def _main() -> int:
     for info in datasets.values():
         found = sorted(glob.glob(info["glob"]))
         if found != sorted(info["files"]):
-            raise RuntimeError(f"The glob {info['glob']} matches {len(found)} files, not the dataset's")
+            raise RuntimeError(
+                f"The glob {info['glob']} matches {len(found)} files, not the dataset's"
+            )
         _warm_page_cache(info["files"])
     groups = [(d, n) for d in dataset_names for n in consumer_counts]
     bench = _Bench(out, datasets, _quick_default(_RUN_TIMEOUT_S, 180.0))

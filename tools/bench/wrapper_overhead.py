@@ -79,6 +79,7 @@ class _StepClock:
 def _data():
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     from tfscale.data import synthetic  # pylint: disable=import-outside-toplevel
 
     images, labels = synthetic.generate(_EXAMPLES.value, seed=0)
@@ -91,6 +92,7 @@ def _data():
 
 def _compiled_model(scope):
     import keras  # pylint: disable=import-outside-toplevel
+
     from tfscale.train import models  # pylint: disable=import-outside-toplevel
 
     keras.utils.set_random_seed(0)
@@ -107,6 +109,7 @@ def _compiled_model(scope):
 def _build(data) -> tuple[dict, list[str]]:
     """Both paths: name -> (model, distributed input, extra callbacks factory)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
     import tfscale  # pylint: disable=import-outside-toplevel
     from tfscale.train import callbacks  # pylint: disable=import-outside-toplevel
 
@@ -151,16 +154,31 @@ def _plot(results: dict, path: str) -> None:
     x = [r["round"] for r in rounds]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, color in zip(_PATHS, ("tab:blue", "tab:orange")):
-        left.plot(x, [r[f"{name}_steps_per_sec"] for r in rounds], "o-", color=color,
-                  label=f"{name} (median {results['median_steps_per_sec'][name]:.1f})")
+        left.plot(
+            x,
+            [r[f"{name}_steps_per_sec"] for r in rounds],
+            "o-",
+            color=color,
+            label=f"{name} (median {results['median_steps_per_sec'][name]:.1f})",
+        )
     left.set_xlabel("round")
     left.set_ylabel("steps/s")
     left.set_title("Steps/s per round")
     left.legend()
-    right.plot(x, [r["ratio"] for r in rounds], "o-", color="tab:green",
-               label=f"tfscale/raw (median {results['median_ratio']:.3f})")
-    right.axhline(results["target"], color="tab:red", linestyle="--", linewidth=1,
-                  label=f"target {results['target']}")
+    right.plot(
+        x,
+        [r["ratio"] for r in rounds],
+        "o-",
+        color="tab:green",
+        label=f"tfscale/raw (median {results['median_ratio']:.3f})",
+    )
+    right.axhline(
+        results["target"],
+        color="tab:red",
+        linestyle="--",
+        linewidth=1,
+        label=f"target {results['target']}",
+    )
     right.axhline(1.0, color="gray", linestyle=":", linewidth=1)
     right.set_xlabel("round")
     right.set_ylabel("steps/s ratio within the round")
@@ -194,16 +212,23 @@ def main(argv: list[str]) -> None:
     for round_index in range(_ROUNDS.value):
         order = _PATHS if round_index % 2 == 0 else _PATHS[::-1]
         speed = {name: _fit(paths[name], _STEPS.value) for name in order}
-        per_round.append({
-            "round": round_index + 1,
-            "first": order[0],
-            **{f"{name}_steps_per_sec": speed[name] for name in _PATHS},
-            "ratio": speed["tfscale"] / speed["raw"],
-        })
-        print(f"round {round_index + 1} ({order[0]} first): tfscale {speed['tfscale']:.1f}, "
-              f"raw {speed['raw']:.1f} steps/s, ratio {per_round[-1]['ratio']:.3f}", flush=True)
+        per_round.append(
+            {
+                "round": round_index + 1,
+                "first": order[0],
+                **{f"{name}_steps_per_sec": speed[name] for name in _PATHS},
+                "ratio": speed["tfscale"] / speed["raw"],
+            }
+        )
+        print(
+            f"round {round_index + 1} ({order[0]} first): tfscale {speed['tfscale']:.1f}, "
+            f"raw {speed['raw']:.1f} steps/s, ratio {per_round[-1]['ratio']:.3f}",
+            flush=True,
+        )
 
-    medians = {name: statistics.median(r[f"{name}_steps_per_sec"] for r in per_round) for name in _PATHS}
+    medians = {
+        name: statistics.median(r[f"{name}_steps_per_sec"] for r in per_round) for name in _PATHS
+    }
     ratio = statistics.median(r["ratio"] for r in per_round)
     results = {
         "config": {

@@ -58,7 +58,10 @@ def read_token_file(path: Optional[str]) -> Optional[str]:
     if mode & 0o044:
         logging.warning(
             "The auth token file %s is readable by its group or others (mode %03o); "
-            "run `chmod 600 %s`.", path, mode, path
+            "run `chmod 600 %s`.",
+            path,
+            mode,
+            path,
         )
     if not token:
         raise ValueError(f"The auth token file {path} is empty")

@@ -231,4 +231,3 @@ class DispatcherClient:
                     ) from None
             time.sleep(delay)
             delay = min(delay * 2, _MAX_RETRY_SLEEP_S)
-

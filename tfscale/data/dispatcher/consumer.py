@@ -121,8 +121,12 @@ class ShardConsumer:
 
     def _new_feed(self) -> feed_lib.LeaseFeed:
         return feed_lib.LeaseFeed(
-            self._client, self._job, self._worker, self._max_shards,
-            seed=self._shuffle_seed or 0, poll_s=self._poll_s,
+            self._client,
+            self._job,
+            self._worker,
+            self._max_shards,
+            seed=self._shuffle_seed or 0,
+            poll_s=self._poll_s,
         )
 
     def _elements(self, slot: feed_lib.Slot) -> Iterator[T]:

@@ -57,7 +57,9 @@ import dataclasses
 import random
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any
+from typing import Callable
+from typing import Optional
 
 from tfscale.data.dispatcher import policies as policies_lib
 from tfscale.data.dispatcher.types import MAX_JOBS
@@ -247,7 +249,9 @@ class DispatcherCore:
                         f"num_epochs may grow: {existing.spec.num_epochs} -> {spec.num_epochs})"
                     )
                 if spec.num_epochs > existing.spec.num_epochs:
-                    self._commit({"op": "extend_job", "job": spec.name, "num_epochs": spec.num_epochs})
+                    self._commit(
+                        {"op": "extend_job", "job": spec.name, "num_epochs": spec.num_epochs}
+                    )
                 return False
             self._commit({"op": "create_job", "spec": spec.to_dict()})
             return True
@@ -359,7 +363,8 @@ class DispatcherCore:
         """
         if not 0 <= max_shards <= MAX_SHARDS_PER_CALL:
             raise InvalidArgument(
-                f"max_shards must be in [0, {MAX_SHARDS_PER_CALL}]. Received: max_shards={max_shards}"
+                f"max_shards must be in [0, {MAX_SHARDS_PER_CALL}]. "
+                f"Received: max_shards={max_shards}"
             )
         if max(len(complete), len(release), len(progress or {})) > MAX_TOKENS_PER_CALL:
             raise InvalidArgument(
@@ -368,7 +373,9 @@ class DispatcherCore:
                 f"{len(progress or {})} progress reports"
             )
         if claim not in CLAIMS:
-            raise InvalidArgument(f"claim must be one of {', '.join(CLAIMS)}. Received: claim={claim!r}")
+            raise InvalidArgument(
+                f"claim must be one of {', '.join(CLAIMS)}. Received: claim={claim!r}"
+            )
         progress = _checked_progress(progress)
         with self._lock:
             state, record = self._registered(job, worker)
@@ -388,9 +395,15 @@ class DispatcherCore:
             records = []
             for shard, speculative in grants:
                 records.append(
-                    {"op": "grant", "job": job, "worker": worker, "shard": shard,
-                     "epoch": state.epoch, "token": self._next_token + len(records),
-                     "speculative": speculative}
+                    {
+                        "op": "grant",
+                        "job": job,
+                        "worker": worker,
+                        "shard": shard,
+                        "epoch": state.epoch,
+                        "token": self._next_token + len(records),
+                        "speculative": speculative,
+                    }
                 )
                 if claim != "none" and not speculative:
                     records[-1]["claim"] = claim
@@ -586,7 +599,9 @@ class DispatcherCore:
         shards = list(dict.fromkeys(selection.shards))
         taken = {a.lease.shard_index for a in state.leases.values()} | state.done
         if len(shards) > max_shards or any(s in taken or s not in state.order for s in shards):
-            raise RuntimeError(f"Policy {state.spec.policy!r} returned an invalid selection {selection}")
+            raise RuntimeError(
+                f"Policy {state.spec.policy!r} returned an invalid selection {selection}"
+            )
         backups = []
         for shard in dict.fromkeys(selection.backups):
             holders = [state.leases[t].lease.worker for t in state.holders(shard)]
@@ -605,8 +620,12 @@ class DispatcherCore:
     def _progress_records(self, state: _Job, tokens: list[int]) -> list[dict[str, Any]]:
         """Journal records of the progress of leases about to end unfinished."""
         return [
-            {"op": "progress", "job": state.spec.name, "token": t,
-             "offset": state.leases[t].progress}
+            {
+                "op": "progress",
+                "job": state.spec.name,
+                "token": t,
+                "offset": state.leases[t].progress,
+            }
             for t in tokens
             if state.leases[t].progress > state.leases[t].lease.offset
         ]
@@ -619,14 +638,21 @@ class DispatcherCore:
                 active.progress = max(active.progress, offset)
 
     def _settle(
-        self, state: _Job, worker: str, complete: tuple[int, ...], release: tuple[int, ...],
+        self,
+        state: _Job,
+        worker: str,
+        complete: tuple[int, ...],
+        release: tuple[int, ...],
         now: float,
     ) -> tuple[int, ...]:
         """Completes and releases the worker's leases; the tokens no longer active."""
         self._expire(state, now)
         rejected, records = [], []
-        done = [t for t in dict.fromkeys(complete) if t in state.leases
-                and state.leases[t].lease.worker == worker]
+        done = [
+            t
+            for t in dict.fromkeys(complete)
+            if t in state.leases and state.leases[t].lease.worker == worker
+        ]
         rejected += [t for t in dict.fromkeys(complete) if t not in done]
         for token in done:
             # Shards completed together were read together: they share the time.
@@ -762,8 +788,15 @@ class DispatcherCore:
         shard = record["shard"]
         spec = state.spec.shards[shard]
         lease = Lease(
-            state.spec.name, record["epoch"], shard, spec.name, spec.size, record["token"],
-            record["worker"], record["speculative"], state.offsets.get(shard, 0),
+            state.spec.name,
+            record["epoch"],
+            shard,
+            spec.name,
+            spec.size,
+            record["token"],
+            record["worker"],
+            record["speculative"],
+            state.offsets.get(shard, 0),
         )
         if not record["speculative"]:
             state.pending.remove(shard)
@@ -792,9 +825,7 @@ class DispatcherCore:
         counts = state.epoch_counts.setdefault(lease.epoch, {})
         counts[lease.worker] = counts.get(lease.worker, 0) + sign * lease.size
 
-    def _apply_complete(
-        self, state: _Job, token: int, busy_s: Optional[float], now: float
-    ) -> None:
+    def _apply_complete(self, state: _Job, token: int, busy_s: Optional[float], now: float) -> None:
         lease = state.leases.pop(token).lease
         record = state.workers[lease.worker]
         record.completed_shards += 1
@@ -814,16 +845,25 @@ class DispatcherCore:
         jobs = []
         for state in self._jobs.values():
             jobs.append(
-                {"spec": state.spec.to_dict(), "epoch": state.epoch, "pending": list(state.pending),
-                 "done": sorted(state.done), "grants": state.grants,
-                 "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
-                 "offsets": {str(k): v for k, v in state.offsets.items()},
-                 "slow": {str(k): v for k, v in state.slow.items()},
-                 "workers": [dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
-                             for w in state.workers.values()],
-                 "leases": [dataclasses.asdict(a.lease)
-                            | {"committed": a.committed, "progress": a.progress}
-                            for a in state.leases.values()]}
+                {
+                    "spec": state.spec.to_dict(),
+                    "epoch": state.epoch,
+                    "pending": list(state.pending),
+                    "done": sorted(state.done),
+                    "grants": state.grants,
+                    "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
+                    "offsets": {str(k): v for k, v in state.offsets.items()},
+                    "slow": {str(k): v for k, v in state.slow.items()},
+                    "workers": [
+                        dataclasses.asdict(w) | {"revoked": sorted(w.revoked)}
+                        for w in state.workers.values()
+                    ],
+                    "leases": [
+                        dataclasses.asdict(a.lease)
+                        | {"committed": a.committed, "progress": a.progress}
+                        for a in state.leases.values()
+                    ],
+                }
             )
         return {"next_token": self._next_token, "jobs": jobs}
 

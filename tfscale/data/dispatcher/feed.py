@@ -257,9 +257,7 @@ class LeaseFeed:
 
     def _settle_consumed(self) -> None:
         """Moves the runs training is done with to the completions due (lock held)."""
-        while self._awaiting and (
-            not self._reporting or self._awaiting[0][0] <= self._consumed
-        ):
+        while self._awaiting and (not self._reporting or self._awaiting[0][0] <= self._consumed):
             if not self._due:
                 self._due_since = time.monotonic()
             self._due.append(self._awaiting.pop(0)[1])
@@ -345,8 +343,13 @@ class LeaseFeed:
             release = [t for t in release if t not in due]
         progress = self._progress()
         result = self._client.acquire(
-            self._job, self._worker, max_shards, claim=claim, complete=due,
-            release=release, progress=progress,
+            self._job,
+            self._worker,
+            max_shards,
+            claim=claim,
+            complete=due,
+            release=release,
+            progress=progress,
         )
         rejected = set(result.rejected)
         with self._lock:
@@ -357,7 +360,8 @@ class LeaseFeed:
                 if token in rejected:
                     logging.warning(
                         "Shard %s: its lease %d was lost before the shard was completed",
-                        lease.shard_name, token,
+                        lease.shard_name,
+                        token,
                     )
                     self.lost.append((lease.epoch, lease.shard_name))
                 elif token in due:
@@ -382,8 +386,15 @@ class LeaseFeed:
 
     def _slot(self, lease: types.Lease, offset: int, count: int, token: int) -> Slot:
         seed = hash_ring.stable_hash(f"{self._seed}:{lease.epoch}:{lease.shard_name}") & (2**62 - 1)
-        slot = Slot(next(_SLOT_IDS), lease.shard_name, lease.epoch, lease.shard_index,
-                    offset, count, seed=seed)
+        slot = Slot(
+            next(_SLOT_IDS),
+            lease.shard_name,
+            lease.epoch,
+            lease.shard_index,
+            offset,
+            count,
+            seed=seed,
+        )
         run = _Run(slot, token)
         with self._lock:
             self._runs.append(run)

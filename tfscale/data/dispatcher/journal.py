@@ -37,8 +37,8 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import re
+import socket
 import threading
 import zlib
 from typing import Any
@@ -116,7 +116,9 @@ def _encode(obj: dict[str, Any]) -> bytes:
     try:
         payload = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii")
     except (TypeError, ValueError) as e:
-        raise ValueError(f"Records and states must be JSON-serializable. Received: {obj!r} ({e})") from e
+        raise ValueError(
+            f"Records and states must be JSON-serializable. Received: {obj!r} ({e})"
+        ) from e
     return b"%08x %d %s\n" % (zlib.crc32(payload), len(payload), payload)
 
 

@@ -32,7 +32,9 @@ import os
 import signal
 import socket
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import NoReturn
+from typing import Optional
+from typing import Sequence
 
 # A `--shards` glob imports TensorFlow, whose C++ start-up chatter would bury
 # the one line a failure prints; TF_CPP_MIN_LOG_LEVEL=0 brings it back.
@@ -229,7 +231,9 @@ def status() -> None:
 
 def format_status(status: types.DispatcherStatus) -> str:
     """A human-readable table of a dispatcher's status."""
-    lines = [f"uptime {status.uptime_s:.1f}s, imbalance {status.imbalance:.3f} (max/mean completed)"]
+    lines = [
+        f"uptime {status.uptime_s:.1f}s, imbalance {status.imbalance:.3f} (max/mean completed)"
+    ]
     for job in status.jobs:
         lines.append(
             f"job {job.name} [{job.policy}]: epoch {min(job.epoch + 1, job.num_epochs)}/"
@@ -237,8 +241,10 @@ def format_status(status: types.DispatcherStatus) -> str:
             f"{job.pending} pending, {job.leased} leased, {job.completed} completed; "
             f"{job.grants} grants"
         )
-    lines.append(f"{'job':<12}{'worker':<16}{'live':<6}{'leases':>7}{'outstanding':>13}"
-                 f"{'done':>7}{'done size':>11}{'size/s':>11}")
+    lines.append(
+        f"{'job':<12}{'worker':<16}{'live':<6}{'leases':>7}{'outstanding':>13}"
+        f"{'done':>7}{'done size':>11}{'size/s':>11}"
+    )
     for w in status.workers:
         lines.append(
             f"{w.job:<12}{w.worker:<16}{'yes' if w.live else 'no':<6}{w.leases:>7}"
@@ -292,7 +298,9 @@ def _bind_failure(config: server_lib.ServerConfig) -> CommandError:
     except OSError as e:  # socket.gaierror too: a host that does not resolve
         cause = e.strerror or str(e)
     else:
-        cause = "the TLS certificate or key is not valid" if config.tls_cert_file else "gRPC refused"
+        cause = (
+            "the TLS certificate or key is not valid" if config.tls_cert_file else "gRPC refused"
+        )
     return CommandError(f"cannot listen on {config.host}:{config.port}: {cause}")
 
 

@@ -149,7 +149,9 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
             jobs = [wire.job_status_to_proto(job) for job in self._core.jobs()]
             return pb.ListJobsResponse(jobs=jobs)
 
-    def RegisterWorker(self, request: pb.RegisterWorkerRequest, context: Any) -> pb.RegisterWorkerResponse:
+    def RegisterWorker(
+        self, request: pb.RegisterWorkerRequest, context: Any
+    ) -> pb.RegisterWorkerResponse:
         with self._serving(context):
             joined = self._core.register_worker(request.job, request.worker)
             return wire.registration_to_proto(joined)
@@ -336,7 +338,8 @@ class DispatcherServer:
             logging.warning(
                 "The dispatcher listens on %s without TLS: requests%s travel in the clear. "
                 "Pass a TLS certificate and key, or bind a loopback address.",
-                self.target, " and the auth token" if token else ""
+                self.target,
+                " and the auth token" if token else "",
             )
         server.start()
         self._server = server

@@ -17,6 +17,7 @@ shards[1].name                   # 'range:25:50'
 from __future__ import annotations
 
 import os
+
 from tfscale.data.dispatcher import types
 
 __all__ = [

@@ -194,8 +194,11 @@ class InputPosition:
     partial: Optional[tuple[int, int]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "done": list(self.done),
-                "partial": list(self.partial) if self.partial else None}
+        return {
+            "epoch": self.epoch,
+            "done": list(self.done),
+            "partial": list(self.partial) if self.partial else None,
+        }
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "InputPosition":
@@ -335,11 +338,14 @@ def validate_position(spec: JobSpec, position: InputPosition) -> None:
         not 0 <= position.epoch < spec.num_epochs
         or len(position.done) > len(shards)
         or not set(position.done) <= set(shards)
-        or (position.partial is not None and (
-            position.partial[0] not in shards
-            or position.partial[0] in position.done
-            or not 0 <= position.partial[1] <= spec.shards[position.partial[0]].size
-        ))
+        or (
+            position.partial is not None
+            and (
+                position.partial[0] not in shards
+                or position.partial[0] in position.done
+                or not 0 <= position.partial[1] <= spec.shards[position.partial[0]].size
+            )
+        )
     )
     if bad:
         raise InvalidArgument(

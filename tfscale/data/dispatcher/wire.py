@@ -190,8 +190,12 @@ def position_from_proto(message: pb.RewindRequest) -> InputPosition:
 def position_to_proto(job: str, worker: str, position: InputPosition) -> pb.RewindRequest:
     shard, offset = position.partial or (-1, 0)
     return pb.RewindRequest(
-        job=job, worker=worker, epoch=position.epoch, done=list(position.done),
-        partial_shard=shard, partial_offset=offset,
+        job=job,
+        worker=worker,
+        epoch=position.epoch,
+        done=list(position.done),
+        partial_shard=shard,
+        partial_offset=offset,
     )
 
 
