@@ -15,10 +15,10 @@ from absl.testing import absltest
 from keras.src.trainers.data_adapters import is_tf_dataset
 from tensorflow.python.data.ops import multi_device_iterator_ops
 
-import tfscale
+from tests import testutil
 from tfscale import compat
 
-tfscale.configure_devices(virtual_cpus=2)
+testutil.setup_devices()
 
 
 class KerasTest(absltest.TestCase):
@@ -54,14 +54,21 @@ class DistributeTest(absltest.TestCase):
     def test_default_extended_class_runs_a_replica_function_once(self):
         base = compat.default_extended_class()
         self.assertTrue(issubclass(base, tf.distribute.StrategyExtended))
+        hooked = []
+
+        class Extended(base):
+            def _call_for_each_replica(self, fn, args, kwargs):
+                hooked.append(fn)
+                return super()._call_for_each_replica(fn, args, kwargs)
 
         class Strategy(tf.distribute.Strategy):
             def __init__(self):
-                super().__init__(base(self))
+                super().__init__(Extended(self))
 
         calls = []
         result = Strategy().run(lambda x: calls.append(x) or x * 2, args=(tf.constant(3),))
         self.assertEqual((len(calls), int(result)), (1, 6))
+        self.assertLen(hooked, 1, "Strategy.run no longer calls extended._call_for_each_replica")
 
     def test_extended_scope_installs_the_variable_creator(self):
         created = []

@@ -1,14 +1,17 @@
 """One worker of the multi-worker tests (TF_CONFIG comes from the test).
 
-Usage: multi_worker_script.py MODE INITIAL_NPZ OUT_NPZ
+Usage: multi_worker_script.py MODE INITIAL_NPZ OUT_NPZ [STEPS_PER_EXECUTION]
   MODE=stock:   plain tf.distribute.MultiWorkerMirroredStrategy + Keras fit;
                 prints "UPSTREAM_FAILURE <message>" when fit raises.
   MODE=tfscale: tfscale.distribution("multi_worker_mirrored"): fit, evaluate
                 and predict; saves the trained weights to OUT_NPZ, prints "OK".
+or:    multi_worker_script.py linger_stock|linger_tfscale
+  one all-reduce, then worker 0 stays LINGER_S longer than worker 1.
 """
 
 import os
 import sys
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -16,9 +19,26 @@ import numpy as np  # noqa: E402
 
 STEPS = 20
 GLOBAL_BATCH = 32
+# Longer than the coordination service's heartbeat timeout (10 s).
+LINGER_S = 14
 
 
-def main(mode, initial_npz, out_npz):
+def linger(mode):
+    import tensorflow as tf
+
+    import tfscale
+
+    if mode == "linger_stock":
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    else:
+        strategy = tfscale.distribution("multi_worker_mirrored").strategy
+    total = strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+    print("SUM", float(total), flush=True)
+    if strategy.cluster_resolver.task_id == 0:
+        time.sleep(LINGER_S)
+
+
+def main(mode, initial_npz, out_npz, steps_per_execution="1"):
     import keras
     import tensorflow as tf
 
@@ -46,6 +66,7 @@ def main(mode, initial_npz, out_npz):
             optimizer=keras.optimizers.SGD(learning_rate=0.1, momentum=0.9),
             loss=models.loss("lenet"),
             metrics=["accuracy"],
+            steps_per_execution=int(steps_per_execution),
         )
     try:
         model.fit(dataset, epochs=1, steps_per_epoch=STEPS, shuffle=False, verbose=0)
@@ -91,4 +112,7 @@ def train_mirrored_reference(initial, out_npz):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    if sys.argv[1].startswith("linger_"):
+        linger(sys.argv[1])
+    else:
+        main(*sys.argv[1:])

@@ -25,7 +25,7 @@ from tfscale.strategies import cluster  # noqa: E402
 from tfscale.train import models  # noqa: E402
 
 
-def _start_workers(command_for):
+def _start_workers(command_for, log_level="3"):
     """Starts 2 processes with TF_CONFIG on free loopback ports; returns their results."""
     workers = [f"127.0.0.1:{testutil.free_port()}" for _ in range(2)]
     processes = []
@@ -35,7 +35,7 @@ def _start_workers(command_for):
             os.environ,
             TF_CONFIG=json.dumps(tf_config),
             PYTHONPATH=testutil.REPO_ROOT,
-            TF_CPP_MIN_LOG_LEVEL="3",
+            TF_CPP_MIN_LOG_LEVEL=log_level,
         )
         processes.append(
             subprocess.Popen(
@@ -51,10 +51,15 @@ def _start_workers(command_for):
     return [(p.returncode, stdout, stderr) for p, (stdout, stderr) in zip(processes, results)]
 
 
-def _run_workers(mode, initial_npz, tmp):
+_SCRIPT = os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py")
+
+
+def _run_workers(mode, initial_npz, tmp, steps_per_execution=1):
     outs = [os.path.join(tmp, f"{mode}-{index}.npz") for index in range(2)]
-    script_path = os.path.join(testutil.REPO_ROOT, "tests", "multi_worker_script.py")
-    return _start_workers(lambda i: [script_path, mode, initial_npz, outs[i]]), outs
+    return (
+        _start_workers(lambda i: [_SCRIPT, mode, initial_npz, outs[i], str(steps_per_execution)]),
+        outs,
+    )
 
 
 class MultiWorkerMirroredTest(absltest.TestCase):
@@ -77,7 +82,15 @@ class MultiWorkerMirroredTest(absltest.TestCase):
             self.assertIn("UPSTREAM_FAILURE Attempt to convert a value (PerReplica", stdout)
 
     def test_tfscale_matches_mirrored_in_one_process(self):
-        results, outs = _run_workers("tfscale", self.initial_npz, self.tmp)
+        self._check_against_mirrored(steps_per_execution=1)
+
+    def test_steps_per_execution_matches_mirrored_in_one_process(self):
+        self._check_against_mirrored(steps_per_execution=4)
+
+    def _check_against_mirrored(self, steps_per_execution):
+        results, outs = _run_workers(
+            "tfscale", self.initial_npz, self.tmp, steps_per_execution=steps_per_execution
+        )
         for returncode, stdout, stderr in results:
             self.assertEqual(returncode, 0, stderr[-3000:])
             self.assertIn("OK accuracy=", stdout)
@@ -112,6 +125,27 @@ class MultiWorkerMirroredTest(absltest.TestCase):
         for index, weights in enumerate(workers):
             for a, b in zip(reference, weights):
                 np.testing.assert_allclose(b, a, rtol=0, atol=1e-5, err_msg=f"worker {index}")
+
+
+class ExitBarrierTest(absltest.TestCase):
+    """A worker that finishes first must not make the chief report crashed tasks."""
+
+    _CRASH = ("have crashed", "CoordinationServiceError", "unhealthy")
+
+    def _chief_stderr(self, mode):
+        results = _start_workers(lambda i: [_SCRIPT, mode], log_level="1")
+        for returncode, stdout, stderr in results:
+            self.assertEqual(returncode, 0, stderr[-3000:])
+            self.assertIn("SUM 2.0", stdout)
+        return results[0][2]
+
+    def test_stock_chief_reports_the_finished_worker_as_crashed(self):
+        stderr = self._chief_stderr("linger_stock")
+        self.assertTrue(any(word in stderr for word in self._CRASH), stderr[-3000:])
+
+    def test_tfscale_workers_wait_for_each_other(self):
+        stderr = self._chief_stderr("linger_tfscale")
+        self.assertFalse(any(word in stderr for word in self._CRASH), stderr[-3000:])
 
 
 class TrainBinaryTest(absltest.TestCase):

@@ -307,6 +307,18 @@ class RunTest(parameterized.TestCase):
         self.assertGreater(metrics["eval"]["accuracy"], 0.15)  # chance is 0.1
         self.assertEqual(keras.config.dtype_policy().name, "float32")
 
+    def test_steps_per_execution_trains_as_one_step_per_call(self):
+        runs = {}
+        for steps_per_execution in (1, 4):
+            config = self._config()
+            config.distribution.devices = "2"
+            config.training.steps_per_execution = steps_per_execution
+            runs[steps_per_execution] = lib.run(config, self.create_tempdir().full_path)
+        one, four = runs[1], runs[4]
+        self.assertAlmostEqual(four["eval"]["loss"], one["eval"]["loss"], places=5)
+        for a, b in zip(four["history"], one["history"]):
+            self.assertAlmostEqual(a["loss"], b["loss"], places=5)
+
     @parameterized.parameters(
         dict(
             field=("training", "precision"),
@@ -324,6 +336,11 @@ class RunTest(parameterized.TestCase):
             message="optimizer.learning_rate must be a positive number",
         ),
         dict(field=("data", "max_train_examples"), value=10, message="fewer than one global batch"),
+        dict(
+            field=("training", "steps_per_execution"),
+            value=0,
+            message=r"config.training.steps_per_execution must be an int in \[1, 10000\]",
+        ),
         dict(
             field=("seed",),
             value=-1,

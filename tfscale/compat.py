@@ -22,6 +22,7 @@ path = compat.keras_name_scope_path()  # e.g. "dense_1" inside a layer's build
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 from typing import Callable
 from typing import Optional
@@ -36,11 +37,13 @@ __all__ = [
     "default_extended_class",
     "disable_device_pipeline_autotune",
     "dtensor_initialized",
+    "keras_generator_peek",
     "keras_name_scope_path",
     "ordered_parallel_interleave",
     "set_collective_key_base",
     "set_initial_epoch",
     "strategy_extended_scope",
+    "trace_time_collective_keys",
     "wait_at_barrier",
 ]
 
@@ -89,7 +92,82 @@ def set_initial_epoch(model: keras.Model, epoch: int) -> None:
     model._initial_epoch = epoch  # pylint: disable=protected-access
 
 
+def keras_generator_peek() -> Optional[Any]:
+    """The first batch of a Python generator `fit`/`evaluate` is peeking at, else None.
+
+    Under a strategy, Keras's `TensorFlowTrainer._maybe_symbolic_build`
+    iterates the input once more, to build the model from one batch, before
+    the epoch starts. A generator cannot be rewound: that extra iterator's
+    prefetch buffers drain batches from it, which training then never sees
+    (epoch 1 trained on batches 0, 1, 5, 6, 7 of 0-7). tfscale's distributed datasets call this when iterated:
+    inside that build, with a generator input, they hand on the batch Keras
+    already peeked (`GeneratorDataAdapter` keeps the first two to infer the
+    input signature) and leave the generator alone.
+
+    Upstream: the frame of `_maybe_symbolic_build` holds the epoch iterator
+    as `iterator`; its `data_adapter` of a generator has `_first_batches`.
+    """
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    for _ in range(_PEEK_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "_maybe_symbolic_build":
+            adapter = getattr(frame.f_locals.get("iterator"), "data_adapter", None)
+            batches = getattr(adapter, "_first_batches", None)
+            return batches[0] if batches else None
+        frame = frame.f_back
+    return None
+
+
+_PEEK_FRAMES = 12
+
+
 # --- tf.distribute ---------------------------------------------------------
+
+
+def trace_time_collective_keys(strategy: tf.distribute.Strategy) -> int:
+    """Makes a strategy's collective all-reduces take instance keys when traced.
+
+    With two or more replicas, Keras's `steps_per_execution > 1` runs
+    `strategy.run` inside a `tf.cond` inside a `tf.while_loop`; a collective
+    all-reduce there takes its instance key as a call-time capture, which
+    `cond_v2` does not forward, and the step fails with "You must feed a
+    value for placeholder tensor ... while/cond/Placeholder"
+    (keras-team/keras#19246). Keys fixed when the step is traced (what
+    TensorFlow does outside functions) need no capture. Every call of one
+    traced step then reuses its keys, which is safe for steps that run one
+    after another, as Keras runs them.
+
+    Upstream: the `CollectiveAllReduce` cross-device ops keep one
+    `CollectiveReplicaLauncher` per replica in `_launchers`, and a launcher
+    asks `_use_unique_instance_key()` which kind of key to make.
+
+    Returns:
+      The number of launchers changed (0 for cross-device ops without
+      collectives, e.g. `reduce_to_one`).
+    """
+    extended = strategy.extended
+    ops = {}
+    for name in ("_collective_ops", "_cross_device_ops"):
+        value = getattr(extended, name, None)
+        if value is not None:
+            ops[id(value)] = value
+    changed = 0
+    for cross_device_ops in ops.values():
+        for launcher in getattr(cross_device_ops, "_launchers", ()):
+            if not hasattr(launcher, "_use_unique_instance_key"):
+                raise UpstreamChangedError(
+                    "tfscale needs CollectiveReplicaLauncher._use_unique_instance_key "
+                    f"(steps_per_execution under a strategy), which TensorFlow {tf.__version__} "
+                    "does not have"
+                )
+            launcher._use_unique_instance_key = _never  # pylint: disable=protected-access
+            changed += 1
+    return changed
+
+
+def _never() -> bool:
+    return False
 
 
 def default_extended_class() -> type:
@@ -97,7 +175,11 @@ def default_extended_class() -> type:
 
     Upstream: `distribute_lib._DefaultDistributionExtended` runs a replica
     function once, in the caller's context (one "replica" that is the whole
-    mesh), and lets subclasses override variable creation and input.
+    mesh), and lets subclasses override its hooks: `_create_variable`,
+    `_call_for_each_replica`, `_experimental_distribute_dataset` and
+    `_distribute_datasets_from_function` (the names `tf.distribute.Strategy`
+    calls; `tests/compat_test.py` checks the first two, the dtensor tests
+    the others).
     """
     return _upstream(
         "tensorflow.python.distribute.distribute_lib",

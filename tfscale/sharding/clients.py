@@ -18,16 +18,15 @@ mesh = build_mesh("batch=2,model=2", multi_client=True)
 
 from __future__ import annotations
 
-import atexit
 import os
 from typing import Optional
 
-from absl import logging
 from tensorflow.experimental import dtensor
 
 from tfscale import compat
 from tfscale import devices as devices_lib
 from tfscale.strategies import cluster as cluster_lib
+from tfscale.strategies import exit_barrier
 
 __all__ = [
     "initialize",
@@ -35,8 +34,6 @@ __all__ = [
 ]
 
 _JOB_NAME = "worker"
-# How long a client that is done waits at exit for the others (see _exit_barrier).
-EXIT_BARRIER_TIMEOUT_S = 120
 
 
 def is_multi_client() -> bool:
@@ -80,19 +77,7 @@ def initialize(cluster: Optional[cluster_lib.Cluster], device_type: Optional[str
             "A multi-client dtensor distribution must be created before TensorFlow "
             f"initializes (before any op runs). Cause: {e}"
         ) from None
-    atexit.register(_exit_barrier)
+    # Client 0 leads the collectives: if it exited as soon as its own part of
+    # the last collective was done, a slower client could still need it.
+    exit_barrier.register("tfscale_exit")
     return True
-
-
-def _exit_barrier() -> None:
-    """Waits at exit until every client is done.
-
-    Client 0 leads the collectives: if it exited as soon as its own part of
-    the last collective was done, a slower client could still need it and
-    fail with "Connection refused". A client that never arrives (it crashed)
-    makes the barrier time out, and the process exits anyway.
-    """
-    try:
-        compat.wait_at_barrier("tfscale_exit", EXIT_BARRIER_TIMEOUT_S * 1000)
-    except Exception as e:  # pylint: disable=broad-except
-        logging.warning("Not every DTensor client reached the exit barrier: %s", e)

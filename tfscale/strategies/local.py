@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from tfscale import compat
 from tfscale import devices as devices_lib
+from tfscale.strategies import keras_paths
 
 __all__ = [
     "ALL_REDUCE",
@@ -40,10 +41,18 @@ DeviceList = Union[None, int, str, Sequence[str]]
 ALL_REDUCE = ("auto", "nccl", "hierarchical_copy", "reduce_to_one")
 
 
-class _MirroredStrategy(tf.distribute.MirroredStrategy):
+class _OneDeviceStrategy(keras_paths.KerasPathsMixin, tf.distribute.OneDeviceStrategy):
+    """A `OneDeviceStrategy` with the Keras path fixes of `keras_paths`."""
+
+    def __init__(self, device: str):
+        super().__init__(device)
+        self._keras_paths_init()
+
+
+class _MirroredStrategy(keras_paths.KerasPathsMixin, tf.distribute.MirroredStrategy):
     """A `MirroredStrategy` whose collective keys no other strategy shares.
 
-    Every stock `MirroredStrategy` starts its collective group keys at 1 and
+    It also has the Keras path fixes of `keras_paths`. Every stock `MirroredStrategy` starts its collective group keys at 1 and
     its instance keys at 100, so a second strategy over the same devices in
     one process reuses the first one's collective instances; when the second
     reduces tensors of other shapes, TensorFlow aborts with "Shape mismatch
@@ -56,6 +65,7 @@ class _MirroredStrategy(tf.distribute.MirroredStrategy):
     def __init__(self, *args: Any, **kwargs: Any):
         compat.set_collective_key_base(self, next(self._key_bases) * 100_000)
         super().__init__(*args, **kwargs)
+        self._keras_paths_init()
 
 
 def default() -> tf.distribute.Strategy:
@@ -71,7 +81,7 @@ def one_device(device: Optional[str] = None) -> tf.distribute.OneDeviceStrategy:
         else the first CPU, when `None`.
     """
     (name,) = resolve_devices([device] if device is not None else 1)
-    return tf.distribute.OneDeviceStrategy(name)
+    return _OneDeviceStrategy(name)
 
 
 def mirrored(

@@ -30,6 +30,8 @@ from typing import Optional
 import tensorflow as tf
 
 from tfscale.strategies import cluster as cluster_lib
+from tfscale.strategies import exit_barrier
+from tfscale.strategies import keras_paths
 
 __all__ = [
     "COMMUNICATION",
@@ -43,8 +45,17 @@ COMMUNICATION = {
 }
 
 
-class _KerasMultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
-    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it."""
+class _KerasMultiWorkerMirroredStrategy(
+    keras_paths.KerasPathsMixin, tf.distribute.MultiWorkerMirroredStrategy
+):
+    """`MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3 passes it.
+
+    It also has the Keras path fixes of `keras_paths`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._keras_paths_init()
 
     def reduce(self, reduce_op: Any, value: Any, axis: Optional[int]) -> Any:
         if _is_nest(value):
@@ -89,9 +100,12 @@ def multi_worker_mirrored(
         task_id=workers.task_index,
         rpc_layer="grpc",
     )
-    return _KerasMultiWorkerMirroredStrategy(
+    strategy = _KerasMultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=options
     )
+    if workers.num_workers > 1:
+        exit_barrier.register("tfscale_mwms_exit")
+    return strategy
 
 
 def _is_nest(value: Any) -> bool:

@@ -82,10 +82,14 @@ class Throughput(keras.callbacks.Callback):
 
     def on_train_batch_begin(self, batch: int, logs: Logs = None) -> None:
         self._step_start = time.perf_counter()
+        self._first_step = batch
 
     def on_train_batch_end(self, batch: int, logs: Logs = None) -> None:
+        # One call covers the steps first..batch (several with Keras's
+        # steps_per_execution); the time is per step.
         self._last_step_end = time.perf_counter()
-        self._step_times.append(self._last_step_end - self._step_start)
+        steps = batch - self._first_step + 1
+        self._step_times.extend([(self._last_step_end - self._step_start) / steps] * steps)
 
     def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
         steps = len(self._step_times)

@@ -42,6 +42,7 @@ __all__ = [
 OPTIMIZERS = ("sgd", "adam")
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 RESIZE = ("keep_global_batch", "keep_per_replica_batch")
+MAX_STEPS_PER_EXECUTION = 10_000
 
 
 class ConfigError(ValueError):
@@ -131,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
             "global_batch_size": 128,
             "epochs": 3,
             "steps_per_epoch": config_dict.placeholder(int),
+            # Training steps per compiled call (Keras's steps_per_execution):
+            # fewer Python round trips for small models; callbacks, logs and
+            # checkpoints then see every this many steps.
+            "steps_per_execution": 1,
             "verbose": 1,
             "checkpoints_to_keep": 2,
             # TensorBoard gets the running loss and metrics every this many
@@ -214,6 +219,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             lambda v: v > 0,
             "a positive int",
         )
+    _check(
+        training.steps_per_execution,
+        "training.steps_per_execution",
+        int,
+        lambda v: 1 <= v <= MAX_STEPS_PER_EXECUTION,
+        f"an int in [1, {MAX_STEPS_PER_EXECUTION}]",
+    )
     _check(training.verbose, "training.verbose", int, lambda v: v in (0, 1, 2), "0, 1 or 2")
     _check(
         training.checkpoints_to_keep,

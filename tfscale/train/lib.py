@@ -123,6 +123,7 @@ def _fit(
             optimizer=_optimizer(config, steps_per_epoch),
             loss=models.loss(config.model.name),
             metrics=["accuracy"],
+            steps_per_execution=config.training.steps_per_execution,
         )
     report = dist.memory_report(model)
     if report is not None:

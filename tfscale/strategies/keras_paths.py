@@ -1,0 +1,181 @@
+"""What tfscale's tf.distribute strategies change so Keras 3's everyday paths work.
+
+Stock strategies (TF 2.21 / Keras 3.15) break four Keras features, each
+reproduced with no tfscale involved:
+
+1. `compile(steps_per_execution=N)`, N > 1, fails with 2+ replicas: a
+   collective's call-time key is lost inside Keras's `tf.cond`
+   (keras-team/keras#19246). Fix: keys taken when the step is traced
+   (`compat.trace_time_collective_keys`).
+2. A Python generator given to `fit` or `evaluate` loses batches: Keras
+   iterates the input once more to build the model, and that iterator's
+   prefetch drains the generator. Fix: the distributed datasets made here
+   hand that build the batch Keras already peeked
+   (`compat.keras_generator_peek`).
+3. `fit(dist.distribute_dataset(...), class_weight=...)` raises
+   "'DistributedDataset' object has no attribute 'map'": Keras maps the
+   weights over its input. Fix: these datasets `map` their source (before
+   it is split over replicas; weighting is per example, so the same).
+4. Unsynchronized BatchNormalization keeps a moving mean and variance per
+   replica (created with `aggregation=NONE`): the saved weights are replica
+   0's while `evaluate` uses each replica's own. Fix: inside this scope a
+   non-trainable floating-point variable updated on write with no
+   aggregation is averaged over replicas on each write, so every replica
+   holds the same value.
+
+Each fix lives in the strategy subclass (`KerasPathsMixin`) and the datasets
+it returns; code that uses stock strategies is not affected.
+
+Example:
+
+```python
+class MyMirrored(KerasPathsMixin, tf.distribute.MirroredStrategy):
+    pass
+
+strategy = MyMirrored(["/cpu:0", "/cpu:1"])
+with strategy.scope():
+    model = make_model()
+    model.compile("sgd", "mse", steps_per_execution=8)
+model.fit(python_generator(), steps_per_epoch=10)
+```
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+from typing import Callable
+from typing import Iterator
+from typing import Optional
+from typing import Union
+
+import tensorflow as tf
+
+from tfscale import compat
+
+__all__ = [
+    "KerasDistributedDataset",
+    "KerasPathsMixin",
+    "replica_state_in_sync",
+]
+
+Source = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
+
+
+def replica_state_in_sync(next_creator: Callable[..., tf.Variable], **kwargs: Any) -> tf.Variable:
+    """A variable creator: per-replica state is averaged on write instead of kept apart.
+
+    Applies to non-trainable floating-point variables synchronized on write
+    with no aggregation (Keras's default for `add_weight`), such as
+    BatchNormalization's moving statistics. Trainable variables, integer
+    state (seeds, step counters) and variables with an aggregation are left
+    as they are.
+    """
+    aggregation = kwargs.get("aggregation")
+    synchronization = kwargs.get("synchronization")
+    dtype = kwargs.get("dtype")
+    if (
+        kwargs.get("trainable") is False
+        and aggregation in (None, tf.VariableAggregation.NONE)
+        and synchronization
+        in (None, tf.VariableSynchronization.AUTO, tf.VariableSynchronization.ON_WRITE)
+        and dtype is not None
+        and tf.as_dtype(dtype).is_floating
+    ):
+        kwargs["aggregation"] = tf.VariableAggregation.MEAN
+    return next_creator(**kwargs)
+
+
+class KerasDistributedDataset(compat.DistributedDatasetBase):
+    """A strategy's distributed dataset that Keras's `fit` can weight and peek at.
+
+    Iterating gives the strategy's own `tf.distribute.DistributedIterator`
+    (so Keras's compiled multi-step loop takes it as is), except inside
+    Keras's model build with a generator input (see the module docstring).
+
+    Args:
+      source: the batched `tf.data.Dataset`, or a function of a
+        `tf.distribute.InputContext` returning this input pipeline's one.
+      distribute: the strategy's stock distribution of such a source.
+    """
+
+    def __init__(
+        self, source: Source, distribute: Callable[[Source], tf.distribute.DistributedDataset]
+    ):
+        # The upstream base's own state is not used (see compat.DistributedDatasetBase).
+        self._source = source
+        self._distribute = distribute
+        self._distributed = distribute(source)
+
+    @property
+    def element_spec(self) -> Any:
+        return self._distributed.element_spec
+
+    @property
+    def cardinality(self) -> Any:
+        return self._distributed.cardinality
+
+    def __iter__(self) -> Iterator[Any]:
+        peeked = (
+            compat.keras_generator_peek() if isinstance(self._source, tf.data.Dataset) else None
+        )
+        if peeked is not None:
+            return iter(self._distribute(self._single_batch(peeked)))
+        return iter(self._distributed)
+
+    def map(
+        self, map_func: Callable[..., Any], *args: Any, **kwargs: Any
+    ) -> "KerasDistributedDataset":
+        """This dataset with `map_func` applied to each (global, or per-pipeline) batch."""
+        if isinstance(self._source, tf.data.Dataset):
+            mapped: Source = self._source.map(map_func, *args, **kwargs)
+        else:
+            source = self._source
+
+            def mapped(context: tf.distribute.InputContext) -> tf.data.Dataset:
+                return source(context).map(map_func, *args, **kwargs)
+
+        return KerasDistributedDataset(mapped, self._distribute)
+
+    def prefetch(
+        self, buffer_size: Any = None, name: Optional[str] = None
+    ) -> "KerasDistributedDataset":
+        """This dataset: its iterators prefetch to every device already."""
+        del buffer_size, name
+        return self
+
+    def _single_batch(self, batch: Any) -> tf.data.Dataset:
+        spec = self._source.element_spec
+        tensors = tf.nest.map_structure(
+            lambda s, v: tf.convert_to_tensor(v, dtype=s.dtype), spec, batch, check_types=False
+        )
+        return tf.data.Dataset.from_tensors(tensors)
+
+
+class KerasPathsMixin:
+    """Mixed into a `tf.distribute.Strategy` subclass (first): the fixes of this module.
+
+    Call `_keras_paths_init()` at the end of the subclass's `__init__`.
+    """
+
+    def _keras_paths_init(self) -> None:
+        compat.trace_time_collective_keys(self)  # type: ignore[arg-type]
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[Any]:  # type: ignore[override]
+        with super().scope() as strategy, tf.variable_creator_scope(replica_state_in_sync):  # type: ignore[misc]
+            yield strategy
+
+    def experimental_distribute_dataset(
+        self, dataset: tf.data.Dataset, options: Optional[tf.distribute.InputOptions] = None
+    ) -> KerasDistributedDataset:
+        stock = super().experimental_distribute_dataset  # type: ignore[misc]
+        return KerasDistributedDataset(dataset, lambda source: stock(source, options))
+
+    def distribute_datasets_from_function(
+        self,
+        dataset_fn: Callable[[tf.distribute.InputContext], tf.data.Dataset],
+        options: Optional[tf.distribute.InputOptions] = None,
+    ) -> KerasDistributedDataset:
+        stock = super().distribute_datasets_from_function  # type: ignore[misc]
+        return KerasDistributedDataset(dataset_fn, lambda source: stock(source, options))
