@@ -49,6 +49,7 @@ from tfscale import compat
 from tfscale.sharding import layout_map as layout_map_lib
 from tfscale.sharding import mesh as mesh_lib
 from tfscale.sharding import variables
+from tfscale.strategies import keras_paths
 
 __all__ = [
     "DTensorStrategy",
@@ -271,8 +272,19 @@ class BatchedDTensorDataset(_IterableDTensorDataset):
             return dtensor.Layout.batch_sharded(self._mesh, self._batch_axis, rank)
         return dtensor.Layout.replicated(self._mesh, rank)
 
+    def __iter__(self) -> Iterator[Any]:
+        # Keras's model build with a generator input: the batch it peeked,
+        # not a new pass that would drain the generator (see keras_paths).
+        peeked = compat.keras_generator_peek()
+        if peeked is not None:
+            return self._laid_out(keras_paths.single_batch(self._dataset.element_spec, peeked))
+        return super().__iter__()
+
     def _batches(self) -> Iterator[Any]:
-        for batch in self._dataset:
+        return self._laid_out(self._dataset)
+
+    def _laid_out(self, dataset: tf.data.Dataset) -> Iterator[Any]:
+        for batch in dataset:
             yield tf.nest.map_structure(lambda t: variables.to_layout(t, self._layout(t)), batch)
 
 
@@ -333,21 +345,32 @@ class DTensorBatches(_IterableDTensorDataset):
     `InputSplit.num_groups`).
     """
 
-    def __init__(self, dataset: tf.data.Dataset, strategy: DTensorStrategy, global_batch_size: int):
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        strategy: DTensorStrategy,
+        global_batch_size: int,
+        batch_fn: Optional[Callable[..., Any]] = None,
+    ):
         split = InputSplit.of(strategy.mesh, strategy.batch_axis)
         per_group = global_batch_size // split.num_groups
+        self._args = (dataset, strategy, global_batch_size)
+        self._batch_fn = batch_fn
+        batched = dataset.batch(per_group, drop_remainder=True)
+        if batch_fn is not None:
+            batched = batched.map(batch_fn, num_parallel_calls=tf.data.AUTOTUNE)
         element_spec = tf.nest.map_structure(
-            lambda spec: tf.TensorSpec([global_batch_size, *spec.shape], spec.dtype),
-            dataset.element_spec,
+            lambda spec: tf.TensorSpec([global_batch_size, *spec.shape[1:]], spec.dtype),
+            batched.element_spec,
         )
         count = int(dataset.cardinality())
         super().__init__(element_spec, count // per_group if count >= 0 else count)
         self._layouts = tf.nest.map_structure(
-            lambda spec: strategy.batch_layout(spec.shape.rank + 1), dataset.element_spec
+            lambda spec: strategy.batch_layout(spec.shape.rank), batched.element_spec
         )
         self._device_parts = split.device_parts
         parts = split.parts
-        is_tuple = isinstance(dataset.element_spec, tuple)
+        is_tuple = isinstance(batched.element_spec, tuple)
 
         def cut(*batch: tf.Tensor) -> Any:
             batch = batch if is_tuple else batch[0]
@@ -358,11 +381,32 @@ class DTensorBatches(_IterableDTensorDataset):
         options = tf.data.Options()
         options.autotune.enabled = False
         self._sliced = (
-            dataset.batch(per_group, drop_remainder=True)
-            .map(cut, num_parallel_calls=tf.data.AUTOTUNE)
+            batched.map(cut, num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE)
             .with_options(options)
         )
+
+    def map(self, map_func: Callable[..., Any]) -> "DTensorBatches":
+        """These batches with `map_func` applied to each (this client's part of a) batch.
+
+        Keras maps `fit(class_weight=...)` over its input this way; the
+        weights are per example, so mapping a part of the batch is the same.
+        """
+        first = self._batch_fn
+        if first is None:
+            composed = map_func
+        else:
+
+            def composed(*batch: Any) -> Any:
+                out = first(*batch)
+                return map_func(*out) if isinstance(out, tuple) else map_func(out)
+
+        return DTensorBatches(*self._args, batch_fn=composed)
+
+    def prefetch(self, buffer_size: Any = None, name: Optional[str] = None) -> "DTensorBatches":
+        """These batches: the pipeline prefetches already."""
+        del buffer_size, name
+        return self
 
     def _batches(self) -> Iterator[Any]:
         layouts = tf.nest.flatten(self._layouts)

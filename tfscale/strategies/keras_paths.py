@@ -57,6 +57,7 @@ __all__ = [
     "KerasDistributedDataset",
     "KerasPathsMixin",
     "replica_state_in_sync",
+    "single_batch",
 ]
 
 Source = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
@@ -84,6 +85,14 @@ def replica_state_in_sync(next_creator: Callable[..., tf.Variable], **kwargs: An
     ):
         kwargs["aggregation"] = tf.VariableAggregation.MEAN
     return next_creator(**kwargs)
+
+
+def single_batch(element_spec: Any, batch: Any) -> tf.data.Dataset:
+    """A dataset of the one `batch` (e.g. Keras's peeked generator batch), typed as `element_spec`."""
+    tensors = tf.nest.map_structure(
+        lambda s, v: tf.convert_to_tensor(v, dtype=s.dtype), element_spec, batch, check_types=False
+    )
+    return tf.data.Dataset.from_tensors(tensors)
 
 
 class KerasDistributedDataset(compat.DistributedDatasetBase):
@@ -120,7 +129,7 @@ class KerasDistributedDataset(compat.DistributedDatasetBase):
             compat.keras_generator_peek() if isinstance(self._source, tf.data.Dataset) else None
         )
         if peeked is not None:
-            return iter(self._distribute(self._single_batch(peeked)))
+            return iter(self._distribute(single_batch(self._source.element_spec, peeked)))
         return iter(self._distributed)
 
     def map(
@@ -143,13 +152,6 @@ class KerasDistributedDataset(compat.DistributedDatasetBase):
         """This dataset: its iterators prefetch to every device already."""
         del buffer_size, name
         return self
-
-    def _single_batch(self, batch: Any) -> tf.data.Dataset:
-        spec = self._source.element_spec
-        tensors = tf.nest.map_structure(
-            lambda s, v: tf.convert_to_tensor(v, dtype=s.dtype), spec, batch, check_types=False
-        )
-        return tf.data.Dataset.from_tensors(tensors)
 
 
 class KerasPathsMixin:
