@@ -19,6 +19,12 @@ BENCHMARKS = {
         ["per_round", "median_ratio", "target_met"],
         "wrapper_overhead.png",
     ),
+    "steps_per_execution": (
+        "steps_per_execution.py",
+        ["--rounds=1", "--steps=16", "--models=lenet", "--values=1,4", "--examples=256"],
+        ["per_round", "median_mirrored_over_one_device", "median_speedup_over_n1"],
+        "steps_per_execution.png",
+    ),
     "dtensor_sharding": (
         "dtensor_sharding.py",
         [
