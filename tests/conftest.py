@@ -24,6 +24,11 @@ LONG = (
     "tests/train_test.py::TrainBinaryTest::test_kill_9",
     "tests/train_test.py::TrainBinaryTest::test_bad_values",
     "tests/train_errors_test.py::KindSwitchTest",
+    "tests/train_errors_test.py::TensorBoardTest",
+    "tests/train_errors_test.py::OneLineErrorTest::test_truncated_checkpoint_is_named",
+    "tests/train_errors_test.py::OneLineErrorTest::test_missing_config_file_and_variant",
+    "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device1",
+    "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device3",
 )
 
 

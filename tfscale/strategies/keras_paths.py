@@ -18,10 +18,9 @@ reproduced with no tfscale involved:
    it is split over replicas; weighting is per example, so the same).
 4. Unsynchronized BatchNormalization keeps a moving mean and variance per
    replica (created with `aggregation=NONE`): the saved weights are replica
-   0's while `evaluate` uses each replica's own. Fix: inside this scope a
-   non-trainable floating-point variable updated on write with no
-   aggregation is averaged over replicas on each write, so every replica
-   holds the same value.
+   0's while `evaluate` uses each replica's own. Fix: inside this scope the
+   moving statistics are averaged over replicas on each write, so every
+   replica holds the same value.
 
 Each fix lives in the strategy subclass (`KerasPathsMixin`) and the datasets
 it returns; code that uses stock strategies is not affected.
@@ -56,29 +55,34 @@ from tfscale import compat
 __all__ = [
     "KerasDistributedDataset",
     "KerasPathsMixin",
+    "MOVING_STATISTICS",
     "replica_state_in_sync",
     "single_batch",
 ]
+
+# Variable names of the running statistics of Keras's normalization layers.
+MOVING_STATISTICS = ("moving_mean", "moving_variance")
 
 Source = Union[tf.data.Dataset, Callable[[tf.distribute.InputContext], tf.data.Dataset]]
 
 
 def replica_state_in_sync(next_creator: Callable[..., tf.Variable], **kwargs: Any) -> tf.Variable:
-    """A variable creator: per-replica state is averaged on write instead of kept apart.
+    """A variable creator: moving statistics are averaged over replicas on write.
 
-    Applies to non-trainable floating-point variables synchronized on write
-    with no aggregation (Keras's default for `add_weight`), such as
-    BatchNormalization's moving statistics. Trainable variables, integer
-    state (seeds, step counters) and variables with an aggregation are left
-    as they are.
+    Applies to the non-trainable floating-point variables that normalization
+    layers keep as running averages (`moving_mean`, `moving_variance`: Keras
+    creates them with no aggregation, so each replica kept its own). Other
+    state is left as it is: a variable written inside a `tf.cond` in the
+    replica step (e.g. `LossScaleOptimizer`'s dynamic scale) cannot take an
+    aggregation, which needs a cross-replica call there.
     """
-    aggregation = kwargs.get("aggregation")
-    synchronization = kwargs.get("synchronization")
+    name = str(kwargs.get("name") or "").rsplit("/", 1)[-1].split(":")[0]
     dtype = kwargs.get("dtype")
     if (
-        kwargs.get("trainable") is False
-        and aggregation in (None, tf.VariableAggregation.NONE)
-        and synchronization
+        name in MOVING_STATISTICS
+        and kwargs.get("trainable") is False
+        and kwargs.get("aggregation") in (None, tf.VariableAggregation.NONE)
+        and kwargs.get("synchronization")
         in (None, tf.VariableSynchronization.AUTO, tf.VariableSynchronization.ON_WRITE)
         and dtype is not None
         and tf.as_dtype(dtype).is_floating
