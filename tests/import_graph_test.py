@@ -33,7 +33,7 @@ LAYERS = (
     # The registry of kinds.
     ("tfscale.distributions",),
     # Programs.
-    ("tfscale.train", "tfscale.launch"),
+    ("tfscale.train", "tfscale.launch", "tfscale.serve"),
     # The package's lazy exports.
     ("tfscale",),
 )

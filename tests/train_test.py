@@ -1,5 +1,6 @@
 """End-to-end tests of tfscale-train and tfscale.train.lib.run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,9 @@ class TrainBinaryTest(absltest.TestCase):
         )
         self.assertTrue(os.listdir(os.path.join(workdir, "tensorboard")))
         self.assertIn("Epoch 2/2", result.stdout)  # the Keras progress output
+        with open(os.path.join(workdir, lib.CONFIG_FILE)) as f:
+            saved = json.load(f)
+        self.assertEqual((saved["model"]["name"], saved["training"]["epochs"]), ("lenet", 2))
 
         # The same workdir with one more epoch trains only that epoch.
         result = testutil.train_binary(workdir, "--config.training.epochs=3")

@@ -22,6 +22,7 @@ metrics["eval"]["accuracy"]
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import time
@@ -47,11 +48,13 @@ from tfscale.train import schedules
 
 __all__ = [
     "CHECKPOINTS_DIR",
+    "CONFIG_FILE",
     "METRICS_FILE",
     "run",
 ]
 
 METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 
 
@@ -130,6 +133,10 @@ def _fit(
         logging.info("Memory per device:\n%s", report)
     if dist.is_chief:
         os.makedirs(workdir, exist_ok=True)
+        # The config the checkpoints were trained with, e.g. for serving them.
+        files.write_json_atomic(
+            os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort())
+        )
     throughput = callbacks_lib.Throughput(
         global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
     )

@@ -1,0 +1,1 @@
+"""Real-time inference of trained Keras models: replicas, dynamic batching, routing."""
