@@ -29,6 +29,9 @@ LONG = (
     "tests/train_errors_test.py::OneLineErrorTest::test_missing_config_file_and_variant",
     "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device1",
     "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device3",
+    "tests/train_errors_test.py::OneLineErrorTest::test_bad_value_and_kind",
+    "tests/dispatcher_restart_test.py::RestartTest::test_a_live_worker_keeps_its_leases_over_restarts",
+    "tests/cli_help_test.py::HelpTest::test_train_console_script",
 )
 
 

@@ -173,7 +173,8 @@ class TrainBinaryTest(absltest.TestCase):
         self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2])
         self.assertGreater(metrics["eval"]["accuracy"], 0.2)
         self.assertEqual(
-            sorted(os.listdir(workdir)), ["checkpoints", "metrics.json", "tensorboard"]
+            sorted(os.listdir(workdir)),
+            ["checkpoints", "config.json", "metrics.json", "tensorboard"],
         )
 
 

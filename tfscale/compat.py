@@ -99,10 +99,10 @@ def keras_generator_peek() -> Optional[Any]:
     iterates the input once more, to build the model from one batch, before
     the epoch starts. A generator cannot be rewound: that extra iterator's
     prefetch buffers drain batches from it, which training then never sees
-    (epoch 1 trained on batches 0, 1, 5, 6, 7 of 0-7). tfscale's distributed datasets call this when iterated:
-    inside that build, with a generator input, they hand on the batch Keras
-    already peeked (`GeneratorDataAdapter` keeps the first two to infer the
-    input signature) and leave the generator alone.
+    (epoch 1 trained on batches 0, 1, 5, 6, 7 of 0-7). tfscale's distributed
+    datasets call this when iterated, to refuse such an input with a clear
+    error (`GeneratorDataAdapter` keeps the first two batches to infer the
+    input signature; a non-None result means the input is a generator).
 
     Upstream: the frame of `_maybe_symbolic_build` holds the epoch iterator
     as `iterator`; its `data_adapter` of a generator has `_first_batches`.

@@ -273,11 +273,7 @@ class BatchedDTensorDataset(_IterableDTensorDataset):
         return dtensor.Layout.replicated(self._mesh, rank)
 
     def __iter__(self) -> Iterator[Any]:
-        # Keras's model build with a generator input: the batch it peeked,
-        # not a new pass that would drain the generator (see keras_paths).
-        peeked = compat.keras_generator_peek()
-        if peeked is not None:
-            return self._laid_out(keras_paths.single_batch(self._dataset.element_spec, peeked))
+        keras_paths.refuse_generator_input()  # it would lose batches (see keras_paths)
         return super().__iter__()
 
     def _batches(self) -> Iterator[Any]:

@@ -9,9 +9,12 @@ reproduced with no tfscale involved:
    (`compat.trace_time_collective_keys`).
 2. A Python generator given to `fit` or `evaluate` loses batches: Keras
    iterates the input once more to build the model, and that iterator's
-   prefetch drains the generator. Fix: the distributed datasets made here
-   hand that build the batch Keras already peeked
-   (`compat.keras_generator_peek`).
+   prefetch drains the generator. Not fixed: serving that build from the
+   batch Keras already peeked trained right in most runs but not in all
+   (after other training in the same process), so the distributed datasets
+   made here refuse a generator input with an error naming the
+   alternatives (`keras.utils.PyDataset`, or `from_generator` of a
+   generator function through `distribute_dataset`).
 3. `fit(dist.distribute_dataset(...), class_weight=...)` raises
    "'DistributedDataset' object has no attribute 'map'": Keras maps the
    weights over its input. Fix: these datasets `map` their source (before
@@ -56,8 +59,9 @@ __all__ = [
     "KerasDistributedDataset",
     "KerasPathsMixin",
     "MOVING_STATISTICS",
+    "GENERATOR_INPUT_ERROR",
     "replica_state_in_sync",
-    "single_batch",
+    "refuse_generator_input",
 ]
 
 # Variable names of the running statistics of Keras's normalization layers.
@@ -91,12 +95,23 @@ def replica_state_in_sync(next_creator: Callable[..., tf.Variable], **kwargs: An
     return next_creator(**kwargs)
 
 
-def single_batch(element_spec: Any, batch: Any) -> tf.data.Dataset:
-    """A dataset of the one `batch` (e.g. Keras's peeked generator batch), typed as `element_spec`."""
-    tensors = tf.nest.map_structure(
-        lambda s, v: tf.convert_to_tensor(v, dtype=s.dtype), element_spec, batch, check_types=False
-    )
-    return tf.data.Dataset.from_tensors(tensors)
+GENERATOR_INPUT_ERROR = (
+    "A Python generator given to fit/evaluate under a distribution loses batches: Keras "
+    "iterates the input once more to build the model, and that pass drains the generator. "
+    "Pass a keras.utils.PyDataset, or dist.distribute_dataset(tf.data.Dataset.from_generator("
+    "generator_function, output_signature=...).unbatch(), global_batch_size) (a function that "
+    "makes a new generator per pass)."
+)
+
+
+def refuse_generator_input() -> None:
+    """Raises when Keras's model build iterates a Python generator input (see the module doc).
+
+    Raises:
+      ValueError: with `GENERATOR_INPUT_ERROR`.
+    """
+    if compat.keras_generator_peek() is not None:
+        raise ValueError(GENERATOR_INPUT_ERROR)
 
 
 class KerasDistributedDataset(compat.DistributedDatasetBase):
@@ -129,11 +144,8 @@ class KerasDistributedDataset(compat.DistributedDatasetBase):
         return self._distributed.cardinality
 
     def __iter__(self) -> Iterator[Any]:
-        peeked = (
-            compat.keras_generator_peek() if isinstance(self._source, tf.data.Dataset) else None
-        )
-        if peeked is not None:
-            return iter(self._distribute(single_batch(self._source.element_spec, peeked)))
+        if isinstance(self._source, tf.data.Dataset):
+            refuse_generator_input()
         return iter(self._distributed)
 
     def map(
@@ -169,7 +181,8 @@ class KerasPathsMixin:
 
     @contextlib.contextmanager
     def scope(self) -> Iterator[Any]:  # type: ignore[override]
-        with super().scope() as strategy, tf.variable_creator_scope(replica_state_in_sync):  # type: ignore[misc]
+        stock_scope = super().scope()  # type: ignore[misc]
+        with stock_scope as strategy, tf.variable_creator_scope(replica_state_in_sync):
             yield strategy
 
     def experimental_distribute_dataset(

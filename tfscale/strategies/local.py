@@ -52,8 +52,9 @@ class _OneDeviceStrategy(keras_paths.KerasPathsMixin, tf.distribute.OneDeviceStr
 class _MirroredStrategy(keras_paths.KerasPathsMixin, tf.distribute.MirroredStrategy):
     """A `MirroredStrategy` whose collective keys no other strategy shares.
 
-    It also has the Keras path fixes of `keras_paths`. Every stock `MirroredStrategy` starts its collective group keys at 1 and
-    its instance keys at 100, so a second strategy over the same devices in
+    It also has the Keras path fixes of `keras_paths`. Every stock
+    `MirroredStrategy` starts its collective group keys at 1 and its
+    instance keys at 100, so a second strategy over the same devices in
     one process reuses the first one's collective instances; when the second
     reduces tensors of other shapes, TensorFlow aborts with "Shape mismatch
     in the collective instance 100". A distinct key base per strategy keeps
