@@ -32,6 +32,11 @@ LONG = (
     "tests/train_errors_test.py::OneLineErrorTest::test_bad_value_and_kind",
     "tests/dispatcher_restart_test.py::RestartTest::test_a_live_worker_keeps_its_leases_over_restarts",
     "tests/cli_help_test.py::HelpTest::test_train_console_script",
+    "tests/teardown_test.py",
+    "tests/serve_model_test.py",
+    "tests/train_test.py::TrainBinaryTest::test_one_device_override",
+    "tests/dispatcher_process_test.py::CommandErrorsTest::test_status_of_an_unreachable_address",
+    "tests/launch_output_test.py::ConsoleTest::test_a_keras_progress_bar_is_one_line_per_epoch_off_a_terminal",
 )
 
 
