@@ -1,7 +1,8 @@
 """Tests for `--help` of the tfscale binaries (tfscale/cli.py), run as real processes.
 
 Only the two `tfscale-train` runs import TensorFlow (a few seconds each); the
-launcher and the dispatcher start without it, which one test checks.
+launcher, the dispatcher and the serving router start without it, which one
+test checks.
 """
 
 import os
@@ -25,6 +26,7 @@ MODULES = {
     "tfscale-launch": "tfscale.launch",
     "tfscale-dispatcher": "tfscale.data.dispatcher",
     "tfscale-train": "tfscale.train",
+    "tfscale-serve": "tfscale.serve",
 }
 
 
@@ -89,6 +91,27 @@ TOOLS = {
         shown={"address": None, "auth_token_file": None, "tls_root_cert_file": None},
         hidden=["port", "shards", "flagfile"],
     ),
+    "serve": Help(
+        argv=["tfscale-serve", "serve", "--help"],
+        usage="Usage: tfscale-serve [serve] --model=PATH [--replicas=N] [flags]",
+        example="tfscale-serve --model=/tmp/tfscale/smoke --replicas=2",
+        shown={"model": None, "replicas": "1", "policy": "least_loaded", "max_batch_size": "32"},
+        hidden=["address", "name", "flagfile"],
+    ),
+    "serve_replica": Help(
+        argv=["tfscale-serve", "replica", "--help"],
+        usage="Usage: tfscale-serve replica --model=PATH",
+        example="tfscale-serve replica --model=/models/lenet",
+        shown={"model": None, "name": "replica-0", "rest_port": "0", "max_queue_size": "1024"},
+        hidden=["replicas", "policy", "address", "flagfile"],
+    ),
+    "serve_reload": Help(
+        argv=["tfscale-serve", "reload", "-h"],
+        usage="Usage: tfscale-serve reload --address=HOST:PORT",
+        example="tfscale-serve reload --address=127.0.0.1:8500",
+        shown={"address": None, "auth_token_file": None},
+        hidden=["model", "replicas", "flagfile"],
+    ),
     "train": Help(
         argv=["tfscale-train", "--help"],
         usage="Usage: tfscale-train --config=FILE[:variant] --workdir=DIR [--config.a.b=value ...]",
@@ -131,7 +154,16 @@ class HelpTest(parameterized.TestCase):
             self.assertNotRegex(result.stdout, re.compile(rf"^  --{name}:", re.M), name)
 
     @parameterized.named_parameters(
-        (tool, tool) for tool in ("launch", "dispatcher", "dispatcher_serve", "dispatcher_status")
+        (tool, tool)
+        for tool in (
+            "launch",
+            "dispatcher",
+            "dispatcher_serve",
+            "dispatcher_status",
+            "serve",
+            "serve_replica",
+            "serve_reload",
+        )
     )
     def test_console_script(self, tool):
         want = TOOLS[tool]
@@ -141,6 +173,7 @@ class HelpTest(parameterized.TestCase):
         ("launch", "launch", "-?"),
         ("dispatcher_serve", "dispatcher_serve", "--helpshort"),
         ("dispatcher_status", "dispatcher_status", "--help"),
+        ("serve_replica", "serve_replica", "-h"),
     )
     def test_python_m(self, tool, help_flag):
         want = TOOLS[tool]
@@ -178,6 +211,7 @@ class HelpTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("launch", "tfscale.launch", ["--help"]),
         ("dispatcher", "tfscale.data.dispatcher", ["serve", "--help"]),
+        ("serve", "tfscale.serve", ["--help"]),
     )
     def test_help_does_not_import_tensorflow(self, module, args):
         code = (

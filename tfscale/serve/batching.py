@@ -52,9 +52,11 @@ __all__ = [
     "InvalidRequest",
     "OnBatch",
     "QueueFull",
+    "RequestTiming",
     "RequestTooLarge",
     "RunFn",
     "Signature",
+    "timing",
 ]
 
 Arrays = dict[str, np.ndarray]
@@ -188,6 +190,40 @@ class BatcherStats:
     failed: int = 0
     cancelled: int = 0
     queue_depth: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestTiming:
+    """Where one request's time went, for latency reports that keep queue and compute apart.
+
+    Attributes:
+      queue_s: Seconds from `submit` until its batch started.
+      compute_s: Seconds its batch spent in `run_fn`.
+      batch_rows: Rows of its batch, before padding.
+      padded_rows: Rows of its batch, padding included.
+    """
+
+    queue_s: float
+    compute_s: float
+    batch_rows: int
+    padded_rows: int
+
+
+def timing(future: concurrent.futures.Future) -> Optional[RequestTiming]:
+    """The timing of a request whose batch ran (None if it never ran).
+
+    Example:
+
+    ```python
+    future = batcher.submit({"x": x})
+    future.result()
+    timing(future).queue_s
+    ```
+    """
+    return getattr(future, _TIMING_ATTRIBUTE, None)
+
+
+_TIMING_ATTRIBUTE = "_tfscale_timing"
 
 
 @dataclasses.dataclass(eq=False)
@@ -554,6 +590,10 @@ class DynamicBatcher:
             except Exception:  # pylint: disable=broad-except
                 _LOG.exception("on_batch raised; the batch's requests are unaffected")
         for i, request in enumerate(requests):
+            queue_s = start - request.enqueued_at
+            setattr(
+                request.future, _TIMING_ATTRIBUTE, RequestTiming(queue_s, compute_s, rows, padded)
+            )
             if error is not None:
                 request.future.set_exception(error)
             else:

@@ -1,4 +1,4 @@
-"""Token authentication of dispatcher calls: the call metadata, its check, the token file.
+"""Token authentication and TLS of tfscale's gRPC servers: the call metadata, its check, the token file, the server credentials.
 
 A dispatcher started with a token accepts only calls whose metadata carries
 `authorization: Bearer <token>` (`TokenAuth`, a server interceptor); a client
@@ -30,7 +30,9 @@ __all__ = [
     "Metadata",
     "TokenAuth",
     "call_metadata",
+    "presents",
     "read_token_file",
+    "server_credentials",
 ]
 
 Metadata = tuple[tuple[str, str], ...]
@@ -68,15 +70,51 @@ def read_token_file(path: Optional[str]) -> Optional[str]:
     return token
 
 
+def presents(token: str, authorization: Any) -> bool:
+    """Whether an `authorization` value (str or bytes, None if absent) presents `token`.
+
+    Compared in constant time, so that response times do not reveal the
+    token byte by byte.
+    """
+    if authorization is None:
+        authorization = b""
+    if isinstance(authorization, str):
+        authorization = authorization.encode()
+    return hmac.compare_digest(authorization, f"Bearer {token}".encode())
+
+
+def server_credentials(
+    tls_cert_file: Optional[str], tls_key_file: Optional[str]
+) -> Optional[grpc.ServerCredentials]:
+    """TLS credentials from a PEM certificate chain and key; None without both.
+
+    Raises:
+      ValueError: one of the two files is given without the other.
+      OSError: a file cannot be read.
+    """
+    if bool(tls_cert_file) != bool(tls_key_file):
+        raise ValueError(
+            f"TLS needs both a certificate and a key. Received: tls_cert_file={tls_cert_file!r}, "
+            f"tls_key_file={tls_key_file!r}"
+        )
+    if not tls_cert_file:
+        return None
+    with open(tls_cert_file, "rb") as c, open(tls_key_file, "rb") as k:
+        return grpc.ssl_server_credentials([(k.read(), c.read())])
+
+
 class TokenAuth(grpc.ServerInterceptor):
     """Rejects every call without `authorization: Bearer <token>` as UNAUTHENTICATED.
 
     Args:
       token: the token calls must present.
+      exempt: method name prefixes that need no token, e.g.
+        `("/grpc.health.v1.Health/",)` for health probes.
     """
 
-    def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+    def __init__(self, token: str, exempt: tuple[str, ...] = ()):
+        self._token = token
+        self._exempt = tuple(exempt)
 
         def deny(request: Any, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
@@ -84,11 +122,9 @@ class TokenAuth(grpc.ServerInterceptor):
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
 
     def intercept_service(self, continuation: Callable, details: Any) -> Any:
+        if self._exempt and details.method.startswith(self._exempt):
+            return continuation(details)
         metadata = dict(details.invocation_metadata or ())
-        presented = metadata.get(AUTH_METADATA_KEY, "")
-        if isinstance(presented, str):
-            presented = presented.encode()
-        # In constant time, so that response times do not reveal the token byte by byte.
-        if not hmac.compare_digest(presented, self._expected):
+        if not presents(self._token, metadata.get(AUTH_METADATA_KEY)):
             return self._deny
         return continuation(details)

@@ -311,7 +311,7 @@ class DispatcherServer:
             return self
         if self._config.work_dir and self._journal is None:  # stopped: the journal was closed
             self._core = self._recover()
-        credentials = self._credentials()
+        credentials = auth.server_credentials(self._config.tls_cert_file, self._config.tls_key_file)
         token = self._auth_token()
         interceptors = [auth.TokenAuth(token)] if token else []
         server = grpc.server(
@@ -389,18 +389,6 @@ class DispatcherServer:
             raise
         self._journal = journal
         return recovered
-
-    def _credentials(self) -> Optional[grpc.ServerCredentials]:
-        cert, key = self._config.tls_cert_file, self._config.tls_key_file
-        if bool(cert) != bool(key):
-            raise ValueError(
-                f"TLS needs both a certificate and a key. Received: tls_cert_file={cert!r}, "
-                f"tls_key_file={key!r}"
-            )
-        if not cert:
-            return None
-        with open(cert, "rb") as c, open(key, "rb") as k:
-            return grpc.ssl_server_credentials([(k.read(), c.read())])
 
     def _auth_token(self) -> Optional[str]:
         token, path = self._config.auth_token, self._config.auth_token_file

@@ -1,0 +1,5 @@
+"""`python -m tfscale.serve`: the same as `tfscale-serve`."""
+
+from tfscale.serve.main import run_main
+
+run_main()
