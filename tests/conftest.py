@@ -37,6 +37,8 @@ LONG = (
     "tests/train_test.py::TrainBinaryTest::test_one_device_override",
     "tests/dispatcher_process_test.py::CommandErrorsTest::test_status_of_an_unreachable_address",
     "tests/launch_output_test.py::ConsoleTest::test_a_keras_progress_bar_is_one_line_per_epoch_off_a_terminal",
+    "tests/serve_server_test.py::RouterTest",
+    "tests/serve_process_test.py",
 )
 
 

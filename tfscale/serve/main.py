@@ -90,6 +90,9 @@ _MAX_QUEUE_SIZE = flags.DEFINE_integer(
 _NUM_BATCH_THREADS = flags.DEFINE_integer(
     "num_batch_threads", 1, "Batches computed at once per replica.", lower_bound=1
 )
+_SLOWDOWN = flags.DEFINE_float(
+    "slowdown", 1.0, "Each batch takes this many times its compute time (drills, benchmarks)."
+)
 _WATCH_INTERVAL_S = flags.DEFINE_float(
     "watch_interval_s", 10.0, "Seconds between checks for a newer checkpoint; 0: never."
 )
@@ -163,6 +166,7 @@ replica rest on HOST:PORT` once the model is warm.
         "port",
         "rest_port",
         *_BATCH_FLAGS,
+        "slowdown",
         *_SECURITY_FLAGS,
     ),
 )
@@ -251,17 +255,10 @@ def replica() -> None:
     from tfscale.serve import model as model_lib
     from tfscale.serve import replica as replica_lib
 
-    options = replica_lib.ReplicaOptions(
-        host=_HOST.value,
-        port=_PORT.value,
-        rest_port=_rest_port(),
-        model_name=_MODEL_NAME.value,
-        name=_NAME.value,
-        batching=batching_options(),
-        auth_token=_read_token(),
-        tls_cert_file=_TLS_CERT_FILE.value,
-        tls_key_file=_TLS_KEY_FILE.value,
-    )
+    try:
+        options = _replica_options(replica_lib)
+    except ValueError as e:
+        raise BadUsage(str(e)) from None
     server = replica_lib.ReplicaServer(
         lambda: model_lib.load(path, name=_MODEL_NAME.value), options
     )
@@ -277,6 +274,21 @@ def replica() -> None:
     if server.rest_target:
         print(f"{supervisor.REST_LINE} {server.rest_target}", flush=True)
     _serve_until_signal(server.stop)
+
+
+def _replica_options(replica_lib):
+    return replica_lib.ReplicaOptions(
+        host=_HOST.value,
+        port=_PORT.value,
+        rest_port=_rest_port(),
+        model_name=_MODEL_NAME.value,
+        name=_NAME.value,
+        batching=batching_options(),
+        auth_token=_read_token(),
+        tls_cert_file=_TLS_CERT_FILE.value,
+        tls_key_file=_TLS_KEY_FILE.value,
+        slowdown=_SLOWDOWN.value,
+    )
 
 
 def serve() -> None:

@@ -49,6 +49,7 @@ import dataclasses
 import http.server
 import json
 import logging
+import os
 import re
 import threading
 import time
@@ -114,6 +115,9 @@ class ReplicaOptions:
       auth_token: clients must send it (`authorization: Bearer TOKEN`).
       tls_cert_file: PEM certificate chain; with `tls_key_file`, serve TLS (gRPC).
       tls_key_file: PEM private key.
+      slowdown: each batch takes this many times its compute time (the
+        replica sleeps the difference): a slow machine, for benchmarks and
+        drills of outlier ejection. 1 is normal speed.
     """
 
     host: str = "127.0.0.1"
@@ -129,6 +133,13 @@ class ReplicaOptions:
     auth_token: Optional[str] = None
     tls_cert_file: Optional[str] = None
     tls_key_file: Optional[str] = None
+    slowdown: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.slowdown, (int, float)) or not 1.0 <= self.slowdown < 1e6:
+            raise ValueError(
+                f"slowdown must be a number >= 1. Received: slowdown={self.slowdown!r}"
+            )
 
 
 class _Failure(Exception):
@@ -285,6 +296,7 @@ class ReplicaServer:
                 latest = None
         return {
             "name": self._options.name,
+            "pid": os.getpid(),
             "state": self._state,
             "model_name": self._options.model_name,
             "version": None if served is None else served.model.version,
@@ -305,7 +317,7 @@ class ReplicaServer:
         if served.batcher is None:
             start = time.monotonic()
             try:
-                outputs = served.model.predict(inputs)
+                outputs = self._run(served.model, inputs)
             except ValueError as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
             rows = next(iter(inputs.values())).shape[0]
@@ -369,12 +381,21 @@ class ReplicaServer:
         batcher = None
         if options is not None:
             batcher = batching.DynamicBatcher(
-                servable.predict,
+                lambda inputs: self._run(servable, inputs),
                 options,
                 signature=servable.signature.inputs,
                 on_batch=self._observe_batch,
             )
         return _Served(servable, batcher)
+
+    def _run(
+        self, servable: model_lib.ServableModel, inputs: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        started = time.monotonic()
+        outputs = servable.predict(inputs)
+        if self._options.slowdown > 1.0:
+            time.sleep((self._options.slowdown - 1.0) * (time.monotonic() - started))
+        return outputs
 
     def _define_metrics(self) -> None:
         m = self.metrics

@@ -25,10 +25,12 @@ processes.start()  # blocks until both are warm
 from __future__ import annotations
 
 import collections
+import ctypes
 import dataclasses
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -49,10 +51,20 @@ REST_LINE = "tfscale-serve replica rest on"
 _MAX_RESTART_DELAY_S = 30.0
 # A process that ran this long before dying starts the back-off over.
 _STABLE_S = 60.0
+_PR_SET_PDEATHSIG = 1
 _ADDRESS = re.compile(r"on (\S+:\d+)\s*$")
 
 OnReady = Callable[[str, str, Optional[str]], None]
 OnExit = Callable[[str], None]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the router process dies (Linux)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # elsewhere a killed router leaves its replicas running
 
 
 class ReplicaStartError(RuntimeError):
@@ -129,26 +141,33 @@ class ReplicaProcesses:
           ReplicaStartError: a replica died or timed out before it was ready;
             the message quotes its last output lines. The others are stopped.
         """
-        errors: list[BaseException] = []
+        # Each replica's whole life runs in one thread: the parent-death signal
+        # of a child fires when the thread that started it ends.
+        outcomes: list[Optional[ReplicaStartError]] = []
+        ready = threading.Condition()
 
-        def launch(process: _Process) -> None:
+        def run(process: _Process) -> None:
             try:
                 self._launch(process)
+                error = None
             except ReplicaStartError as e:
-                errors.append(e)
+                error = e
+            with ready:
+                outcomes.append(error)
+                ready.notify_all()
+            if error is None:
+                self._watch(process)
 
-        threads = [threading.Thread(target=launch, args=(p,)) for p in self._processes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        for process in self._processes:
+            threading.Thread(
+                target=run, args=(process,), name=f"replica-{process.name}", daemon=True
+            ).start()
+        with ready:
+            ready.wait_for(lambda: len(outcomes) == len(self._processes))
+        errors = [e for e in outcomes if e is not None]
         if errors:
             self.stop()
             raise errors[0]
-        for process in self._processes:
-            threading.Thread(
-                target=self._watch, args=(process,), name=f"watch-{process.name}", daemon=True
-            ).start()
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stops every replica: SIGTERM, then SIGKILL after `timeout_s`."""
@@ -193,6 +212,7 @@ class ReplicaProcesses:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=self._env,
+                preexec_fn=_die_with_parent,
             )
         popen = process.popen
         timer = threading.Timer(self._start_timeout_s, popen.kill)
