@@ -22,6 +22,7 @@ import grpc  # noqa: E402
 
 from tests.serve_server_test import _keras_model  # noqa: E402
 from tests.serve_server_test import _Load  # noqa: E402
+from tests.serve_server_test import _post  # noqa: E402
 from tfscale.serve import admin  # noqa: E402
 
 
@@ -123,6 +124,26 @@ class ServeProcessTest(absltest.TestCase):
         self.assertEqual(router.wait(timeout=30), 0)
         for pid in (new_pid, pids["replica-1"]):
             _wait_for(lambda: not _alive(pid), 15, f"replica pid {pid} to exit")
+
+    def test_router_in_front_of_replicas_started_elsewhere(self):
+        replica = _start("replica", f"--model={self.model_path}", "--name=remote", "--port=0")
+        self.addCleanup(replica.kill)
+        replica_target = replica.stdout.readline().split()[-1]
+        router = _start(f"--replica_addresses={replica_target}", "--port=0")
+        self.addCleanup(router.kill)
+        target = router.stdout.readline().split()[-1]
+        rest = router.stdout.readline().split()[-1]
+        load = _Load(target, threads=1)
+        time.sleep(0.5)
+        results = load.stop()
+        self.assertTrue(results)
+        self.assertEqual({r[0] for r in results}, {"remote"})
+        status, body, _ = _post(rest, "/v1/models/default:predict", {"instances": [[0.0] * 4]})
+        self.assertEqual((status, len(body["predictions"])), (200, 1))
+        router.send_signal(signal.SIGTERM)
+        self.assertEqual(router.wait(timeout=30), 0)
+        replica.send_signal(signal.SIGTERM)
+        self.assertEqual(replica.wait(timeout=30), 0)
 
     def test_a_model_that_cannot_load_fails_in_one_line(self):
         bad = os.path.join(self.root, "broken.keras")

@@ -309,6 +309,33 @@ class AuthTest(absltest.TestCase):
         self.assertEqual(status, 200)
 
 
+class TlsTest(absltest.TestCase):
+    def test_tls_from_client_to_router_to_replica(self):
+        directory = self.create_tempdir().full_path
+        cert, key = testutil.self_signed_cert(directory)
+        replica = _replica("tls-replica", tls_cert_file=cert, tls_key_file=key)
+        self.addCleanup(replica.stop)
+        router = proxy.RouterServer(
+            proxy.RouterOptions(tls_cert_file=cert, tls_key_file=key, replica_tls_root_cert_file=cert)
+        ).start()
+        self.addCleanup(router.stop)
+        router.add_replica("tls-replica", f"localhost:{replica.target.rsplit(':', 1)[1]}")
+        with open(cert, "rb") as f:
+            credentials = grpc.ssl_channel_credentials(f.read())
+        port = router.target.rsplit(":", 1)[1]
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.secure_channel(f"localhost:{port}", credentials)
+        )
+        response = stub.Predict(_request(np.zeros((1, 4), np.float32)), timeout=30)
+        self.assertEqual(tf.make_ndarray(response.outputs["output_0"]).shape, (1, 3))
+        plain = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(router.target)
+        )
+        with self.assertRaises(grpc.RpcError) as raised:
+            plain.Predict(_request(np.zeros((1, 4), np.float32)), timeout=5)
+        self.assertEqual(raised.exception.code(), grpc.StatusCode.UNAVAILABLE)
+
+
 class _Load:
     """Requests from `threads` clients until stopped; records every outcome."""
 

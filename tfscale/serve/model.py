@@ -39,6 +39,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import logging
 import os
 import re
 from typing import Any
@@ -236,18 +237,29 @@ class ServableModel:
     def warm_up(self, batch_sizes: Iterable[int]) -> None:
         """Runs a batch of zeros at each size, so no request pays a trace.
 
+        One trace per size is the point here, so TensorFlow's warning about
+        frequent retracing is held back meanwhile.
+
         Raises:
           ValueError: for a batch size that is not a positive int.
         """
-        for size in batch_sizes:
+        sizes = list(batch_sizes)
+        for size in sizes:
             if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
                 raise ValueError(f"Batch sizes must be positive ints. Received: {size!r}")
-            self.predict(
-                {
-                    name: np.zeros((int(size), *[d or 1 for d in shape]), dtype)
-                    for name, (dtype, shape) in self._signature.inputs.items()
-                }
-            )
+        logger = tf.get_logger()
+        level = logger.level
+        logger.setLevel(logging.ERROR)
+        try:
+            for size in sizes:
+                self.predict(
+                    {
+                        name: np.zeros((int(size), *[d or 1 for d in shape]), dtype)
+                        for name, (dtype, shape) in self._signature.inputs.items()
+                    }
+                )
+        finally:
+            logger.setLevel(level)
 
     def metadata(self) -> dict[str, Any]:
         """The model and its signature as plain JSON-able values.
