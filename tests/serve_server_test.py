@@ -37,6 +37,7 @@ from tfscale.serve import metrics  # noqa: E402
 from tfscale.serve import model as model_lib  # noqa: E402
 from tfscale.serve import proxy  # noqa: E402
 from tfscale.serve import replica as replica_lib  # noqa: E402
+from tfscale.serve import replicas as replicas_lib  # noqa: E402
 
 _FLOAT = np.dtype("float32")
 
@@ -316,7 +317,9 @@ class TlsTest(absltest.TestCase):
         replica = _replica("tls-replica", tls_cert_file=cert, tls_key_file=key)
         self.addCleanup(replica.stop)
         router = proxy.RouterServer(
-            proxy.RouterOptions(tls_cert_file=cert, tls_key_file=key, replica_tls_root_cert_file=cert)
+            proxy.RouterOptions(
+                tls_cert_file=cert, tls_key_file=key, replica_tls_root_cert_file=cert
+            )
         ).start()
         self.addCleanup(router.stop)
         router.add_replica("tls-replica", f"localhost:{replica.target.rsplit(':', 1)[1]}")
@@ -484,6 +487,31 @@ class RouterTest(absltest.TestCase):
         # Nothing newer: a second reload changes nothing.
         answer = admin.call(channel, "Reload", timeout_s=120)
         self.assertEqual({r["reloaded"] for r in answer["replicas"].values()}, {False})
+
+    def test_a_slow_replica_is_ejected_and_probed(self):
+        fast = self._replicas(2, loader=lambda: _slow_servable(0.005), rest_port=None)
+        slow = _replica("slow", loader=lambda: _slow_servable(0.005), rest_port=None, slowdown=10)
+        self.addCleanup(slow.stop)
+        router = self._router(
+            "round_robin",
+            [*fast, slow],
+            outlier=replicas_lib.OutlierOptions(min_requests=5, base_ejection_s=60.0),
+        )
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(router.target)
+        )
+        seen = []
+        for _ in range(90):
+            _, call = stub.Predict.with_call(
+                _request(np.ones((1, 2), np.float32), input_name="x"), timeout=10
+            )
+            seen.append(dict(call.trailing_metadata())[replica_lib.REPLICA_KEY])
+        # Round robin gives it every third request until it has 5 latencies.
+        self.assertBetween(seen.count("slow"), 5, 8)
+        self.assertEqual(seen[-30:].count("slow"), 0)
+        state = {r["name"]: r for r in router.status()["replicas"]}
+        self.assertEqual(state["slow"]["health"], "ejected")
+        self.assertEqual(state["slow"]["ejections"], 1)
 
     def test_no_replica_is_unavailable_with_a_reason(self):
         router = self._router("round_robin", [])
