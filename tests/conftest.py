@@ -39,6 +39,8 @@ LONG = (
     "tests/launch_output_test.py::ConsoleTest::test_a_keras_progress_bar_is_one_line_per_epoch_off_a_terminal",
     "tests/serve_server_test.py::RouterTest",
     "tests/serve_process_test.py",
+    "tests/keras_paths_test.py::AdoptedMemoryTest",
+    "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
 )
 
 

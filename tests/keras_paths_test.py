@@ -44,6 +44,16 @@ def _data(n=64, seed=0):
     return x, y
 
 
+def _aligned(array):
+    """A copy of `array` starting on a 64-byte boundary, where TensorFlow adopts
+    numpy memory without copying (and a kernel may then write into it)."""
+    buffer = np.empty(array.nbytes + 64, dtype=np.uint8)
+    start = (-buffer.ctypes.data) % 64
+    out = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    out[...] = array
+    return out
+
+
 def _model(batch_norm=False):
     keras.utils.set_random_seed(1)
     layers = [keras.Input((4,)), keras.layers.Dense(8, activation="relu")]
@@ -92,8 +102,8 @@ class StepsPerExecutionTest(absltest.TestCase):
         model.fit(dataset, epochs=2, verbose=0, shuffle=False)
 
     def test_stock_mirrored_fails(self):
-        # In its own process: the failed step leaves this one's TensorFlow
-        # runtime in a state where later generator inputs lose batches.
+        # In its own process: a step that failed inside a collective may leave
+        # the runtime of this one unfit for the tests after it.
         script = (
             "from tests import keras_paths_test as k\n"
             "test = k.StepsPerExecutionTest('test_stock_mirrored_fails')\n"
@@ -138,10 +148,21 @@ class StepsPerExecutionTest(absltest.TestCase):
         )
 
 
+_GENERATOR_KINDS = (
+    ("mirrored", {"devices": _DEVICES}),
+    ("one_device", {}),
+    ("dtensor", {"mesh": "batch=2,model=2", "layout_map": "data_parallel"}),
+)
+
+
 class GeneratorInputTest(absltest.TestCase):
+    """The batches are views of the caller's arrays, placed where TensorFlow adopts
+    numpy memory (see AdoptedMemoryTest): as a user's generator would give them."""
+
     def setUp(self):
         super().setUp()
-        self.x, self.y = _data(n=8 * _BATCH)
+        self.x, self.y = (_aligned(a) for a in _data(n=8 * _BATCH))
+        self.x0, self.y0 = self.x.copy(), self.y.copy()
         self.initial = _model().get_weights()
 
     def _generator(self):
@@ -155,7 +176,7 @@ class GeneratorInputTest(absltest.TestCase):
         """One-device Keras on the same 8 batches, from a tf.data dataset."""
 
         def fit(model):
-            dataset = tf.data.Dataset.from_tensor_slices((self.x, self.y)).batch(_BATCH)
+            dataset = tf.data.Dataset.from_tensor_slices((self.x0, self.y0)).batch(_BATCH)
             model.fit(dataset, epochs=1, shuffle=False, verbose=0)
 
         return _train(None, fit, initial=self.initial)
@@ -163,23 +184,87 @@ class GeneratorInputTest(absltest.TestCase):
     def test_stock_strategies_skip_batches(self):
         reference = self._reference()
         for strategy in (_StockMirrored(), tf.distribute.OneDeviceStrategy("/cpu:0")):
+            self.x[...], self.y[...] = self.x0, self.y0
             model = _train(strategy, self._fit, initial=self.initial)
             self.assertGreater(_max_diff(model.get_weights(), reference.get_weights()), 1e-2)
 
-    def test_tfscale_kinds_refuse_a_generator(self):
-        kinds = (
-            ("mirrored", {"devices": _DEVICES}),
-            ("one_device", {}),
-            ("dtensor", {"mesh": "batch=2,model=2", "layout_map": "data_parallel"}),
-        )
-        for kind, options in kinds:
+    def test_tfscale_kinds_train_on_every_batch(self):
+        reference = self._reference()
+        expected_loss = reference.evaluate(self.x0, self.y0, batch_size=_BATCH, verbose=0)
+        for kind, options in _GENERATOR_KINDS:
             with self.subTest(kind):
                 dist = tfscale.distribution(kind, **options)
-                with self.assertRaisesRegex(ValueError, "loses batches.*PyDataset"):
-                    _train(dist, self._fit, initial=self.initial)
-                model = _train(dist, lambda m: None, initial=self.initial)
-                with self.assertRaisesRegex(ValueError, "loses batches"):
-                    model.evaluate(self._generator(), steps=8, verbose=0)
+                model = _train(dist, self._fit, initial=self.initial)
+                self.assertLess(_max_diff(model.get_weights(), reference.get_weights()), 1e-5)
+                np.testing.assert_array_equal(self.y, self.y0)  # the caller's data untouched
+                loss = model.evaluate(self._generator(), steps=8, verbose=0)
+                self.assertAlmostEqual(loss, expected_loss, places=5)
+
+    def test_the_alternatives_train_on_every_batch(self):
+        reference = self._reference()
+        x, y = self.x, self.y
+
+        class Batches(keras.utils.PyDataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return x[i * _BATCH : (i + 1) * _BATCH], y[i * _BATCH : (i + 1) * _BATCH]
+
+        dist = tfscale.distribution("mirrored", devices=_DEVICES)
+        model = _train(
+            dist,
+            lambda m: m.fit(Batches(), epochs=1, shuffle=False, verbose=0),
+            initial=self.initial,
+        )
+        self.assertLess(_max_diff(model.get_weights(), reference.get_weights()), 1e-5)
+
+        spec = (tf.TensorSpec((None, 4), tf.float32), tf.TensorSpec((None, 1), tf.float32))
+        source = tf.data.Dataset.from_generator(self._generator, output_signature=spec)
+
+        def fit(m):
+            m.fit(dist.distribute_dataset(source.unbatch(), _BATCH), epochs=1, verbose=0)
+
+        model = _train(dist, fit, initial=self.initial)
+        self.assertLess(_max_diff(model.get_weights(), reference.get_weights()), 1e-5)
+
+
+class AdoptedMemoryTest(absltest.TestCase):
+    """Batches that are the caller's own aligned numpy memory, under two replicas."""
+
+    def setUp(self):
+        super().setUp()
+        self.x, self.y = (_aligned(a) for a in _data(n=8 * _BATCH))
+        self.x0, self.y0 = self.x.copy(), self.y.copy()
+        self.initial = _model().get_weights()
+
+    def _fit(self, model):
+        x, y = self.x, self.y
+
+        class Views(keras.utils.PyDataset):
+            def __len__(self):
+                return 8
+
+            def __getitem__(self, i):
+                return x[i * _BATCH : (i + 1) * _BATCH], y[i * _BATCH : (i + 1) * _BATCH]
+
+        model.fit(Views(), epochs=2, shuffle=False, verbose=0)
+
+    def test_stock_mirrored_overwrites_the_callers_labels(self):
+        _train(_StockMirrored(), self._fit, initial=self.initial)
+        np.testing.assert_array_equal(self.x, self.x0)
+        self.assertGreater(float(np.max(np.abs(self.y - self.y0))), 1e-2)
+
+    def test_tfscale_kinds_leave_them_and_match_one_device(self):
+        reference = _train(None, self._fit, initial=self.initial)
+        np.testing.assert_array_equal(self.y, self.y0)
+        for kind, options in _GENERATOR_KINDS:
+            with self.subTest(kind):
+                model = _train(
+                    tfscale.distribution(kind, **options), self._fit, initial=self.initial
+                )
+                np.testing.assert_array_equal(self.y, self.y0)
+                self.assertLess(_max_diff(model.get_weights(), reference.get_weights()), 1e-5)
 
 
 class ClassWeightTest(absltest.TestCase):

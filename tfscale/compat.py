@@ -100,9 +100,9 @@ def keras_generator_peek() -> Optional[Any]:
     the epoch starts. A generator cannot be rewound: that extra iterator's
     prefetch buffers drain batches from it, which training then never sees
     (epoch 1 trained on batches 0, 1, 5, 6, 7 of 0-7). tfscale's distributed
-    datasets call this when iterated, to refuse such an input with a clear
-    error (`GeneratorDataAdapter` keeps the first two batches to infer the
-    input signature; a non-None result means the input is a generator).
+    datasets call this when iterated and, inside that build, hand it this
+    batch instead of reading the generator (`GeneratorDataAdapter` keeps its
+    first two batches to infer the input signature, then trains on them).
 
     Upstream: the frame of `_maybe_symbolic_build` holds the epoch iterator
     as `iterator`; its `data_adapter` of a generator has `_first_batches`.

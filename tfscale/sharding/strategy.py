@@ -273,7 +273,9 @@ class BatchedDTensorDataset(_IterableDTensorDataset):
         return dtensor.Layout.replicated(self._mesh, rank)
 
     def __iter__(self) -> Iterator[Any]:
-        keras_paths.refuse_generator_input()  # it would lose batches (see keras_paths)
+        peeked = keras_paths.peeked_batch(self._dataset.element_spec)
+        if peeked is not None:  # Keras's model build with a generator (see keras_paths)
+            return self._laid_out(peeked)
         return super().__iter__()
 
     def _batches(self) -> Iterator[Any]:

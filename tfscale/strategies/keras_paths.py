@@ -9,12 +9,9 @@ reproduced with no tfscale involved:
    (`compat.trace_time_collective_keys`).
 2. A Python generator given to `fit` or `evaluate` loses batches: Keras
    iterates the input once more to build the model, and that iterator's
-   prefetch drains the generator. Not fixed: serving that build from the
-   batch Keras already peeked trained right in most runs but not in all
-   (after other training in the same process), so the distributed datasets
-   made here refuse a generator input with an error naming the
-   alternatives (`keras.utils.PyDataset`, or `from_generator` of a
-   generator function through `distribute_dataset`).
+   prefetch drains the generator. Fix: the distributed datasets made here
+   (and the dtensor kind's) hand that build the batch Keras already peeked
+   (`compat.keras_generator_peek`), so the generator is read once.
 3. `fit(dist.distribute_dataset(...), class_weight=...)` raises
    "'DistributedDataset' object has no attribute 'map'": Keras maps the
    weights over its input. Fix: these datasets `map` their source (before
@@ -24,6 +21,17 @@ reproduced with no tfscale involved:
    0's while `evaluate` uses each replica's own. Fix: inside this scope the
    moving statistics are averaged over replicas on each write, so every
    replica holds the same value.
+
+Also, with no Keras involved: an input whose batches are the caller's own
+numpy memory (a `keras.utils.PyDataset` or a generator that returns views
+of a larger array, through `from_generator`) gets that memory overwritten
+under a multi-replica strategy when the array happens to start on a 64-byte
+boundary: TensorFlow adopts such an array without copying, the split over
+replicas gives replica 0 a slice of it, and a kernel of the step writes its
+result in place. The caller's labels change, so the next epoch trains on
+corrupted data. Fix: the datasets distributed here copy every numeric
+tensor of a batch into memory TensorFlow owns before the split (one memcpy
+per batch).
 
 Each fix lives in the strategy subclass (`KerasPathsMixin`) and the datasets
 it returns; code that uses stock strategies is not affected.
@@ -51,6 +59,7 @@ from typing import Iterator
 from typing import Optional
 from typing import Union
 
+import numpy as np
 import tensorflow as tf
 
 from tfscale import compat
@@ -59,9 +68,8 @@ __all__ = [
     "KerasDistributedDataset",
     "KerasPathsMixin",
     "MOVING_STATISTICS",
-    "GENERATOR_INPUT_ERROR",
     "replica_state_in_sync",
-    "refuse_generator_input",
+    "peeked_batch",
 ]
 
 # Variable names of the running statistics of Keras's normalization layers.
@@ -95,23 +103,45 @@ def replica_state_in_sync(next_creator: Callable[..., tf.Variable], **kwargs: An
     return next_creator(**kwargs)
 
 
-GENERATOR_INPUT_ERROR = (
-    "A Python generator given to fit/evaluate under a distribution loses batches: Keras "
-    "iterates the input once more to build the model, and that pass drains the generator. "
-    "Pass a keras.utils.PyDataset, or dist.distribute_dataset(tf.data.Dataset.from_generator("
-    "generator_function, output_signature=...).unbatch(), global_batch_size) (a function that "
-    "makes a new generator per pass)."
-)
+# Tensors of these dtypes are never adopted from numpy memory.
+_NOT_COPIED = (tf.string, tf.variant, tf.resource)
 
 
-def refuse_generator_input() -> None:
-    """Raises when Keras's model build iterates a Python generator input (see the module doc).
+def _owned_memory(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """`dataset` with each batch's numeric tensors copied into TensorFlow's own memory.
 
-    Raises:
-      ValueError: with `GENERATOR_INPUT_ERROR`.
+    See the module docstring: a tensor adopted from a caller's numpy array
+    must not reach the replicas' kernels, which may write into it.
     """
-    if compat.keras_generator_peek() is not None:
-        raise ValueError(GENERATOR_INPUT_ERROR)
+
+    def copy(tensor: Any) -> Any:
+        if isinstance(tensor, tf.Tensor) and tensor.dtype not in _NOT_COPIED:
+            return tf.raw_ops.DeepCopy(x=tensor)
+        return tensor
+
+    def copy_element(*element: Any) -> Any:
+        copied = tf.nest.map_structure(copy, element)
+        return copied if isinstance(dataset.element_spec, tuple) else copied[0]
+
+    return dataset.map(copy_element, deterministic=True)
+
+
+def peeked_batch(element_spec: Any) -> Optional[tf.data.Dataset]:
+    """Inside Keras's model build with a generator input: a dataset of the batch
+    Keras already peeked, typed as `element_spec`; else None (see the module doc).
+
+    The batch's arrays are copied: they may be views of the caller's memory.
+    """
+    peeked = compat.keras_generator_peek()
+    if peeked is None:
+        return None
+    tensors = tf.nest.map_structure(
+        lambda spec, value: tf.convert_to_tensor(np.array(value, copy=True), dtype=spec.dtype),
+        element_spec,
+        peeked,
+        check_types=False,
+    )
+    return tf.data.Dataset.from_tensors(tensors)
 
 
 class KerasDistributedDataset(compat.DistributedDatasetBase):
@@ -145,7 +175,9 @@ class KerasDistributedDataset(compat.DistributedDatasetBase):
 
     def __iter__(self) -> Iterator[Any]:
         if isinstance(self._source, tf.data.Dataset):
-            refuse_generator_input()
+            peeked = peeked_batch(self._source.element_spec)
+            if peeked is not None:  # Keras's model build: the batch it already took
+                return iter(self._distribute(peeked))
         return iter(self._distributed)
 
     def map(
@@ -189,7 +221,9 @@ class KerasPathsMixin:
         self, dataset: tf.data.Dataset, options: Optional[tf.distribute.InputOptions] = None
     ) -> KerasDistributedDataset:
         stock = super().experimental_distribute_dataset  # type: ignore[misc]
-        return KerasDistributedDataset(dataset, lambda source: stock(source, options))
+        return KerasDistributedDataset(
+            dataset, lambda source: stock(_owned_memory(source), options)
+        )
 
     def distribute_datasets_from_function(
         self,
@@ -197,4 +231,8 @@ class KerasPathsMixin:
         options: Optional[tf.distribute.InputOptions] = None,
     ) -> KerasDistributedDataset:
         stock = super().distribute_datasets_from_function  # type: ignore[misc]
-        return KerasDistributedDataset(dataset_fn, lambda source: stock(source, options))
+
+        def distribute(source: Source) -> tf.distribute.DistributedDataset:
+            return stock(lambda context: _owned_memory(source(context)), options)
+
+        return KerasDistributedDataset(dataset_fn, distribute)
