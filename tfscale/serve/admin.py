@@ -1,6 +1,6 @@
 """`tfscale.serve.Admin`: a replica's and a router's control calls, JSON over gRPC.
 
-Also the call plumbing both servers share (`time_left`).
+Also the call plumbing both servers share (`time_left`, `TIMEOUT_HEADER`).
 
 The calls are few and their answers are small dicts, so they travel as
 JSON bytes through gRPC's generic handlers (no proto to compile): a
@@ -29,12 +29,15 @@ import grpc
 
 __all__ = [
     "SERVICE",
+    "TIMEOUT_HEADER",
     "call",
     "handler",
     "time_left",
 ]
 
 SERVICE = "tfscale.serve.Admin"
+# REST: seconds a request may take, queue included (gRPC calls carry their deadline).
+TIMEOUT_HEADER = "tfscale-timeout-s"
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 

@@ -352,7 +352,7 @@ class RouterServer:
 
     # ------------------------------------------------------------------ forwarding
 
-    def forward(
+    def _route_call(
         self,
         send: Callable[[_Backend], Any],
         key: Optional[str],
@@ -421,7 +421,7 @@ class RouterServer:
             return response, call.trailing_metadata() or ()
 
         try:
-            response, trailing = self.forward(send, key, "grpc")
+            response, trailing = self._route_call(send, key, "grpc")
         except _Answered as e:
             context.set_trailing_metadata(tuple(e.trailing))
             context.abort(e.code, e.message)
@@ -455,7 +455,7 @@ class RouterServer:
             return response.status, data, out
 
         try:
-            return self.forward(send, key, "rest")
+            return self._route_call(send, key, "rest")
         except _Answered as e:
             if e.http is not None:
                 return e.http
@@ -689,7 +689,8 @@ class _RestProxy(http.server.BaseHTTPRequestHandler):
         headers = {
             k: v
             for k, v in self.headers.items()
-            if k.lower() in ("content-type", auth.AUTH_METADATA_KEY, ROUTE_KEY, "grpc-timeout-s")
+            if k.lower()
+            in ("content-type", auth.AUTH_METADATA_KEY, ROUTE_KEY, admin.TIMEOUT_HEADER)
         }
         status, data, extra = self.proxy._rest_forward(method, self.path, body, headers)
         self._send(status, data, headers=extra)

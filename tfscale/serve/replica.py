@@ -25,7 +25,8 @@ serving after each.
 Every gRPC response carries the trailing metadata `tfscale-queue-ms` and
 `tfscale-compute-ms` (time waiting for a batch and time in the model), and
 `tfscale-replica` (the replica's name), so a client can tell queueing from
-compute; REST responses carry them as headers.
+compute; REST responses carry them as headers. A REST request's deadline is
+its `tfscale-timeout-s` header (seconds).
 
 Example:
 
@@ -694,7 +695,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                 arrays, form = tensors.parse_rest_predict(body, served.model.signature.inputs)
             except tensors.TensorError as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            timeout = self.headers.get("grpc-timeout-s")
+            timeout = self.headers.get(admin.TIMEOUT_HEADER)
             outputs, timing = replica.predict(
                 name, None if version is None else int(version), arrays, _float(timeout)
             )
