@@ -68,6 +68,12 @@ BENCHMARKS = {
         ["tfscale", "tf_data_service"],
         "dispatcher_grant_rate.png",
     ),
+    "serving": (
+        "serving.py",
+        ["--quick", "--json_name=results.json", "--setups=single_batching,slow_least_loaded"],
+        ["per_round", "medians", "summary"],
+        "serving.png",
+    ),
 }
 
 

@@ -309,6 +309,22 @@ class EjectionTest(parameterized.TestCase):
         self.assertEqual(router.replicas.stats("r3").ejection_reason, "latency")
         self.assertEqual([health[n] for n in ("r0", "r1", "r2")], [replicas.Health.UP] * 3)
 
+    def test_not_judged_on_latency_against_fewer_than_min_latency_peers(self):
+        for min_peers, ejected in ((2, False), (1, True)):
+            with self.subTest(min_latency_peers=min_peers):
+                router = _router(
+                    clock=self.clock,
+                    names=("r0", "r1"),
+                    min_requests=5,
+                    min_latency_peers=min_peers,
+                )
+                for _ in range(6):
+                    for name, latency in (("r0", 0.010), ("r1", 0.100)):
+                        if router.replicas.stats(name).health is replicas.Health.UP:
+                            router.finish(router.replicas.start(name), latency_s=latency)
+                health = router.replicas.stats("r1").health
+                self.assertEqual(health is replicas.Health.EJECTED, ejected)
+
     def test_not_judged_on_latency_before_min_requests(self):
         router = _router(clock=self.clock, min_requests=5)
         for _ in range(4):

@@ -54,6 +54,7 @@ from tfscale.data.dispatcher import auth  # noqa: E402
 from tfscale.serve import admin  # noqa: E402
 from tfscale.serve import batching  # noqa: E402
 from tfscale.serve import proxy  # noqa: E402
+from tfscale.serve import replicas  # noqa: E402
 from tfscale.serve import routing  # noqa: E402
 from tfscale.serve import supervisor  # noqa: E402
 
@@ -96,6 +97,11 @@ _SLOWDOWN = flags.DEFINE_float(
 _WATCH_INTERVAL_S = flags.DEFINE_float(
     "watch_interval_s", 10.0, "Seconds between checks for a newer checkpoint; 0: never."
 )
+_OUTLIER_LATENCY_FACTOR = flags.DEFINE_float(
+    "outlier_latency_factor",
+    3.0,
+    "Eject a replica whose latency is this many times its peers' median; inf: never.",
+)
 _RETRIES = flags.DEFINE_integer(
     "retries", 2, "Other replicas tried after an unreachable or full one.", lower_bound=0
 )
@@ -136,6 +142,7 @@ HOST:PORT` once every replica is ready.
         "replicas",
         "replica_addresses",
         "policy",
+        "outlier_latency_factor",
         "host",
         "port",
         "rest_port",
@@ -304,6 +311,7 @@ def serve() -> None:
             port=_PORT.value,
             rest_port=_rest_port(),
             policy=_POLICY.value,
+            outlier=replicas.OutlierOptions(latency_factor=_OUTLIER_LATENCY_FACTOR.value),
             retries=_RETRIES.value,
             watch_interval_s=_WATCH_INTERVAL_S.value,
             auth_token=_read_token(),

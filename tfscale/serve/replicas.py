@@ -154,6 +154,10 @@ class OutlierOptions:
         the median of the other up replicas' is ejected; > 1 (`math.inf`: never).
       min_requests: latencies a replica (and each replica of that median)
         needs before its latency is judged; >= 1.
+      min_latency_peers: other up replicas (each with `min_requests`
+        latencies) needed to judge a replica's latency at all; >= 1. One
+        peer's moving average is too noisy a yardstick: with two replicas
+        under load, healthy ones stand out by 3x now and then and get ejected.
       base_ejection_s: the first ejection's length; each further ejection of a
         streak doubles it; > 0.
       max_ejection_s: the longest ejection; >= base_ejection_s. A replica back
@@ -165,12 +169,13 @@ class OutlierOptions:
     consecutive_errors: int = 5
     latency_factor: float = 3.0
     min_requests: int = 10
+    min_latency_peers: int = 2
     base_ejection_s: float = 10.0
     max_ejection_s: float = 300.0
     max_ejected_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        for field in ("consecutive_errors", "min_requests"):
+        for field in ("consecutive_errors", "min_requests", "min_latency_peers"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{field} must be an int >= 1. Received: {field}={value!r}")
@@ -250,7 +255,7 @@ class OutlierDetector:
             for p in peers
             if p.latency_s is not None and p.samples >= self._options.min_requests
         ]
-        if latency_s is None or not judged:
+        if latency_s is None or len(judged) < self._options.min_latency_peers:
             return False
         return latency_s > self._options.latency_factor * statistics.median(judged)
 
