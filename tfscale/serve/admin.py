@@ -1,7 +1,5 @@
 """`tfscale.serve.Admin`: a replica's and a router's control calls, JSON over gRPC.
 
-Also the call plumbing both servers share (`time_left`, `TIMEOUT_HEADER`).
-
 The calls are few and their answers are small dicts, so they travel as
 JSON bytes through gRPC's generic handlers (no proto to compile): a
 server registers `handler({"Status": fn, ...})`, a client calls
@@ -29,15 +27,11 @@ import grpc
 
 __all__ = [
     "SERVICE",
-    "TIMEOUT_HEADER",
     "call",
     "handler",
-    "time_left",
 ]
 
 SERVICE = "tfscale.serve.Admin"
-# REST: seconds a request may take, queue included (gRPC calls carry their deadline).
-TIMEOUT_HEADER = "tfscale-timeout-s"
 Handler = Callable[[dict[str, Any]], Mapping[str, Any]]
 
 
@@ -85,12 +79,3 @@ def call(
     """
     stub = channel.unary_unary(f"/{SERVICE}/{method}")
     return _decode(stub(_encode(request or {}), timeout=timeout_s, metadata=metadata))
-
-
-def time_left(context: grpc.ServicerContext) -> Optional[float]:
-    """A call's time left in seconds; None when it has no deadline.
-
-    gRPC answers a very large number, not None, for a call without a deadline.
-    """
-    remaining = context.time_remaining()
-    return None if remaining is None or remaining > 1e7 else max(remaining, 0.0)

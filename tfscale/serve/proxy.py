@@ -41,7 +41,6 @@ print(router.target)  # clients talk to this address
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import http.client
@@ -64,6 +63,7 @@ from tfscale.serve import admin
 from tfscale.serve import metrics as metrics_lib
 from tfscale.serve import replicas as replicas_lib
 from tfscale.serve import routing
+from tfscale.serve import transport
 
 __all__ = [
     "ROUTE_KEY",
@@ -76,7 +76,6 @@ _FORWARDED_SERVICES = (
     "/tensorflow.serving.PredictionService/",
     "/tensorflow.serving.ModelService/",
 )
-_NO_AUTH = ("/grpc.health.v1.Health/",)
 # Codes that are the replica's fault (outlier detection counts them).
 _REPLICA_ERRORS = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 # Codes after which another replica is tried.
@@ -259,15 +258,8 @@ class RouterServer:
           ValueError: a TLS certificate without its key, or the reverse.
         """
         options = self._options
-        token = options.auth_token
-        server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=options.max_threads),
-            interceptors=[auth.TokenAuth(token, exempt=_NO_AUTH)] if token else [],
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", options.max_request_bytes),
-                ("grpc.max_send_message_length", options.max_request_bytes),
-            ],
+        server = transport.grpc_server(
+            options.max_threads, options.max_request_bytes, options.auth_token
         )
         server.add_generic_rpc_handlers(
             (
@@ -278,15 +270,14 @@ class RouterServer:
             )
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        credentials = auth.server_credentials(options.tls_cert_file, options.tls_key_file)
-        address = f"{options.host}:{options.port}"
-        try:
-            if credentials is None:
-                self._port = server.add_insecure_port(address)
-            else:
-                self._port = server.add_secure_port(address, credentials)
-        except RuntimeError as e:
-            raise OSError(f"Could not bind the router to {address}: {e}") from None
+        self._port = transport.listen(
+            server,
+            options.host,
+            options.port,
+            tls_cert_file=options.tls_cert_file,
+            tls_key_file=options.tls_key_file,
+            what="router",
+        )
         server.start()
         self._server = server
         if options.rest_port is not None:
@@ -407,7 +398,7 @@ class RouterServer:
         key = dict(metadata).get(ROUTE_KEY)
         if key is None and self._keyed:
             key = hashlib.blake2b(request, digest_size=8).hexdigest()
-        timeout = admin.time_left(context)
+        timeout = transport.time_left(context)
 
         def send(backend: _Backend) -> tuple[bytes, tuple]:
             stub = backend.channel.unary_unary(method)
@@ -459,7 +450,11 @@ class RouterServer:
         except _Answered as e:
             if e.http is not None:
                 return e.http
-            return _HTTP_OF_GRPC.get(e.code, 500), json.dumps({"error": e.message}).encode(), {}
+            return (
+                transport.HTTP_STATUS.get(e.code, 500),
+                json.dumps({"error": e.message}).encode(),
+                {},
+            )
 
     # ------------------------------------------------------------------ internals
 
@@ -638,68 +633,44 @@ class _Forward(grpc.GenericRpcHandler):
         )
 
 
-_HTTP_OF_GRPC = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
-_GRPC_OF_HTTP = {v: k for k, v in _HTTP_OF_GRPC.items()}
+_GRPC_OF_HTTP = {v: k for k, v in transport.HTTP_STATUS.items()}
 
 
-class _RestProxy(http.server.BaseHTTPRequestHandler):
+class _RestProxy(transport.JsonHandler):
     """Forwards TF Serving's REST paths; answers `/metrics`, `/healthz`, `/readyz` itself."""
 
     proxy: RouterServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format, *args):  # noqa: A002
-        logging.debug("router rest: " + format, *args)
 
     def do_GET(self):  # noqa: N802
         if self.path == "/metrics":
-            return self._send(200, self.proxy.scrape().encode(), metrics_lib.CONTENT_TYPE)
+            return self.send(200, self.proxy.scrape().encode(), metrics_lib.CONTENT_TYPE)
         if self.path == "/healthz":
-            return self._send(200, b"ok\n", "text/plain")
+            return self.send(200, b"ok\n", "text/plain")
         if self.path == "/readyz":
             ready = self.proxy.ready()
-            return self._send(200 if ready else 503, b"ok\n" if ready else b"no replica\n")
+            return self.send(200 if ready else 503, b"ok\n" if ready else b"no replica\n")
         self._relay("GET", None)
 
     def do_POST(self):  # noqa: N802
         length = int(self.headers.get("Content-Length") or 0)
         if length > self.proxy._options.max_request_bytes:
-            body = json.dumps(
-                {
-                    "error": f"The body may have at most {self.proxy._options.max_request_bytes} "
-                    f"bytes. Received: {length}"
-                }
-            ).encode()
             self.close_connection = True
-            return self._send(400, body)
+            return self.send_error_json(
+                400,
+                f"The body may have at most {self.proxy._options.max_request_bytes} bytes. "
+                f"Received: {length}",
+            )
         self._relay("POST", self.rfile.read(length))
 
     def _relay(self, method: str, body: Optional[bytes]) -> None:
         token = self.proxy._options.auth_token
         if token and not auth.presents(token, self.headers.get(auth.AUTH_METADATA_KEY)):
-            return self._send(401, json.dumps({"error": "missing or wrong auth token"}).encode())
+            return self.send_error_json(401, "missing or wrong auth token")
         headers = {
             k: v
             for k, v in self.headers.items()
             if k.lower()
-            in ("content-type", auth.AUTH_METADATA_KEY, ROUTE_KEY, admin.TIMEOUT_HEADER)
+            in ("content-type", auth.AUTH_METADATA_KEY, ROUTE_KEY, transport.TIMEOUT_HEADER)
         }
         status, data, extra = self.proxy._rest_forward(method, self.path, body, headers)
-        self._send(status, data, headers=extra)
-
-    def _send(self, status, body, content_type="application/json", headers=None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(body)
+        self.send(status, data, headers=extra)

@@ -45,7 +45,6 @@ server.stop()
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import http.server
 import json
@@ -78,6 +77,7 @@ from tfscale.serve import batching
 from tfscale.serve import metrics as metrics_lib
 from tfscale.serve import model as model_lib
 from tfscale.serve import tensors
+from tfscale.serve import transport
 
 __all__ = [
     "LIVENESS",
@@ -92,8 +92,6 @@ QUEUE_MS_KEY = "tfscale-queue-ms"
 COMPUTE_MS_KEY = "tfscale-compute-ms"
 REPLICA_KEY = "tfscale-replica"
 _DEFAULT_MAX_REQUEST_BYTES = 64 << 20
-# Health probes (kubelet's, a load balancer's) carry no token.
-_NO_AUTH = ("/grpc.health.v1.Health/",)
 _REST_PREDICT = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?:predict$")
 _REST_MODEL = re.compile(r"^/v1/models/([^/:]+)(?:/versions/(\d+))?(/metadata)?$")
 
@@ -149,19 +147,6 @@ class _Failure(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
         super().__init__(message)
         self.code = code
-
-
-# gRPC status -> HTTP status of the REST form.
-_HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-}
 
 
 @dataclasses.dataclass
@@ -450,15 +435,8 @@ class ReplicaServer:
 
     def _start_grpc(self) -> None:
         options = self._options
-        token = options.auth_token
-        server = grpc.server(
-            concurrent.futures.ThreadPoolExecutor(max_workers=options.max_threads),
-            interceptors=[auth.TokenAuth(token, exempt=_NO_AUTH)] if token else [],
-            options=[
-                ("grpc.so_reuseport", 0),
-                ("grpc.max_receive_message_length", options.max_request_bytes),
-                ("grpc.max_send_message_length", options.max_request_bytes),
-            ],
+        server = transport.grpc_server(
+            options.max_threads, options.max_request_bytes, options.auth_token
         )
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             _PredictionServicer(self), server
@@ -468,16 +446,14 @@ class ReplicaServer:
         server.add_generic_rpc_handlers(
             (admin.handler({"Status": lambda _: self.status(), "Reload": lambda _: self.reload()}),)
         )
-        credentials = auth.server_credentials(options.tls_cert_file, options.tls_key_file)
-        address = f"{options.host}:{options.port}"
-        try:
-            if credentials is None:
-                port = server.add_insecure_port(address)
-            else:
-                port = server.add_secure_port(address, credentials)
-        except RuntimeError as e:  # gRPC's "Failed to bind to address"
-            raise OSError(f"Could not bind the replica to {address}: {e}") from None
-        self._port = port
+        self._port = transport.listen(
+            server,
+            options.host,
+            options.port,
+            tls_cert_file=options.tls_cert_file,
+            tls_key_file=options.tls_key_file,
+            what="replica",
+        )
         server.start()
         self._server = server
 
@@ -575,7 +551,7 @@ class _PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer)
                 request.model_spec.name,
                 _version_of(request.model_spec),
                 arrays,
-                admin.time_left(context),
+                transport.time_left(context),
             )
             wanted = list(request.output_filter) or list(outputs)
             unknown = sorted(set(wanted) - set(outputs))
@@ -632,30 +608,26 @@ class _ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-class _RestHandler(http.server.BaseHTTPRequestHandler):
+class _RestHandler(transport.JsonHandler):
     """TF Serving's REST API, `/metrics`, `/healthz` and `/readyz`."""
 
     server_replica: ReplicaServer
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format, *args):  # noqa: A002 (BaseHTTPRequestHandler's name)
-        logging.debug("rest: " + format, *args)
 
     def do_GET(self):  # noqa: N802
         replica = self.server_replica
         if self.path == "/metrics":
-            return self._send(200, replica.metrics.render().encode(), metrics_lib.CONTENT_TYPE)
+            return self.send(200, replica.metrics.render().encode(), metrics_lib.CONTENT_TYPE)
         if self.path in ("/healthz", "/readyz"):
             ready = self.path == "/healthz" or replica._state == "serving"
-            return self._send(200 if ready else 503, b"ok\n" if ready else b"not ready\n")
+            return self.send(200 if ready else 503, b"ok\n" if ready else b"not ready\n")
         match = _REST_MODEL.match(self.path)
         if not match:
-            return self._error(404, f"No such path: {self.path}")
+            return self.send_error_json(404, f"No such path: {self.path}")
         name, version, metadata = match.groups()
         try:
             served = replica._check_model(name, None if version is None else int(version))
         except _Failure as e:
-            return self._error(_HTTP_STATUS[e.code], str(e))
+            return self.send_error_json(transport.HTTP_STATUS[e.code], str(e))
         if metadata:
             body = {"model_spec": {"name": name, "version": str(served.model.version)}}
             body["metadata"] = {"signature_def": served.model.metadata()["signature_def"]}
@@ -669,7 +641,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                     }
                 ]
             }
-        self._send(200, json.dumps(body).encode())
+        self.send(200, json.dumps(body).encode())
 
     def do_POST(self):  # noqa: N802
         replica, started = self.server_replica, time.monotonic()
@@ -695,35 +667,17 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
                 arrays, form = tensors.parse_rest_predict(body, served.model.signature.inputs)
             except tensors.TensorError as e:
                 raise _Failure(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-            timeout = self.headers.get(admin.TIMEOUT_HEADER)
+            timeout = self.headers.get(transport.TIMEOUT_HEADER)
             outputs, timing = replica.predict(
                 name, None if version is None else int(version), arrays, _float(timeout)
             )
             headers = dict(_timing_metadata(replica._options.name, timing))
-            self._send(200, tensors.rest_predict_response(outputs, form), headers=headers)
+            self.send(200, tensors.rest_predict_response(outputs, form), headers=headers)
         except _Failure as e:
             code = e.code
-            self._error(_HTTP_STATUS.get(e.code, 500), str(e))
+            self.send_error_json(transport.HTTP_STATUS.get(e.code, 500), str(e))
         finally:
             replica._record("rest", code, time.monotonic() - started)
-
-    def _error(self, status: int, message: str) -> None:
-        self._send(status, tensors.rest_error(message))
-
-    def _send(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = "application/json",
-        headers: Optional[Mapping[str, str]] = None,
-    ) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        self.end_headers()
-        self.wfile.write(body)
 
 
 def _float(value: Optional[str]) -> Optional[float]:
