@@ -286,10 +286,10 @@ class RouterServer:
             class Handler(_RestProxy):
                 proxy = router
 
-            self._rest = http.server.ThreadingHTTPServer((options.host, options.rest_port), Handler)
-            self._rest.daemon_threads = True
+            self._rest = transport.serve_http(
+                options.host, options.rest_port, Handler, "router-rest"
+            )
             self._rest_port = self._rest.server_address[1]
-            self._spawn(self._rest.serve_forever, "router-rest")
         self._spawn(self._health_loop, "router-health")
         if options.watch_interval_s:
             self._spawn(self._watch_loop, "router-watch")

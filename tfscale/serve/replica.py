@@ -463,12 +463,10 @@ class ReplicaServer:
         class Handler(_RestHandler):
             server_replica = replica
 
-        self._rest = http.server.ThreadingHTTPServer(
-            (self._options.host, self._options.rest_port), Handler
+        self._rest = transport.serve_http(
+            self._options.host, self._options.rest_port, Handler, "replica-rest"
         )
-        self._rest.daemon_threads = True
         self._rest_port = self._rest.server_address[1]
-        threading.Thread(target=self._rest.serve_forever, name="rest", daemon=True).start()
 
 
 def _cast(arrays: Mapping[str, np.ndarray], specs: Mapping[str, Any]) -> dict[str, np.ndarray]:

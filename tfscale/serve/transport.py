@@ -21,6 +21,7 @@ import concurrent.futures
 import http.server
 import json
 import logging
+import threading
 from typing import Mapping
 from typing import Optional
 
@@ -34,6 +35,7 @@ __all__ = [
     "TIMEOUT_HEADER",
     "grpc_server",
     "listen",
+    "serve_http",
     "time_left",
 ]
 
@@ -92,6 +94,19 @@ def listen(
         return server.add_secure_port(address, credentials)
     except RuntimeError as e:  # gRPC's "Failed to bind to address"
         raise OSError(f"Could not bind the {what} to {address}: {e}") from None
+
+
+def serve_http(
+    host: str, port: int, handler: type[http.server.BaseHTTPRequestHandler], name: str
+) -> http.server.ThreadingHTTPServer:
+    """An HTTP server on `host:port` (0: a free port), answering in a daemon thread.
+
+    Stop it with `shutdown()` then `server_close()`.
+    """
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+    return server
 
 
 def time_left(context: grpc.ServicerContext) -> Optional[float]:
