@@ -111,6 +111,90 @@ class BackupAndRestoreTest(absltest.TestCase):
         self.assertEqual(history.epoch, [1])
         self.assertEqual(callbacks.read_backup_state(backup_dir)["epoch"], 2)
 
+    def test_a_truncated_latest_checkpoint_falls_back_to_the_one_before(self):
+        backup_dir = self.create_tempdir().full_path
+        extras = []
+
+        def extra(epoch, logs):
+            extras.append(epoch)
+            return {"position": epoch * 10}
+
+        reference = _model()
+        reference.fit(
+            _data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0
+        )
+        expected = [w.copy() for w in reference.get_weights()]
+        _model().fit(
+            _data(),
+            epochs=2,
+            callbacks=[callbacks.BackupAndRestore(backup_dir, extra_state=extra)],
+            verbose=0,
+        )
+        latest = os.path.join(backup_dir, "epoch-00002.weights.h5")
+        with open(latest, "rb") as f:
+            head = f.read(3000)
+        with open(latest, "wb") as f:  # a full disk: the file ends early
+            f.write(head)
+        with self.assertLogs(level="WARNING") as logs:
+            state = callbacks.check_backup(backup_dir)
+        self.assertIn("epoch-00002.weights.h5 (epoch 2) cannot be read", logs.output[0])
+        self.assertIn("resuming from epoch-00001.weights.h5 (epoch 1)", logs.output[0])
+        self.assertEqual((state["epoch"], state["weights"]), (1, "epoch-00001.weights.h5"))
+        self.assertNotIn("extra", state)  # epoch 1 was written without extra state
+
+        model = _model(seed=1)
+        backup = callbacks.BackupAndRestore(backup_dir, extra_state=extra)
+        spy = []
+
+        class Spy(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                spy.append([w.copy() for w in self.model.get_weights()])
+
+        history = model.fit(_data(), epochs=2, callbacks=[backup, Spy()], verbose=0)
+        self.assertEqual(backup.restored_epoch, 1)
+        for a, b in zip(spy[0], expected):
+            np.testing.assert_array_equal(a, b)
+        self.assertEqual(history.epoch, [1])  # epoch 2 trained again
+        state = callbacks.read_backup_state(backup_dir)
+        self.assertEqual(
+            (state["epoch"], state["kept"]),
+            (2, ["epoch-00001.weights.h5", "epoch-00002.weights.h5"]),
+        )
+        self.assertEqual(state["checkpoints"]["epoch-00002.weights.h5"]["extra"], {"position": 20})
+        self.assertIsNone(callbacks._unreadable(latest))
+
+    def test_no_readable_checkpoint_is_an_error_naming_the_files(self):
+        backup_dir = self.create_tempdir().full_path
+        _model().fit(
+            _data(),
+            epochs=2,
+            callbacks=[callbacks.BackupAndRestore(backup_dir, max_to_keep=1)],
+            verbose=0,
+        )
+        latest = os.path.join(backup_dir, "epoch-00002.weights.h5")
+        with open(latest, "wb") as f:
+            f.write(b"damaged")
+        with self.assertRaisesRegex(
+            ValueError, "epoch-00002.weights.h5 \\(epoch 2\\) cannot be read"
+        ):
+            callbacks.check_backup(backup_dir)
+
+    def test_weights_are_written_under_a_temporary_name_then_renamed(self):
+        backup_dir = self.create_tempdir().full_path
+        seen = []
+        real_save = keras.Model.save_weights
+
+        def save_weights(model, path, **kwargs):
+            seen.append(os.path.basename(path))
+            real_save(model, path, **kwargs)
+            self.assertFalse(os.path.exists(os.path.join(backup_dir, "epoch-00001.weights.h5")))
+
+        model = _model()
+        model.save_weights = lambda path, **kwargs: save_weights(model, path, **kwargs)
+        model.fit(_data(), epochs=1, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0)
+        self.assertEqual(seen, ["partial-epoch-00001.weights.h5"])
+        self.assertEqual(sorted(os.listdir(backup_dir)), ["epoch-00001.weights.h5", "state.json"])
+
     def test_non_chief_restores_from_chief_and_writes_privately(self):
         backup_dir = self.create_tempdir().full_path
         _model().fit(

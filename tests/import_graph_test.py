@@ -30,8 +30,9 @@ LAYERS = (
     ("tfscale.distribution_base", "tfscale.data.dispatcher"),
     # The kinds' implementations; the input pipelines.
     ("tfscale.strategies", "tfscale.sharding", "tfscale.data"),
-    # The registry of kinds.
-    ("tfscale.distributions",),
+    # The registry of kinds; the planner, which chooses among them (and which
+    # the registry's "auto" kind may import).
+    ("tfscale.distributions", "tfscale.planner"),
     # Programs.
     ("tfscale.train", "tfscale.launch", "tfscale.serve"),
     # The package's lazy exports.

@@ -245,6 +245,105 @@ class SlurmTest(absltest.TestCase):
         self.assertIn("attempt 2 of 2 failed with exit code 7", result.stderr)
 
 
+class MarathonTest(parameterized.TestCase):
+    def _group(self, *args, command=COMMAND):
+        return json.loads(_emit("--emit=marathon", *args, command=command))
+
+    def test_each_app_resolves_its_place_in_the_same_cluster(self):
+        group = self._group("--nnodes=3", "--name=mnist", "--master_port=31000")
+        self.assertEqual(group["id"], "/mnist")
+        apps = group["apps"]
+        self.assertEqual([a["id"] for a in apps], [f"/mnist/worker-{i}" for i in range(3)])
+        required = {"id", "cmd", "instances", "cpus", "mem", "env", "portDefinitions"}
+        required |= {"requirePorts", "constraints", "healthChecks", "upgradeStrategy"}
+        resolved = []
+        for index, app in enumerate(apps):
+            self.assertEqual(required - set(app), set())
+            self.assertEqual(app["instances"], 1)
+            self.assertEqual(app["cmd"], " ".join(COMMAND))
+            env = app["env"]
+            self.assertEqual(env["TFSCALE_NUM_WORKERS"], "3")
+            self.assertEqual(env["PYTHONUNBUFFERED"], "1")
+            worker = cluster.resolve("auto", env)
+            self.assertEqual(worker.task_index, index)
+            self.assertEqual(worker.tf_config(), json.loads(env["TF_CONFIG"]))
+            resolved.append(worker.workers)
+        self.assertLen(set(resolved), 1)
+        # Worker i is app i, found by its Mesos-DNS name at the port it declares.
+        for app, address in zip(apps, resolved[0]):
+            task, group_name = app["id"].split("/")[::-1][:2]
+            (port,) = app["portDefinitions"]
+            self.assertEqual(address, f"{task}-{group_name}.marathon.mesos:{port['port']}")
+
+    def test_ports_are_fixed_and_distinct(self):
+        apps = self._group("--nnodes=4", "--master_port=31000")["apps"]
+        ports = [app["portDefinitions"][0]["port"] for app in apps]
+        self.assertEqual(ports, [31000, 31001, 31002, 31003])
+        self.assertTrue(all(app["requirePorts"] for app in apps))
+
+    def test_placement_health_and_restarts(self):
+        (app,) = self._group("--nnodes=1")["apps"]
+        self.assertEqual(app["constraints"], [["hostname", "UNIQUE"]])
+        (check,) = app["healthChecks"]
+        self.assertEqual((check["protocol"], check["portIndex"]), ("MESOS_TCP", 0))
+        self.assertGreater(check["gracePeriodSeconds"], 0)
+        self.assertGreater(check["maxConsecutiveFailures"], 0)
+        self.assertGreater(app["backoffSeconds"], 0)
+        self.assertGreaterEqual(app["maxLaunchDelaySeconds"], app["backoffSeconds"])
+        self.assertEqual(
+            app["upgradeStrategy"], {"minimumHealthCapacity": 0, "maximumOverCapacity": 0}
+        )
+
+    def test_image_and_workdir_mount(self):
+        (app,) = self._group(
+            "--nnodes=1",
+            "--image=reg/train:1",
+            "--mount_path=/data",
+            command=["train", "--workdir=/data/run1"],
+        )["apps"]
+        container = app["container"]
+        self.assertEqual(
+            (container["type"], container["docker"]), ("DOCKER", {"image": "reg/train:1"})
+        )
+        self.assertEqual(
+            container["volumes"], [{"containerPath": "/data", "hostPath": "/data", "mode": "RW"}]
+        )
+        (app,) = self._group("--nnodes=1")["apps"]
+        self.assertNotIn("container", app)
+
+    def test_resources(self):
+        (app,) = self._group("--nnodes=1", "--image=i", "--cpu=500m", "--memory=32Gi", "--gpus=2")[
+            "apps"
+        ]
+        self.assertEqual((app["cpus"], app["mem"], app["gpus"]), (0.5, 32768, 2))
+        # Marathon offers GPUs to the Mesos containerizer only.
+        self.assertEqual(app["container"]["type"], "MESOS")
+        (app,) = self._group("--nnodes=1")["apps"]
+        self.assertEqual((app["cpus"], app["mem"], app["gpus"]), (1, 4096, 0))
+
+    @parameterized.parameters(("8", 8), ("1.5", 1.5), ("250m", 0.25))
+    def test_cpu_quantities(self, cpu, cpus):
+        self.assertEqual(manifests.Resources(cpu=cpu).to_marathon()["cpus"], cpus)
+
+    @parameterized.parameters(("512Mi", 512), ("2Gi", 2048), ("1G", 1e9 / 2**20), ("1048576", 1))
+    def test_memory_quantities(self, memory, mem):
+        self.assertAlmostEqual(manifests.Resources(memory=memory).to_marathon()["mem"], mem)
+
+    @parameterized.named_parameters(
+        ("max_restarts", {"max_restarts": 3}, "without a limit: drop --max_restarts"),
+        ("claim", {"storage": manifests.Storage(claim="pvc")}, "not a claim"),
+        ("dotted_name", {"name": "a.b"}, "DNS label .* Received: name='a.b'"),
+        ("upper_name", {"name": "MNIST"}, "Received: name='MNIST'"),
+        ("long_name", {"name": "x" * 60}, "at most 63 characters"),
+        ("port", {"port": 65535}, "Received: port=65535, nnodes=2"),
+        ("cpu", {"resources": manifests.Resources(cpu="lots")}, "Received: cpu='lots'"),
+        ("memory", {"resources": manifests.Resources(memory="1PB")}, "Received: memory='1PB'"),
+    )
+    def test_bad_values(self, kwargs, message):
+        with self.assertRaisesRegex(ValueError, message):
+            manifests.marathon(2, None, ["c"], **kwargs)
+
+
 class ErrorsTest(absltest.TestCase):
     def test_missing_image_and_several_procs_per_pod(self):
         result = testutil.run_module(
@@ -261,6 +360,20 @@ class ErrorsTest(absltest.TestCase):
             "cmd",
         )
         self.assertIn("runs one worker per pod: use --nproc_per_node=1", result.stderr)
+
+    def test_marathon_command_line_errors(self):
+        result = testutil.run_module(
+            "tfscale.launch", "--emit=marathon", "--nnodes=2", "--nproc_per_node=2", "--", "cmd"
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn(
+            "--emit=marathon runs one worker per task: use --nproc_per_node=1", result.stderr
+        )
+        result = testutil.run_module(
+            "tfscale.launch", "--emit=marathon", "--nnodes=2", "--mount_path=/data", "--", *COMMAND
+        )
+        self.assertNotEqual(result.returncode, 0)
+        self.assertIn("--workdir must be inside the volume mounted at /data", result.stderr)
 
     def test_workdir_outside_the_mount_from_the_command_line(self):
         result = testutil.run_module(

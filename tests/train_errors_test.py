@@ -118,6 +118,29 @@ class OneLineErrorTest(absltest.TestCase):
         )
         self.assertIn("truncated file", last)
 
+    def test_truncated_latest_checkpoint_falls_back_to_the_one_before(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = _train(
+            workdir, "--config.training.epochs=2", "--config.training.steps_per_epoch=2"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        path = os.path.join(workdir, lib.CHECKPOINTS_DIR, "epoch-00002.weights.h5")
+        with open(path, "rb") as f:
+            head = f.read(3000)
+        with open(path, "wb") as f:
+            f.write(head)
+        result = _train(
+            workdir, "--config.training.epochs=3", "--config.training.steps_per_epoch=2"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn(f"Checkpoint {path} (epoch 2) cannot be read", result.stderr)
+        self.assertIn("resuming from epoch-00001.weights.h5 (epoch 1)", result.stderr)
+        self.assertEqual(result.stderr.count("cannot be read"), 1)
+        state = callbacks.read_backup_state(os.path.join(workdir, lib.CHECKPOINTS_DIR))
+        self.assertEqual(state["epoch"], 3)
+        metrics = testutil.read_metrics(workdir)
+        self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2, 3])
+
 
 class KindSwitchTest(absltest.TestCase):
     def test_switching_kind_drops_the_other_kinds_options(self):

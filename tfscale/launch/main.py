@@ -13,6 +13,7 @@ tfscale-launch --nnodes=2 --node_rank=R --master_addr=10.0.0.1 --master_port=295
 tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG --max_restarts=3 \\
     [--volume_claim=PVC | --volume_size=50Gi] [--cpu=8 --memory=32Gi --gpus=1] -- CMD ...
                                             # also --emit=tfjob, --emit=slurm
+tfscale-launch --emit=marathon --nnodes=4 [--image=IMG] --master_port=31000 -- CMD ...
 ```
 
 Each worker gets its TF_CONFIG (plus TFSCALE_RANK, TFSCALE_LOCAL_RANK,
@@ -64,7 +65,9 @@ _EMIT = flags.DEFINE_enum(
     list(manifests.FORMATS),
     "Print a manifest for --nnodes workers instead of running.",
 )
-_IMAGE = flags.DEFINE_string("image", None, "Container image (--emit=kubernetes|tfjob).")
+_IMAGE = flags.DEFINE_string(
+    "image", None, "Container image (--emit=kubernetes|tfjob; optional for --emit=marathon)."
+)
 _NAME = flags.DEFINE_string("name", "tfscale", "Job name in an emitted manifest.")
 _VOLUME_CLAIM = flags.DEFINE_string(
     "volume_claim", None, "Existing PersistentVolumeClaim holding the workdir (default: emit one)."
@@ -123,8 +126,9 @@ def _manifest(command: list[str]) -> str:
                 gpus=_GPUS.value,
             )
         if _NPROC.value != 1:
+            unit = "task" if _EMIT.value == "marathon" else "pod"
             raise ValueError(
-                f"--emit={_EMIT.value} runs one worker per pod: use --nproc_per_node=1"
+                f"--emit={_EMIT.value} runs one worker per {unit}: use --nproc_per_node=1"
             )
         storage = manifests.Storage(
             claim=_VOLUME_CLAIM.value,

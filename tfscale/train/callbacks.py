@@ -130,10 +130,14 @@ class BackupAndRestore(keras.callbacks.Callback):
     """Checkpoints the model and optimizer each epoch; `fit` resumes from it.
 
     Unlike `keras.callbacks.BackupAndRestore`, the state is never torn by a
-    crash (each epoch's weights go to a new file, then a small state file is
-    atomically replaced to point at it), only the chief writes to
-    `backup_dir`, and checkpoints are kept after training, so a re-run on the
-    same directory continues where the last one stopped.
+    crash (each epoch's weights are written to a temporary file renamed into
+    place, then a small state file is atomically replaced to point at it),
+    only the chief writes to `backup_dir`, and checkpoints are kept after
+    training, so a re-run on the same directory continues where the last one
+    stopped. A latest checkpoint that cannot be read (a full disk, a file
+    damaged after the write) does not block the restart: the newest readable
+    one kept beside it is restored instead, with a warning (see
+    `check_backup`).
 
     Args:
       backup_dir: where the checkpoints go (on the chief).
@@ -177,7 +181,7 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_train_begin(self, logs: Logs = None) -> None:
         if not self.is_chief and self._write_dir is None:
             self._write_dir = tempfile.mkdtemp(prefix="tfscale-backup-")
-        state = read_backup_state(self.backup_dir)
+        state = check_backup(self.backup_dir)
         self.restored_epoch = 0
         if state is None:
             return
@@ -191,12 +195,27 @@ class BackupAndRestore(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
         os.makedirs(self._write_dir, exist_ok=True)
         name = f"epoch-{epoch + 1:05d}.weights.h5"
-        self.model.save_weights(os.path.join(self._write_dir, name), overwrite=True)
-        previous = read_backup_state(self._write_dir)
-        kept = ((previous or {}).get("kept", []) + [name])[-self.max_to_keep :]
-        state = {"epoch": epoch + 1, "weights": name, "kept": kept}
+        path = os.path.join(self._write_dir, name)
+        # Keras names the format by the suffix: the temporary file keeps it.
+        partial = os.path.join(self._write_dir, f"partial-{name}")
+        self.model.save_weights(partial, overwrite=True)
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        try:
+            previous = read_backup_state(self._write_dir)
+        except (OSError, ValueError):
+            previous = None
+        kept = [k for k in (previous or {}).get("kept", []) if k != name]
+        kept = (kept + [name])[-self.max_to_keep :]
+        state: dict[str, Any] = {"epoch": epoch + 1, "weights": name, "kept": kept}
         if self._extra_state is not None:
             state["extra"] = self._extra_state(epoch + 1, dict(logs or {}))
+        # Each kept checkpoint's own state, for a fall back to it (check_backup).
+        earlier = (previous or {}).get("checkpoints", {})
+        state["checkpoints"] = {k: earlier[k] for k in kept if k != name and k in earlier} | {
+            name: {"epoch": epoch + 1, **({"extra": state["extra"]} if "extra" in state else {})}
+        }
         files.write_json_atomic(os.path.join(self._write_dir, _STATE_FILE), state)
         for old in (previous or {}).get("kept", []):
             if old not in kept:
@@ -263,14 +282,17 @@ def read_backup_state(backup_dir: str) -> Optional[dict[str, Any]]:
 
 
 def check_backup(backup_dir: str) -> Optional[dict[str, Any]]:
-    """`read_backup_state(backup_dir)`, with its weights file checked readable.
+    """The state to resume from: `read_backup_state`'s, or an older kept checkpoint's.
 
-    Run before the model is built, so a damaged checkpoint fails at once
-    with its file named, not as an h5py error after minutes of start-up.
+    Run before the model is built, so a damaged checkpoint is known at once,
+    not as an h5py error after minutes of start-up. When the latest weights
+    file cannot be read (a truncated or damaged file), the newest readable
+    checkpoint kept beside it is returned instead (its own epoch and
+    `"extra"`), with a warning naming both files.
 
     Raises:
-      ValueError: naming the state or weights file that cannot be read, and
-        what to do about it.
+      ValueError: the state file cannot be read, or no kept checkpoint can;
+        naming the files and what to do about it.
     """
     try:
         state = read_backup_state(backup_dir)
@@ -281,17 +303,49 @@ def check_backup(backup_dir: str) -> Optional[dict[str, Any]]:
         ) from None
     if state is None:
         return None
-    path = os.path.join(backup_dir, str(state.get("weights")))
+    latest = str(state.get("weights"))
+    problem = _unreadable(os.path.join(backup_dir, latest))
+    if problem is None:
+        return state
+    saved = state.get("checkpoints", {})
+    for name in reversed(state.get("kept", [])):
+        if name == latest or name not in saved:
+            continue
+        if _unreadable(os.path.join(backup_dir, name)) is None:
+            fallback = dict(state, weights=name, **saved[name])
+            if "extra" not in saved[name]:
+                fallback.pop("extra", None)
+            warning = (backup_dir, latest, name)
+            if warning not in _WARNED:
+                _WARNED.add(warning)
+                logging.warning(
+                    "Checkpoint %s (epoch %s) cannot be read (%s); resuming from %s (epoch %s)",
+                    os.path.join(backup_dir, latest),
+                    state.get("epoch"),
+                    problem,
+                    name,
+                    fallback["epoch"],
+                )
+            return fallback
+    raise ValueError(
+        f"Checkpoint {os.path.join(backup_dir, latest)} (epoch {state.get('epoch')}) cannot be "
+        f"read: {problem}, and no older readable checkpoint is kept beside it "
+        f"({state.get('kept')}). Restore it, or remove {backup_dir} to start over"
+    )
+
+
+# (backup dir, damaged file, fallback) already warned about: the check runs twice per start.
+_WARNED: set[tuple[str, str, str]] = set()
+
+
+def _unreadable(path: str) -> Optional[str]:
+    """Why the weights file at `path` cannot be read, or None if it can."""
     try:
         with h5py.File(path, "r") as f:
             f.visit(lambda name: None)  # walks the index: a truncated file fails here
     except (OSError, ValueError) as e:
-        raise ValueError(
-            f"Checkpoint {path} (epoch {state.get('epoch')}) cannot be read: {e}. "
-            f"Restore it, or point {os.path.join(backup_dir, _STATE_FILE)} at an older file "
-            f"of {state.get('kept')}, or remove {backup_dir} to start over"
-        ) from None
-    return state
+        return str(e)
+    return None
 
 
 def _remove(path: str) -> None:
