@@ -41,6 +41,7 @@ LONG = (
     "tests/serve_process_test.py",
     "tests/keras_paths_test.py::AdoptedMemoryTest",
     "tests/planner_memory_test.py",
+    "tests/train_preemption_test.py",
     "tests/train_errors_test.py::OneLineErrorTest::test_truncated_latest_checkpoint_falls_back_to_the_one_before",
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
 )

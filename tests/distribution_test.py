@@ -18,14 +18,22 @@ class FactoryTest(parameterized.TestCase):
     def test_kinds(self):
         self.assertEqual(
             tfscale.kinds(),
-            ("default", "dtensor", "mirrored", "multi_worker_mirrored", "one_device"),
+            (
+                "auto",
+                "default",
+                "dtensor",
+                "mirrored",
+                "multi_worker_mirrored",
+                "one_device",
+                "tpu",
+            ),
         )
 
     def test_unknown_kind_lists_valid_kinds(self):
         with self.assertRaisesRegex(
             ValueError,
-            r"Unknown distribution kind 'mirorred'. Valid kinds: default, dtensor, mirrored, "
-            r"multi_worker_mirrored, one_device",
+            r"Unknown distribution kind 'mirorred'. Valid kinds: auto, default, dtensor, mirrored, "
+            r"multi_worker_mirrored, one_device, tpu",
         ):
             tfscale.distribution("mirorred")
 

@@ -60,8 +60,8 @@ class OneLineErrorTest(absltest.TestCase):
         result = _train(workdir, "--config.distribution.kind=mirroredx")
         self._assert_fails(
             result,
-            "config.distribution: Unknown distribution kind 'mirroredx'. Valid kinds: default, "
-            "dtensor, mirrored, multi_worker_mirrored, one_device",
+            "config.distribution: Unknown distribution kind 'mirroredx'. Valid kinds: auto, "
+            "default, dtensor, mirrored, multi_worker_mirrored, one_device, tpu",
         )
         self.assertFalse(os.path.exists(workdir))
 

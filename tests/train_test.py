@@ -197,8 +197,9 @@ class TrainBinaryTest(absltest.TestCase):
                 "config.training.epochs must be a positive int. Received: training.epochs=0",
             ),
             (
-                "--config.distribution.kind=tpu",
-                "Unknown distribution kind 'tpu'. Valid kinds: default, dtensor, mirrored, multi_worker_mirrored, one_device",
+                "--config.distribution.kind=tpux",
+                "Unknown distribution kind 'tpux'. Valid kinds: auto, default, dtensor, mirrored, "
+                "multi_worker_mirrored, one_device, tpu",
             ),
             (
                 "--config.distribution.all_reduce=ring",

@@ -28,10 +28,12 @@ from typing import Any
 from typing import Callable
 
 from tfscale.distribution_base import Distribution
+from tfscale.planner import auto as planner_auto
 from tfscale.sharding import distribution as sharding_distribution
 from tfscale.strategies import distribution as strategy_distribution
 from tfscale.strategies import local
 from tfscale.strategies import multi_worker
+from tfscale.strategies import tpu
 
 __all__ = [
     "Kind",
@@ -90,6 +92,8 @@ register(
     spans_hosts=True,
 )
 register("dtensor", sharding_distribution.dtensor_distribution, spans_hosts=True)
+# One client process drives every host of a TPU pod slice.
+register("tpu", tpu.tpu_distribution, spans_hosts=True)
 
 
 def kinds() -> tuple[str, ...]:
@@ -131,7 +135,11 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
         `"multi_worker_mirrored"` (options `communication`, `cluster`,
         `task_index`), `"dtensor"` (options `mesh`, `layout_map`,
         `batch_axis`, `cluster`, `task_index`; see
-        `tfscale.sharding.distribution.dtensor_distribution`).
+        `tfscale.sharding.distribution.dtensor_distribution`), `"tpu"`
+        (options `tpu`, `zone`, `project`; see
+        `tfscale.strategies.tpu.tpu_distribution`), `"auto"` (options
+        `model_fn`, `global_batch_size`, `memory_budget`, `optimizer`, ...:
+        the planner chooses one of the others; see `tfscale.planner.plan`).
       **options: options of that kind.
 
     Returns:
@@ -146,6 +154,7 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
     ```python
     dist = tfscale.distribution("mirrored", devices=2, all_reduce="reduce_to_one")
     dist = tfscale.distribution("dtensor", mesh="batch=2,model=2", layout_map="megatron")
+    dist = tfscale.distribution("auto", model_fn=make_model, global_batch_size=64)
     ```
     """
     factory = _kind(kind).factory
@@ -164,3 +173,7 @@ def distribution(kind: str = "default", **options: Any) -> Distribution:
             f"Valid options: {', '.join(valid) or '(none)'}"
         )
     return factory(**options)
+
+
+# Last: the planner builds the kind it chooses with `distribution` above.
+register("auto", planner_auto.factory(distribution), spans_hosts=False)

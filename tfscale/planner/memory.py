@@ -52,6 +52,7 @@ __all__ = [
     "InfeasibleError",
     "MemoryEstimate",
     "estimate",
+    "per_replica_batch",
 ]
 
 
@@ -128,7 +129,7 @@ def estimate(
         mesh axis does not divide; the message names the value.
       ValueError: for a global batch that is not a positive int.
     """
-    batch = _per_replica_batch(candidate, global_batch_size)
+    batch = per_replica_batch(candidate, global_batch_size)
     model = profile_lib.model_profile(model_fn)
     state = profile_lib.optimizer_profile(model_fn, optimizer)
     layouts = _Layouts.of(candidate)
@@ -152,7 +153,13 @@ def estimate(
     )
 
 
-def _per_replica_batch(candidate: candidates_lib.Candidate, global_batch_size: int) -> int:
+def per_replica_batch(candidate: candidates_lib.Candidate, global_batch_size: int) -> int:
+    """The examples one replica of `candidate` computes on per step.
+
+    Raises:
+      InfeasibleError: when the replicas do not divide the global batch.
+      ValueError: for a global batch that is not a positive int.
+    """
     if (
         isinstance(global_batch_size, bool)
         or not isinstance(global_batch_size, int)

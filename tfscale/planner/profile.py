@@ -27,12 +27,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfscale.planner import flops as flops_lib
+
 __all__ = [
     "ActivationInfo",
     "ModelProfile",
     "OptimizerLike",
     "VariableInfo",
     "clear_cache",
+    "host_model",
     "model_profile",
     "optimizer_profile",
 ]
@@ -101,12 +104,15 @@ class ModelProfile:
       layer_graph: whether the model has a layer graph (functional or
         Sequential) to read outputs from; a subclassed model's activations
         are only its inputs.
+      layers: each layer's forward work per example (`flops.layer_costs`);
+        empty without a layer graph.
     """
 
     name: str
     variables: tuple[VariableInfo, ...]
     activations: tuple[ActivationInfo, ...]
     layer_graph: bool
+    layers: tuple[flops_lib.LayerCost, ...] = ()
 
 
 @dataclasses.dataclass
@@ -127,6 +133,14 @@ def model_profile(model_fn: ModelFn) -> ModelProfile:
         an ordinary one), or when `model_fn` returns an unbuilt model.
     """
     return _entry(model_fn).profile
+
+
+def host_model(model_fn: ModelFn) -> keras.Model:
+    """The host copy `model_profile` reads (built on the first call per `model_fn`).
+
+    For reading only: training or changing it would change the profile.
+    """
+    return _entry(model_fn).model
 
 
 def optimizer_profile(model_fn: ModelFn, optimizer: OptimizerLike) -> tuple[VariableInfo, ...]:
@@ -190,7 +204,8 @@ def _profile(model: keras.Model) -> ModelProfile:
     )
     graph = _has_graph(model)
     activations = _activations(model) if graph else _inputs(model)
-    return ModelProfile(model.name, variables, tuple(activations), graph)
+    layers = flops_lib.layer_costs(model) if graph else ()
+    return ModelProfile(model.name, variables, tuple(activations), graph, layers)
 
 
 def _has_graph(model: keras.Model) -> bool:

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import statistics
 import tempfile
+import threading
 import time
 from typing import Any
 from typing import Callable
@@ -139,18 +141,39 @@ class BackupAndRestore(keras.callbacks.Callback):
     one kept beside it is restored instead, with a warning (see
     `check_backup`).
 
+    Checkpoints inside an epoch: every `every_steps` steps, and at the step
+    boundary after a SIGTERM (what Kubernetes and Slurm send before an
+    eviction): the callback saves, stops training (`preempted` is then
+    True) and puts the old signal handler back. Their state says how far
+    into its epoch they are (`"step_in_epoch"`, and `"step"`, the optimizer
+    step); `fit` cannot start inside an epoch, so the caller resumes such a
+    checkpoint by a `fit` of the epoch's remaining steps on the input after
+    the consumed part (`tfscale.train.lib` does), with
+    `first_epoch_offset` set to the steps already done.
+
     Args:
       backup_dir: where the checkpoints go (on the chief).
       is_chief: whether this worker writes to `backup_dir`.
-      max_to_keep: epoch checkpoints kept.
-      extra_state: called at each checkpoint with the epoch count and the
-        epoch's logs; its JSON-able result is saved with the checkpoint
-        (under `"extra"` in `read_backup_state`), e.g. the input position of
-        a dispatched dataset or the history of the epochs so far.
+      max_to_keep: checkpoints kept.
+      extra_state: called at each checkpoint with the completed epoch count
+        and the epoch's logs (None for a checkpoint inside an epoch); its
+        JSON-able result is saved with the checkpoint (under `"extra"` in
+        `read_backup_state`), e.g. the input position of a dispatched dataset
+        or the history of the epochs so far.
+      every_steps: also checkpoint every this many steps (0: at epoch ends
+        only); with `steps_per_execution`, at the first step boundary Keras
+        reports past each multiple.
+      stop_on_sigterm: checkpoint and stop at the next step boundary on
+        SIGTERM (when `fit` runs in the main thread).
 
     Attributes:
       restored_epoch: the epoch count restored at the start of the last
         `fit` (0 for a fresh start).
+      restored_step_in_epoch: steps of the next epoch the restored
+        checkpoint had trained (0 at an epoch boundary).
+      preempted: whether the last `fit` stopped on SIGTERM.
+      first_epoch_offset: steps of its first epoch the coming `fit` does not
+        run (set by the caller that resumes inside an epoch).
 
     Example:
 
@@ -166,35 +189,107 @@ class BackupAndRestore(keras.callbacks.Callback):
         backup_dir: str,
         is_chief: bool = True,
         max_to_keep: int = 2,
-        extra_state: Optional[Callable[[int, dict[str, Any]], dict[str, Any]]] = None,
+        extra_state: Optional[Callable[[int, Logs], dict[str, Any]]] = None,
+        every_steps: int = 0,
+        stop_on_sigterm: bool = True,
     ):
         super().__init__()
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1. Received: max_to_keep={max_to_keep}")
+        if every_steps < 0:
+            raise ValueError(f"every_steps must be >= 0. Received: every_steps={every_steps}")
         self.backup_dir = backup_dir
         self.is_chief = is_chief
         self.max_to_keep = max_to_keep
+        self.every_steps = every_steps
         self.restored_epoch = 0
+        self.restored_step_in_epoch = 0
+        self.preempted = False
+        self.first_epoch_offset = 0
         self._extra_state = extra_state
         self._write_dir = backup_dir if is_chief else None
+        self._stop_on_sigterm = stop_on_sigterm
+        self._sigterm = threading.Event()
+        self._previous_handler: Any = None
+        self._fit_start_step = 0
+        self._steps_in_fit = 0
+        self._epoch = 0
+        self._epoch_start = 0  # steps of this fit before the current epoch
+        self._epoch_offset = 0  # steps of the current epoch before this fit
+        self._last_saved = -1
 
     def on_train_begin(self, logs: Logs = None) -> None:
         if not self.is_chief and self._write_dir is None:
             self._write_dir = tempfile.mkdtemp(prefix="tfscale-backup-")
+        self.preempted = False
+        self._sigterm.clear()
+        self._steps_in_fit = 0
+        if self._stop_on_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         state = check_backup(self.backup_dir)
         self.restored_epoch = 0
-        if state is None:
+        self.restored_step_in_epoch = 0
+        if state is not None:
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
+            self.restored_epoch = state["epoch"]
+            self.restored_step_in_epoch = state.get("step_in_epoch", 0)
+            compat.set_initial_epoch(self.model, self.restored_epoch)
+            where = f"epoch {self.restored_epoch}"
+            if self.restored_step_in_epoch:
+                where += f" and {self.restored_step_in_epoch} steps"
+            logging.info("Restored %s from %s", where, self.backup_dir)
+        self._fit_start_step = int(self.model.optimizer.iterations.numpy())
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint at the next step boundary, then stopping")
+        self._sigterm.set()
+
+    def on_epoch_begin(self, epoch: int, logs: Logs = None) -> None:
+        self._epoch = epoch
+        self._epoch_start = self._steps_in_fit
+        self._epoch_offset = self.first_epoch_offset if epoch == self.restored_epoch else 0
+
+    def on_train_batch_end(self, batch: int, logs: Logs = None) -> None:
+        previous = self._steps_in_fit
+        self._steps_in_fit = self._epoch_start + batch + 1
+        step = self._fit_start_step + self._steps_in_fit
+        due = self.every_steps and (
+            step // self.every_steps > (self._fit_start_step + previous) // self.every_steps
+        )
+        if self._sigterm.is_set():
+            self._save_inside_epoch(step, self._epoch_offset + batch + 1)
+            self.preempted = True
+            self.model.stop_training = True
+        elif due:
+            self._save_inside_epoch(step, self._epoch_offset + batch + 1)
+
+    def _save_inside_epoch(self, step: int, step_in_epoch: int) -> None:
+        if step == self._last_saved:
             return
-        if self.model.optimizer is not None and not self.model.optimizer.built:
-            self.model.optimizer.build(self.model.trainable_variables)
-        self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
-        self.restored_epoch = state["epoch"]
-        compat.set_initial_epoch(self.model, self.restored_epoch)
-        logging.info("Restored epoch %d from %s", self.restored_epoch, self.backup_dir)
+        extra = self._extra_state(self._epoch, None) if self._extra_state is not None else None
+        self._save(
+            f"step-{step:09d}.weights.h5",
+            {"epoch": self._epoch, "step_in_epoch": step_in_epoch, "step": step},
+            extra,
+        )
+        self._last_saved = step
 
     def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
+        if self.preempted:
+            return  # stopped inside the epoch: that checkpoint is the latest
+        step = self._fit_start_step + self._steps_in_fit
+        extra = None
+        if self._extra_state is not None:
+            extra = self._extra_state(epoch + 1, dict(logs or {}))
+        self._save(f"epoch-{epoch + 1:05d}.weights.h5", {"epoch": epoch + 1, "step": step}, extra)
+        self._last_saved = step
+
+    def _save(self, name: str, position: dict[str, int], extra: Optional[dict[str, Any]]) -> None:
+        """Writes the weights under `name` (atomically), then the state pointing at them."""
         os.makedirs(self._write_dir, exist_ok=True)
-        name = f"epoch-{epoch + 1:05d}.weights.h5"
         path = os.path.join(self._write_dir, name)
         # Keras names the format by the suffix: the temporary file keeps it.
         partial = os.path.join(self._write_dir, f"partial-{name}")
@@ -208,20 +303,24 @@ class BackupAndRestore(keras.callbacks.Callback):
             previous = None
         kept = [k for k in (previous or {}).get("kept", []) if k != name]
         kept = (kept + [name])[-self.max_to_keep :]
-        state: dict[str, Any] = {"epoch": epoch + 1, "weights": name, "kept": kept}
-        if self._extra_state is not None:
-            state["extra"] = self._extra_state(epoch + 1, dict(logs or {}))
+        own: dict[str, Any] = dict(position)
+        if extra is not None:
+            own["extra"] = extra
         # Each kept checkpoint's own state, for a fall back to it (check_backup).
         earlier = (previous or {}).get("checkpoints", {})
-        state["checkpoints"] = {k: earlier[k] for k in kept if k != name and k in earlier} | {
-            name: {"epoch": epoch + 1, **({"extra": state["extra"]} if "extra" in state else {})}
-        }
+        checkpoints = {k: earlier[k] for k in kept if k != name and k in earlier}
+        checkpoints[name] = own
+        state: dict[str, Any] = {**own, "weights": name, "kept": kept, "checkpoints": checkpoints}
         files.write_json_atomic(os.path.join(self._write_dir, _STATE_FILE), state)
         for old in (previous or {}).get("kept", []):
             if old not in kept:
                 _remove(os.path.join(self._write_dir, old))
 
     def on_train_end(self, logs: Logs = None) -> None:
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        self.first_epoch_offset = 0
         if not self.is_chief and self._write_dir is not None:
             shutil.rmtree(self._write_dir, ignore_errors=True)
             self._write_dir = None
@@ -312,9 +411,10 @@ def check_backup(backup_dir: str) -> Optional[dict[str, Any]]:
         if name == latest or name not in saved:
             continue
         if _unreadable(os.path.join(backup_dir, name)) is None:
-            fallback = dict(state, weights=name, **saved[name])
-            if "extra" not in saved[name]:
-                fallback.pop("extra", None)
+            fallback = {
+                k: v for k, v in state.items() if k not in ("extra", "step", "step_in_epoch")
+            }
+            fallback.update(saved[name], weights=name)
             warning = (backup_dir, latest, name)
             if warning not in _WARNED:
                 _WARNED.add(warning)

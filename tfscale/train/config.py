@@ -80,6 +80,11 @@ def base_config() -> ml_collections.ConfigDict:
             "mesh": config_dict.placeholder(str),
             "layout_map": config_dict.placeholder(str),
             "batch_axis": config_dict.placeholder(str),
+            # "tpu" only: "auto", "local", a Cloud TPU name or "grpc://host:port",
+            # and a named TPU's zone and project.
+            "tpu": config_dict.placeholder(str),
+            "zone": config_dict.placeholder(str),
+            "project": config_dict.placeholder(str),
         }
     )
     config.data = ml_collections.ConfigDict(
@@ -141,6 +146,10 @@ def base_config() -> ml_collections.ConfigDict:
             # TensorBoard gets the running loss and metrics every this many
             # steps (train/batch_*); 0: once per epoch only.
             "log_every_steps": 100,
+            # Also checkpoint every this many steps (0: at epoch ends only),
+            # so a crash loses at most this many steps; a SIGTERM always
+            # checkpoints at the next step boundary and stops.
+            "checkpoint_every_steps": 0,
             # On resuming with another replica count: "keep_global_batch" or
             # "keep_per_replica_batch" (global batch and learning rate rescale).
             "resize": "keep_global_batch",
@@ -237,6 +246,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(
         training.log_every_steps,
         "training.log_every_steps",
+        int,
+        lambda v: v >= 0,
+        "a non-negative int",
+    )
+    _check(
+        training.checkpoint_every_steps,
+        "training.checkpoint_every_steps",
         int,
         lambda v: v >= 0,
         "a non-negative int",

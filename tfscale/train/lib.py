@@ -75,6 +75,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """
     start = time.perf_counter()
     config_lib.validate(config)
+    _check_step_checkpoints(config)
     _check_workdir(workdir)
     devices.configure_devices(**config_lib.set_options(config.devices))
     dist = _distribution(config)
@@ -143,9 +144,10 @@ def _fit(
     consumed = _ConsumedElements(dist.per_worker_batch_size(global_batch), train.report_consumed)
     epochs = list(resume.get("extra", {}).get("history", []))
 
-    def checkpoint_extra(epoch: int, logs: dict[str, Any]) -> dict[str, Any]:
-        del epochs[epoch - 1 :]  # a resumed epoch replaces what a crash left
-        epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
+    def checkpoint_extra(epoch: int, logs: Optional[dict[str, Any]]) -> dict[str, Any]:
+        if logs is not None:  # an epoch's end (None: a checkpoint inside an epoch)
+            del epochs[epoch - 1 :]  # a resumed epoch replaces what a crash left
+            epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         return {
             "input_position": train.position(consumed.count),
             "history": list(epochs),
@@ -153,26 +155,55 @@ def _fit(
             "replicas": dist.num_replicas_in_sync,
         }
 
+    dispatched = train.dispatcher is not None
     backup = callbacks_lib.BackupAndRestore(
         os.path.join(workdir, CHECKPOINTS_DIR),
         is_chief=dist.is_chief,
         max_to_keep=config.training.checkpoints_to_keep,
         extra_state=checkpoint_extra,
+        every_steps=config.training.checkpoint_every_steps,
+        # Not yet with dispatched input: its resume inside an epoch is not
+        # implemented (see _check_step_checkpoints).
+        stop_on_sigterm=not dispatched,
     )
     tensorboard = callbacks_lib.TensorBoard(
         os.path.join(workdir, "tensorboard"),
         is_chief=dist.is_chief,
         update_freq=config.training.log_every_steps or "epoch",
     )
-    history = model.fit(
-        dist.distribute_dataset(train.dataset, global_batch, shard_policy=train.shard_policy),
-        epochs=config.training.epochs,
-        steps_per_epoch=steps_per_epoch,
-        # Throughput first: its figures join the logs the checkpoint saves.
-        callbacks=[throughput, backup, consumed, tensorboard],
-        shuffle=False,  # The input pipeline shuffles.
-        verbose=config.training.verbose,
-    )
+    # Throughput first: its figures join the logs the checkpoint saves.
+    fit_callbacks = [throughput, backup, consumed, tensorboard]
+
+    def fit(done_steps: int, epochs: int, steps: int) -> keras.callbacks.History:
+        """`fit` on the input after `done_steps` global batches (a plain input is
+        deterministic: skipping them continues its stream exactly; a dispatched
+        one was rewound to its checkpoint position)."""
+        dataset = train.dataset
+        if done_steps and not dispatched:
+            dataset = dataset.skip(done_steps * global_batch)
+        return model.fit(
+            dist.distribute_dataset(dataset, global_batch, shard_policy=train.shard_policy),
+            epochs=epochs,
+            steps_per_epoch=steps,
+            callbacks=fit_callbacks,
+            shuffle=False,  # The input pipeline shuffles.
+            verbose=config.training.verbose,
+        )
+
+    done = resume.get("step", 0)
+    inside = resume.get("step_in_epoch", 0)
+    epochs_run = 0
+    if inside:  # resumed inside an epoch: first the rest of it
+        backup.first_epoch_offset = inside
+        epochs_run += len(fit(done, resume["epoch"] + 1, steps_per_epoch - inside).epoch)
+        done += steps_per_epoch - inside
+    if not backup.preempted and (not inside or resume["epoch"] + 1 < config.training.epochs):
+        epochs_run += len(fit(done, config.training.epochs, steps_per_epoch).epoch)
+    if backup.preempted:
+        raise Preempted(
+            f"preempted (SIGTERM): a checkpoint is saved in {os.path.join(workdir, CHECKPOINTS_DIR)}; "
+            "run the same command to resume from it"
+        )
     eval_logs = model.evaluate(
         dist.distribute_dataset(evaluation, global_batch),
         steps=eval_steps,
@@ -183,13 +214,32 @@ def _fit(
         callbacks_lib.log_evaluation(
             os.path.join(workdir, "tensorboard"), eval_logs, int(model.optimizer.iterations.numpy())
         )
-    metrics = _metrics(config, dist, backup, history, epochs, eval_logs)
+    metrics = _metrics(config, dist, resume.get("epoch", 0), epochs_run, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
     report = dist.memory_report(model)
     if report is not None:
         metrics["memory"] = report.to_dict()
     return metrics
+
+
+class Preempted(Exception):
+    """Training stopped on SIGTERM after checkpointing at a step boundary.
+
+    `tfscale-train` prints its message as one line and exits with 143
+    (128 + SIGTERM), so a launcher or scheduler restarts it.
+    """
+
+
+def _check_step_checkpoints(config: ml_collections.ConfigDict) -> None:
+    """Checkpoints inside an epoch need an input that can resume inside one."""
+    options = config.data.dispatcher
+    if config.training.checkpoint_every_steps and (options.address or options.embedded):
+        raise config_lib.ConfigError(
+            "config.training.checkpoint_every_steps works with the plain input only: resuming "
+            "dispatched input inside an epoch is not supported yet. Received: "
+            f"checkpoint_every_steps={config.training.checkpoint_every_steps} with the dispatcher"
+        )
 
 
 def _resized(
@@ -364,8 +414,8 @@ def _optimizer(
 def _metrics(
     config: ml_collections.ConfigDict,
     dist: distribution_base.Distribution,
-    backup: callbacks_lib.BackupAndRestore,
-    history: keras.callbacks.History,
+    resumed_from_epoch: int,
+    epochs_run: int,
     epochs: list[dict[str, Any]],
     eval_logs: dict[str, Any],
 ) -> dict[str, Any]:
@@ -381,8 +431,8 @@ def _metrics(
         "global_batch_size": config.training.global_batch_size,
         "precision": config.training.precision,
         "epochs": config.training.epochs,
-        "resumed_from_epoch": backup.restored_epoch,
-        "epochs_run": len(history.epoch),
+        "resumed_from_epoch": resumed_from_epoch,
+        "epochs_run": epochs_run,
         "train": {"loss": last.get("loss"), "accuracy": last.get("accuracy")},
         "eval": {k: float(v) for k, v in eval_logs.items()},
         "throughput": {

@@ -51,6 +51,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 flags.mark_flags_as_required(["config", "workdir"])
 
 _PROG = "tfscale-train"
+# 128 + SIGTERM: stopped by the signal (after a checkpoint), to be restarted.
+PREEMPTED_EXIT_CODE = 143
 
 
 def main(argv: Sequence[str]) -> None:
@@ -61,6 +63,9 @@ def main(argv: Sequence[str]) -> None:
         lib.run(_CONFIG.value, _WORKDIR.value)
     except config_lib.ConfigError as e:
         _fail(str(e))
+    except lib.Preempted as e:
+        print(f"{_PROG}: {e}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
