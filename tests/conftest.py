@@ -44,6 +44,7 @@ LONG = (
     "tests/train_preemption_test.py",
     "tests/train_equivalence_test.py::TrainEquivalenceTest::test_sgd_with_momentum_on_a_batch_and_model_mesh_matches_one_device",
     "tests/train_test.py::TrainBinaryTest::test_smoke_run_writes_sane_metrics_and_resumes",
+    "tests/train_test.py::TrainBinaryTest::test_auto_kind_plans_trains_and_writes_the_plan",
     "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device2",
     "tests/train_errors_test.py::OneLineErrorTest::test_truncated_latest_checkpoint_falls_back_to_the_one_before",
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",

@@ -25,6 +25,21 @@ from tfscale.train import lib  # noqa: E402
 
 
 class TrainBinaryTest(absltest.TestCase):
+    def test_auto_kind_plans_trains_and_writes_the_plan(self):
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        result = testutil.train_binary(
+            workdir, "--config.distribution.kind=auto", "--config.training.epochs=1"
+        )
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("kind 'auto' chose ", result.stderr)
+        metrics = testutil.read_metrics(workdir)
+        plan = metrics["plan"]
+        self.assertEqual(metrics["kind"], plan["chosen"]["kind"])
+        kinds = {row["kind"] for row in plan["rows"]}
+        self.assertTrue({"one_device", "mirrored", "dtensor"} <= kinds, kinds)
+        self.assertGreater(plan["measured"]["step_time_s"], 0)
+        self.assertGreater(plan["chosen"]["predicted_step_time_s"], 0)
+
     def test_smoke_run_writes_sane_metrics_and_resumes(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = testutil.train_binary(workdir)

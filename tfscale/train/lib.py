@@ -38,6 +38,7 @@ from absl import logging
 from tfscale import devices
 from tfscale import distribution_base
 from tfscale import distributions as distribution_lib
+from tfscale.data import sources
 from tfscale.strategies import cluster as cluster_lib
 from tfscale.train import callbacks as callbacks_lib
 from tfscale.train import config as config_lib
@@ -220,6 +221,18 @@ def _fit(
     report = dist.memory_report(model)
     if report is not None:
         metrics["memory"] = report.to_dict()
+    plan = getattr(dist, "plan", None)
+    if plan is not None:
+        # The prediction beside what this run measured: the planner's error.
+        step_ms = metrics["throughput"]["step_time_ms"]
+        metrics["plan"] = {
+            **plan.to_dict(),
+            "measured": {
+                "step_time_s": None if step_ms is None else step_ms / 1e3,
+                "parameter_bytes_per_device": None if report is None else report.parameter_bytes,
+                "optimizer_bytes_per_device": None if report is None else report.optimizer_bytes,
+            },
+        }
     return metrics
 
 
@@ -380,6 +393,8 @@ def _distribution(config: ml_collections.ConfigDict) -> distribution_base.Distri
     """
     options = config_lib.set_options(config.distribution)
     kind = options.pop("kind")
+    if kind == "auto":
+        options.update(_auto_options(config))
     try:
         _check_single_host(kind)
         valid = distribution_lib.kind_options(kind)
@@ -388,11 +403,41 @@ def _distribution(config: ml_collections.ConfigDict) -> distribution_base.Distri
             logging.warning(
                 "config.distribution: kind %r takes no %s; ignored", kind, ", ".join(ignored)
             )
-        return distribution_lib.distribution(
+        dist = distribution_lib.distribution(
             kind, **{k: v for k, v in options.items() if k in valid}
         )
     except (ValueError, TypeError) as e:
         raise config_lib.ConfigError(f"config.distribution: {e}") from None
+    plan = getattr(dist, "plan", None)
+    if plan is not None:
+        logging.info("kind 'auto' chose %s:\n%s", plan.chosen.description, plan.table())
+    return dist
+
+
+def _auto_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the "auto" kind plans with: the model (as `_fit` builds it), optimizer and batch."""
+    try:
+        split = sources.load_split(
+            config.data.source,
+            config.data.train_split,
+            cache_dir=config.data.cache_dir,
+            tfds_data_dir=config.data.tfds_data_dir,
+            download=config.data.download,
+        )
+    except (ValueError, OSError) as e:
+        raise config_lib.ConfigError(str(e)) from None
+
+    def model_fn() -> keras.Model:
+        with _precision(config.training.precision):
+            return models.build(
+                config.model.name, split.image_shape, split.num_classes, **config.model.kwargs
+            )
+
+    return {
+        "model_fn": model_fn,
+        "global_batch_size": config.training.global_batch_size,
+        "optimizer": _optimizer(config, steps_per_epoch=1),
+    }
 
 
 def _optimizer(
