@@ -55,6 +55,36 @@ class Usage:
     flags: tuple[str, ...] = ()
 
 
+class CommandError(Exception):
+    """A failure a command reports as one line, `PROG: CAUSE`, with exit code 1."""
+
+    exit_code = 1
+
+
+class BadUsage(CommandError):
+    """A bad command line (command, flag or flag value), reported as one line, exit code 2."""
+
+    exit_code = 2
+
+
+def fail(prog: str, message: str, code: int) -> NoReturn:
+    """Prints `PROG: MESSAGE` to stderr and exits with `code`."""
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def one_line_flags(prog: str) -> FlagsParser:
+    """absl's flag parsing, with a bad flag reported as one line (exit code 2)."""
+
+    def parse(argv: list[str]) -> Any:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            fail(prog, str(e), BadUsage.exit_code)
+
+    return parse
+
+
 def run(
     main: Main,
     usage: Usage,

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 import threading
 import time
 from typing import NoReturn
@@ -201,26 +200,16 @@ tfscale-serve status --address=127.0.0.1:8500
 )
 
 
-class CommandError(Exception):
-    """A failure reported as one line, with exit code 1."""
-
-    exit_code = 1
-
-
-class BadUsage(CommandError):
-    """A bad command line, reported as one line, with exit code 2."""
-
-    exit_code = 2
-
-
 def main(argv: Sequence[str]) -> None:
     try:
         command = argv[1] if len(argv) > 1 else "serve"
         if len(argv) > 2 or command not in _COMMANDS:
             received = " ".join(argv[1:])
-            raise BadUsage(f"expected one command, {', '.join(_COMMANDS)}. Received: {received}")
+            raise cli.BadUsage(
+                f"expected one command, {', '.join(_COMMANDS)}. Received: {received}"
+            )
         {"serve": serve, "replica": replica, "reload": reload, "status": status}[command]()
-    except CommandError as e:
+    except cli.CommandError as e:
         _exit(str(e), e.exit_code)
 
 
@@ -238,16 +227,16 @@ def batching_options() -> Optional[batching.BatchingOptions]:
             num_batch_threads=_NUM_BATCH_THREADS.value,
         )
     except ValueError as e:
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
 
 
 def _check_model_flag() -> str:
     if not _MODEL.value:
-        raise BadUsage(
+        raise cli.BadUsage(
             "--model is required: a tfscale-train workdir, a .keras file or a SavedModel"
         )
     if not os.path.exists(_MODEL.value):
-        raise BadUsage(f"--model={_MODEL.value}: no such file or directory")
+        raise cli.BadUsage(f"--model={_MODEL.value}: no such file or directory")
     return _MODEL.value
 
 
@@ -265,18 +254,18 @@ def replica() -> None:
     try:
         options = _replica_options(replica_lib)
     except ValueError as e:
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
     server = replica_lib.ReplicaServer(
         lambda: model_lib.load(path, name=_MODEL_NAME.value), options
     )
     try:
         server.start()
     except model_lib.LoadError as e:
-        raise CommandError(str(e)) from None
+        raise cli.CommandError(str(e)) from None
     except ValueError as e:
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
     except OSError as e:
-        raise CommandError(str(e)) from None
+        raise cli.CommandError(str(e)) from None
     print(f"{supervisor.READY_LINE} {server.target}", flush=True)
     if server.rest_target:
         print(f"{supervisor.REST_LINE} {server.rest_target}", flush=True)
@@ -302,7 +291,7 @@ def serve() -> None:
     """A router over local replica processes or remote replicas."""
     remote = _REPLICA_ADDRESSES.value
     if remote and _MODEL.value:
-        raise BadUsage("pass --model (local replicas) or --replica_addresses, not both")
+        raise cli.BadUsage("pass --model (local replicas) or --replica_addresses, not both")
     if not remote:
         _check_model_flag()
     try:
@@ -322,9 +311,9 @@ def serve() -> None:
         batching_options()  # a bad batching flag fails here, not in N replicas
         router = proxy.RouterServer(options).start()
     except ValueError as e:
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
     except OSError as e:
-        raise CommandError(str(e)) from None
+        raise cli.CommandError(str(e)) from None
     processes = None
     try:
         if remote:
@@ -338,9 +327,9 @@ def serve() -> None:
                 on_exit=router.mark_down,
             )
             processes.start()
-    except (supervisor.ReplicaStartError, CommandError) as e:
+    except (supervisor.ReplicaStartError, cli.CommandError) as e:
         router.stop()
-        raise CommandError(str(e)) from None
+        raise cli.CommandError(str(e)) from None
     print(f"{_PROG} listening on {router.target}", flush=True)
     if router.rest_target:
         print(f"{_PROG} rest on {router.rest_target}", flush=True)
@@ -377,7 +366,7 @@ def _add_remote(router: proxy.RouterServer, address: str, timeout_s: float = 60.
             return
         except grpc.RpcError as e:
             if time.monotonic() > deadline:
-                raise CommandError(
+                raise cli.CommandError(
                     f"cannot reach the replica at {address}: {e.code().name}: {e.details()}"
                 ) from None
             time.sleep(0.5)
@@ -396,7 +385,7 @@ def status() -> None:
 def _admin(method: str, timeout_s: float) -> dict:
     address = _ADDRESS.value
     if not address:
-        raise BadUsage(f"{method.lower()} needs --address=HOST:PORT")
+        raise cli.BadUsage(f"{method.lower()} needs --address=HOST:PORT")
     root = _TLS_ROOT_CERT_FILE.value
     try:
         if root:
@@ -405,13 +394,13 @@ def _admin(method: str, timeout_s: float) -> dict:
         else:
             channel = grpc.insecure_channel(address)
     except OSError as e:
-        raise CommandError(f"cannot read --tls_root_cert_file: {e.strerror}") from None
+        raise cli.CommandError(f"cannot read --tls_root_cert_file: {e.strerror}") from None
     try:
         return admin.call(
             channel, method, timeout_s=timeout_s, metadata=auth.call_metadata(_read_token())
         )
     except grpc.RpcError as e:
-        raise CommandError(
+        raise cli.CommandError(
             f"the server at {address} answered {e.code().name}: {' '.join((e.details() or '').split())}"
         ) from None
     finally:
@@ -435,21 +424,13 @@ def _read_token() -> Optional[str]:
     try:
         return auth.read_token_file(_AUTH_TOKEN_FILE.value)
     except OSError as e:
-        raise CommandError(f"cannot read --auth_token_file: {e.strerror}") from None
+        raise cli.CommandError(f"cannot read --auth_token_file: {e.strerror}") from None
     except ValueError as e:
-        raise BadUsage(str(e)) from None
-
-
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _exit(str(e), BadUsage.exit_code)
+        raise cli.BadUsage(str(e)) from None
 
 
 def _exit(message: str, code: int) -> NoReturn:
-    print(f"{_PROG}: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    cli.fail(_PROG, message, code)
 
 
 def run_main() -> None:
@@ -460,7 +441,7 @@ def run_main() -> None:
         "reload": _RELOAD_USAGE,
         "status": _STATUS_USAGE,
     }
-    cli.run(main, cli.Usage(__doc__), commands=commands, flags_parser=_parse_flags)
+    cli.run(main, cli.Usage(__doc__), commands=commands, flags_parser=cli.one_line_flags(_PROG))
 
 
 if __name__ == "__main__":

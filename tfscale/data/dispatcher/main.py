@@ -31,7 +31,6 @@ import math
 import os
 import signal
 import socket
-import sys
 from typing import NoReturn
 from typing import Optional
 from typing import Sequence
@@ -147,28 +146,18 @@ _UNAVAILABLE_CAUSES = (
 )
 
 
-class CommandError(Exception):
-    """A failure reported as one line, with exit code 1."""
-
-    exit_code = 1
-
-
-class BadUsage(CommandError):
-    """A bad command line, reported as one line, with exit code 2."""
-
-    exit_code = 2
-
-
 def main(argv: Sequence[str]) -> None:
     try:
         if len(argv) != 2 or argv[1] not in _COMMANDS:
             received = " ".join(argv[1:]) or "none"
-            raise BadUsage(f"expected one command, {' or '.join(_COMMANDS)}. Received: {received}")
+            raise cli.BadUsage(
+                f"expected one command, {' or '.join(_COMMANDS)}. Received: {received}"
+            )
         if argv[1] == "serve":
             serve()
         else:
             status()
-    except CommandError as e:
+    except cli.CommandError as e:
         _exit(str(e), e.exit_code)
 
 
@@ -187,14 +176,14 @@ def serve() -> None:
     try:
         server = server_lib.DispatcherServer(config)  # recovers the journal in work_dir
     except OSError as e:
-        raise CommandError(f"cannot use --work_dir={config.work_dir}: {_os_cause(e)}") from None
+        raise cli.CommandError(f"cannot use --work_dir={config.work_dir}: {_os_cause(e)}") from None
     except journal_lib.JournalCorruptError as e:
-        raise CommandError(f"cannot recover --work_dir={config.work_dir}: {e}") from None
+        raise cli.CommandError(f"cannot recover --work_dir={config.work_dir}: {e}") from None
     if _SHARDS.value:
         try:
             server.core.create_job(_job_spec())
         except types.DispatcherError as e:
-            raise BadUsage(str(e)) from None
+            raise cli.BadUsage(str(e)) from None
     _start(server, config)
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
     print(f"{_PROG} listening on {server.target}", flush=True)
@@ -207,7 +196,7 @@ def serve() -> None:
 def status() -> None:
     """Prints the status of the dispatcher at --address."""
     if not _ADDRESS.value:
-        raise BadUsage("status needs --address=HOST:PORT")
+        raise cli.BadUsage("status needs --address=HOST:PORT")
     address = _ADDRESS.value
     token = _read_token()
     try:
@@ -218,13 +207,13 @@ def status() -> None:
             unavailable_timeout_s=_UNAVAILABLE_TIMEOUT_S,
         )
     except OSError as e:
-        raise CommandError(f"cannot read --tls_root_cert_file: {_os_cause(e)}") from None
+        raise cli.CommandError(f"cannot read --tls_root_cert_file: {_os_cause(e)}") from None
     try:
         print(format_status(client.status()))
     except grpc.RpcError as e:
         raise _rpc_failure(e, address) from None
     except types.DispatcherError as e:
-        raise CommandError(f"the dispatcher at {address} refused the request: {e}") from None
+        raise cli.CommandError(f"the dispatcher at {address} refused the request: {e}") from None
     finally:
         client.close()
 
@@ -259,9 +248,9 @@ def _job_spec() -> types.JobSpec:
     try:
         shards = shards_lib.expand(_SHARDS.value, count_elements=_EQUALIZE.value != "none")
     except ValueError as e:
-        raise BadUsage(f"--shards: {e}") from None
+        raise cli.BadUsage(f"--shards: {e}") from None
     except OSError as e:
-        raise CommandError(f"cannot read --shards={_SHARDS.value}: {_os_cause(e)}") from None
+        raise cli.CommandError(f"cannot read --shards={_SHARDS.value}: {_os_cause(e)}") from None
     return types.JobSpec(
         name=_JOB.value,
         shards=tuple(shards),
@@ -278,16 +267,16 @@ def _start(server: server_lib.DispatcherServer, config: server_lib.ServerConfig)
     try:
         server.start()
     except ValueError as e:  # A TLS certificate without a key, or the reverse.
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
     except OSError as e:
         if e.filename is None:
             raise _bind_failure(config) from None
-        raise CommandError(f"cannot read the TLS files: {_os_cause(e)}") from None
+        raise cli.CommandError(f"cannot read the TLS files: {_os_cause(e)}") from None
     except RuntimeError:  # gRPC's failure to bind.
         raise _bind_failure(config) from None
 
 
-def _bind_failure(config: server_lib.ServerConfig) -> CommandError:
+def _bind_failure(config: server_lib.ServerConfig) -> cli.CommandError:
     """Names why gRPC could not listen, by binding a plain socket the same way."""
     try:
         family, kind, proto, _, sockaddr = socket.getaddrinfo(
@@ -301,31 +290,31 @@ def _bind_failure(config: server_lib.ServerConfig) -> CommandError:
         cause = (
             "the TLS certificate or key is not valid" if config.tls_cert_file else "gRPC refused"
         )
-    return CommandError(f"cannot listen on {config.host}:{config.port}: {cause}")
+    return cli.CommandError(f"cannot listen on {config.host}:{config.port}: {cause}")
 
 
-def _rpc_failure(error: grpc.RpcError, address: str) -> CommandError:
+def _rpc_failure(error: grpc.RpcError, address: str) -> cli.CommandError:
     """One line for a failed call: unreachable, refused, or too slow."""
     code = error.code()
     details = " ".join((error.details() or "").split())
     if code == grpc.StatusCode.UNAVAILABLE:
         cause = next((c for key, c in _UNAVAILABLE_CAUSES if key in details.lower()), details)
-        return CommandError(
+        return cli.CommandError(
             f"cannot reach a dispatcher at {address}: {cause} (after {_UNAVAILABLE_TIMEOUT_S:g} s)"
         )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return CommandError(f"the dispatcher at {address} did not answer in time")
+        return cli.CommandError(f"the dispatcher at {address} did not answer in time")
     hint = " (check --auth_token_file)" if code == grpc.StatusCode.UNAUTHENTICATED else ""
-    return CommandError(f"the dispatcher at {address} answered {code.name}: {details}{hint}")
+    return cli.CommandError(f"the dispatcher at {address} answered {code.name}: {details}{hint}")
 
 
 def _read_token() -> Optional[str]:
     try:
         return auth.read_token_file(_AUTH_TOKEN_FILE.value)
     except OSError as e:
-        raise CommandError(f"cannot read --auth_token_file: {_os_cause(e)}") from None
+        raise cli.CommandError(f"cannot read --auth_token_file: {_os_cause(e)}") from None
     except ValueError as e:
-        raise BadUsage(str(e)) from None
+        raise cli.BadUsage(str(e)) from None
 
 
 def _os_cause(error: OSError) -> str:
@@ -351,23 +340,14 @@ flags.register_validator(
 )
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, with a bad flag reported as one line."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        _exit(str(e), BadUsage.exit_code)
-
-
 def _exit(message: str, code: int) -> NoReturn:
-    print(f"{_PROG}: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
+    cli.fail(_PROG, message, code)
 
 
 def run_main() -> None:
     """Console-script entry point."""
     commands = {"serve": _SERVE_USAGE, "status": _STATUS_USAGE}
-    cli.run(main, cli.Usage(__doc__), commands=commands, flags_parser=_parse_flags)
+    cli.run(main, cli.Usage(__doc__), commands=commands, flags_parser=cli.one_line_flags(_PROG))
 
 
 if __name__ == "__main__":
