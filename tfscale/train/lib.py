@@ -175,13 +175,13 @@ def _fit(
     # Throughput first: its figures join the logs the checkpoint saves.
     fit_callbacks = [throughput, backup, consumed, tensorboard]
 
-    def fit(done_steps: int, epochs: int, steps: int) -> keras.callbacks.History:
-        """`fit` on the input after `done_steps` global batches (a plain input is
+    def fit(skip: int, epochs: int, steps: int) -> keras.callbacks.History:
+        """`fit` on the input after its first `skip` elements (a plain input is
         deterministic: skipping them continues its stream exactly; a dispatched
         one was rewound to its checkpoint position)."""
         dataset = train.dataset
-        if done_steps and not dispatched:
-            dataset = dataset.skip(done_steps * global_batch)
+        if skip and not dispatched:
+            dataset = dataset.skip(skip)
         return model.fit(
             dist.distribute_dataset(dataset, global_batch, shard_policy=train.shard_policy),
             epochs=epochs,
@@ -191,15 +191,29 @@ def _fit(
             verbose=config.training.verbose,
         )
 
-    done = resume.get("step", 0)
+    # The elements the checkpoint's steps consumed, at its own global batch.
+    saved = resume.get("extra", {})
+    saved_batch = saved.get("per_replica_batch", 0) * saved.get("replicas", 0) or global_batch
+    skip = resume.get("step", 0) * saved_batch
     inside = resume.get("step_in_epoch", 0)
     epochs_run = 0
     if inside:  # resumed inside an epoch: first the rest of it
+        remaining = steps_per_epoch - inside
+        if remaining <= 0:
+            raise config_lib.ConfigError(
+                f"The checkpoint stopped {inside} steps into epoch {resume['epoch'] + 1}, but an "
+                f"epoch now has {steps_per_epoch} steps (training.resize="
+                f"{config.training.resize} changed the global batch): resume on the former "
+                "replica count, or with training.resize=keep_global_batch"
+            )
         backup.first_epoch_offset = inside
-        epochs_run += len(fit(done, resume["epoch"] + 1, steps_per_epoch - inside).epoch)
-        done += steps_per_epoch - inside
+        epochs_run += len(fit(skip, resume["epoch"] + 1, remaining).epoch)
+        skip += remaining * global_batch
     if not backup.preempted and (not inside or resume["epoch"] + 1 < config.training.epochs):
-        epochs_run += len(fit(done, config.training.epochs, steps_per_epoch).epoch)
+        # A run whose epochs are all done trains nothing (the callback only
+        # restores the weights): no need to skip through the input first.
+        done = resume.get("epoch", 0) + (1 if inside else 0) >= config.training.epochs
+        epochs_run += len(fit(0 if done else skip, config.training.epochs, steps_per_epoch).epoch)
     if backup.preempted:
         raise Preempted(
             f"preempted (SIGTERM): a checkpoint is saved in {os.path.join(workdir, CHECKPOINTS_DIR)}; "
