@@ -46,6 +46,12 @@ LONG = (
     "tests/train_test.py::TrainBinaryTest::test_smoke_run_writes_sane_metrics_and_resumes",
     "tests/train_test.py::TrainBinaryTest::test_auto_kind_plans_trains_and_writes_the_plan",
     "tests/sharding_test.py::EquivalenceTest::test_steps_match_one_device2",
+    "tests/sharding_test.py::LayoutTest::test_variables_state_and_metrics_take_their_layouts",
+    "tests/train_test.py::RunTest::test_steps_per_execution_trains_as_one_step_per_call",
+    "tests/train_test.py::RunTest::test_training_reaches_a_tls_dispatcher",
+    "tests/keras_paths_test.py::StepsPerExecutionTest::test_stock_mirrored_fails",
+    "tests/train_errors_test.py::OneLineErrorTest::test_workdir_that_cannot_be_written",
+    "tests/train_errors_test.py::OneLineErrorTest::test_workdir_that_is_a_file",
     "tests/train_errors_test.py::OneLineErrorTest::test_truncated_latest_checkpoint_falls_back_to_the_one_before",
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
 )
