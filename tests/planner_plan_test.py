@@ -20,11 +20,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tfscale  # noqa: E402
+from tests.planner_memory_test import mlp  # noqa: E402
+from tests.planner_memory_test import transformer  # noqa: E402
 from tfscale import planner  # noqa: E402
 from tfscale.planner import calibration as calibration_lib  # noqa: E402
 from tfscale.planner import flops  # noqa: E402
 from tfscale.planner import profile  # noqa: E402
-from tfscale.train import models  # noqa: E402
 
 GLOBAL_BATCH = 16
 
@@ -55,19 +56,6 @@ COMMUNICATION_BOUND = _calibration("communication", _rates(1e13, 0.0, 1e-3, 1e-9
 COMPUTE_BOUND = _calibration("compute", _rates(1e8, 0.0, 1e-7, 1e-13))
 # Latency only: AR(2, S) = 1 s, AG(2, S) = 0.5 s.
 LATENCY = _calibration("latency", _rates(1e13, 0.0, 1.0, 0.0))
-
-
-def mlp():
-    inputs = keras.Input((12,))
-    x = keras.layers.Dense(32, activation="relu", name="mlp_up")(inputs)
-    x = keras.layers.Dense(16, name="mlp_down")(x)
-    return keras.Model(inputs, keras.layers.Dense(5, name="head")(x), name="mlp")
-
-
-def transformer():
-    return models.build(
-        "transformer", (8, 8, 1), 10, model_dim=32, num_heads=4, mlp_dim=64, num_layers=1
-    )
 
 
 def uneven():

@@ -57,6 +57,21 @@ def train_binary(
     )
 
 
+def start_train_binary(workdir: str, *overrides: str, **popen_kwargs) -> subprocess.Popen:
+    """Starts `train_binary`'s command without waiting (to signal or kill it mid-run)."""
+    command = [
+        sys.executable,
+        "-m",
+        "tfscale.train",
+        "--config=configs/default.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data.cache_dir={cache_dir()}",
+        *overrides,
+    ]
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, **popen_kwargs)
+
+
 def read_metrics(workdir: str) -> dict:
     """The `metrics.json` a training run wrote to `workdir`."""
     with open(os.path.join(workdir, "metrics.json")) as f:

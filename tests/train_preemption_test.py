@@ -4,7 +4,6 @@ and repeats nothing (the final weights equal an uninterrupted run's)."""
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
@@ -50,19 +49,7 @@ class PreemptionTest(absltest.TestCase):
         _, expected = _weights(reference)
 
         workdir = os.path.join(root, "run")
-        command = [
-            sys.executable,
-            "-m",
-            "tfscale.train",
-            "--config=configs/default.py:smoke",
-            f"--workdir={workdir}",
-            f"--config.data.cache_dir={testutil.cache_dir()}",
-            *_ARGS,
-        ]
-        env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-        process = subprocess.Popen(
-            command, cwd=testutil.REPO_ROOT, env=env, stderr=subprocess.PIPE, text=True
-        )
+        process = testutil.start_train_binary(workdir, *_ARGS, stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.kill)
         checkpoints = os.path.join(workdir, lib.CHECKPOINTS_DIR)
         deadline = time.monotonic() + 240

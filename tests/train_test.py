@@ -106,22 +106,8 @@ class TrainBinaryTest(absltest.TestCase):
             "--config.data.max_train_examples=24000",  # all 16 shards: 375 steps an epoch
             "--config.training.epochs=2",
         )
-        command = [
-            sys.executable,
-            "-m",
-            "tfscale.train",
-            "--config=configs/default.py:smoke",
-            f"--workdir={workdir}",
-            f"--config.data.cache_dir={testutil.cache_dir()}",
-            *args,
-        ]
-        env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-        process = subprocess.Popen(
-            command,
-            cwd=testutil.REPO_ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        process = testutil.start_train_binary(
+            workdir, *args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         self.addCleanup(process.kill)
         state = os.path.join(workdir, "checkpoints")
