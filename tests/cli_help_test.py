@@ -26,6 +26,7 @@ MODULES = {
     "tfscale-launch": "tfscale.launch",
     "tfscale-dispatcher": "tfscale.data.dispatcher",
     "tfscale-train": "tfscale.train",
+    "tfscale-plan": "tfscale.train.plan_main",
     "tfscale-serve": "tfscale.serve",
 }
 
@@ -119,6 +120,13 @@ TOOLS = {
         shown={"config": None, "workdir": None},
         hidden=["flagfile", "port"],
     ),
+    "plan": Help(
+        argv=["tfscale-plan", "--help"],
+        usage="Usage: tfscale-plan --config=FILE[:variant] [--config.a.b=value ...] [--json=PATH]",
+        example="tfscale-plan --config=configs/transformer.py",
+        shown={"config": None, "json": None, "[no]recalibrate": "false"},
+        hidden=["workdir", "flagfile"],
+    ),
 }
 
 
@@ -185,6 +193,10 @@ class HelpTest(parameterized.TestCase):
         result = _run(sys.executable, "-m", MODULES[want.argv[0]], *want.argv[1:])
         self.assert_help(result, want)
         self.assertIn("`--config.a.b=value` overrides one field", " ".join(result.stdout.split()))
+
+    def test_plan_python_m(self):
+        want = TOOLS["plan"]
+        self.assert_help(_run(sys.executable, "-m", MODULES[want.argv[0]], "-h"), want)
 
     def test_train_console_script(self):
         want = TOOLS["train"]

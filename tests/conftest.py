@@ -54,6 +54,7 @@ LONG = (
     "tests/train_errors_test.py::OneLineErrorTest::test_workdir_that_is_a_file",
     "tests/train_errors_test.py::OneLineErrorTest::test_truncated_latest_checkpoint_falls_back_to_the_one_before",
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
+    "tests/planner_train_test.py::AutoTrainsEveryConfigTest",
 )
 
 

@@ -26,17 +26,18 @@ from tfscale import planner  # noqa: E402
 from tfscale.planner import calibration as calibration_lib  # noqa: E402
 from tfscale.planner import flops  # noqa: E402
 from tfscale.planner import profile  # noqa: E402
+from tfscale.planner import step_time  # noqa: E402
 
 GLOBAL_BATCH = 16
 
 
-def _rates(flops_per_s, overhead, alpha, beta, counts=(1, 2, 4)):
+def _rates(flops_per_s, memory_bytes_per_s, alpha, beta, counts=(1, 2, 4)):
     """Rates of a ring: the all-reduce over n takes `(n - 1) alpha + (n - 1) / n beta S`."""
     return [
         {
             "num_devices": n,
             "flops_per_s": flops_per_s,
-            "matmul_overhead_s": overhead,
+            "memory_bytes_per_s": memory_bytes_per_s,
             "all_reduce_alpha_s": (n - 1) * alpha,
             "all_reduce_beta_s": (n - 1) / n * beta,
         }
@@ -51,11 +52,11 @@ def _calibration(name, rates):
 
 
 # Compute is nearly free, every collective costs a millisecond.
-COMMUNICATION_BOUND = _calibration("communication", _rates(1e13, 0.0, 1e-3, 1e-9))
+COMMUNICATION_BOUND = _calibration("communication", _rates(1e13, 1e15, 1e-3, 1e-9))
 # Each device computes as fast with 4 busy as alone; collectives are nearly free.
-COMPUTE_BOUND = _calibration("compute", _rates(1e8, 0.0, 1e-7, 1e-13))
+COMPUTE_BOUND = _calibration("compute", _rates(1e8, 1e15, 1e-7, 1e-13))
 # Latency only: AR(2, S) = 1 s, AG(2, S) = 0.5 s.
-LATENCY = _calibration("latency", _rates(1e13, 0.0, 1.0, 0.0))
+LATENCY = _calibration("latency", _rates(1e13, 1e15, 1.0, 0.0))
 
 
 def uneven():
@@ -100,10 +101,10 @@ class CalibrationTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "needs fingerprint, device_type and rates"):
             planner.Calibration.from_dict({"fingerprint": "x"})
         with self.assertRaisesRegex(ValueError, r"rates of one device.*\[2\]"):
-            _calibration("x", _rates(1e9, 0, 0, 0, counts=(2,)))
+            _calibration("x", _rates(1e9, 1e15, 0, 0, counts=(2,)))
 
     def test_counts_between_and_above_the_measured(self):
-        rates = _rates(1e9, 0.0, 1e-3, 1e-9, counts=(1, 2, 4))
+        rates = _rates(1e9, 1e15, 1e-3, 1e-9, counts=(1, 2, 4))
         calibration = _calibration("x", rates)
         self.assertEqual(calibration.flops_per_s(3), 1e9)  # as for 2
         self.assertEqual(calibration.flops_per_s(8), 0.5e9)  # 4 devices' total, shared by 8
@@ -140,6 +141,13 @@ class CalibrationTest(parameterized.TestCase):
             self.assertLess(time.perf_counter() - start, 30)
             self.assertEqual([r.num_devices for r in measured.rates], [1, 2])
             self.assertTrue(all(r.flops_per_s > 1e6 for r in measured.rates))
+            self.assertTrue(all(r.memory_bytes_per_s > 1e6 for r in measured.rates))
+            # Two of the four devices: no mesh spans them, so no dtensor overhead.
+            self.assertEqual(
+                [(o.family, o.num_devices) for o in measured.overheads],
+                [("one_device", 1), ("mirrored", 2)],
+            )
+            self.assertTrue(all(o.seconds(100) > 0 for o in measured.overheads))
             self.assertGreater(measured.all_reduce_s(2, 1 << 20), 0)
             self.assertTrue(os.path.exists(calibration_lib.cache_path(2, cache_dir)))
             self.assertEqual(planner.calibrate(devices=2, cache_dir=cache_dir), measured)
@@ -176,6 +184,95 @@ class FlopsTest(parameterized.TestCase):
         self.assertEqual(traced.flops, 3 * GLOBAL_BATCH * 2 * (12 * 32 + 32 * 5))
         # Two per parameter: the biases too.
         self.assertEqual(guessed.flops, 3 * GLOBAL_BATCH * 2 * (12 * 32 + 32 + 32 * 5 + 5))
+
+
+def _with_overheads(calibration, *overheads):
+    value = calibration.to_dict()
+    value["overheads"] = [
+        {"family": f, "num_devices": n, "base_s": base, "per_unit_s": per}
+        for f, n, base, per in overheads
+    ]
+    return planner.Calibration.from_dict(value)
+
+
+class OverheadTest(parameterized.TestCase):
+    def test_forward_ops_of_a_dense_layer(self):
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        # The kernel and bias reads, MatMul, BiasAdd.
+        self.assertEqual(flops.forward_ops(model), 4)
+        # Three Dense layers, the first with a ReLU.
+        self.assertEqual(profile.model_profile(mlp).forward_ops, 3 * 4 + 1)
+
+    def test_lookup_by_family_and_count(self):
+        calibration = _with_overheads(
+            COMPUTE_BOUND,
+            ("one_device", 1, 1e-3, 1e-5),
+            ("mirrored", 2, 2e-3, 2e-5),
+            ("mirrored", 4, 4e-3, 4e-5),
+        )
+
+        def seconds(calibration, kind, n, ops, model_parallelism=1):
+            family = calibration_lib.family(kind, model_parallelism)
+            return calibration.overhead(family, n).seconds(ops)
+
+        self.assertAlmostEqual(seconds(calibration, "one_device", 1, 100), 2e-3)
+        self.assertAlmostEqual(seconds(calibration, "mirrored", 3, 100), 4e-3)  # as for 2
+        self.assertAlmostEqual(seconds(calibration, "multi_worker_mirrored", 4, 0), 4e-3)
+        # No dtensor measurement: mirrored's, for a model axis too.
+        self.assertAlmostEqual(seconds(calibration, "dtensor", 4, 100), 8e-3)
+        self.assertAlmostEqual(seconds(calibration, "dtensor", 4, 100, 2), 8e-3)
+        self.assertEqual(seconds(COMPUTE_BOUND, "mirrored", 4, 100), 0.0)
+        self.assertEqual(COMPUTE_BOUND.overhead("mirrored", 4).efficiency, 1.0)
+        again = planner.Calibration.from_dict(json.loads(json.dumps(calibration.to_dict())))
+        self.assertEqual(again, calibration)
+
+    def test_a_bad_family_or_time_is_named(self):
+        with self.assertRaisesRegex(ValueError, "one of one_device, mirrored, dtensor.*'tpu'"):
+            planner.StepOverhead("tpu", 1, 0.0, 0.0)
+        with self.assertRaisesRegex(ValueError, "No step overhead is measured for kind 'tpu'"):
+            calibration_lib.family("tpu")
+        with self.assertRaisesRegex(ValueError, "efficiency > 0"):
+            planner.StepOverhead("mirrored", 2, 0.0, 0.0, efficiency=0.0)
+        with self.assertRaisesRegex(ValueError, "non-negative"):
+            planner.StepOverhead("mirrored", 2, -1.0, 0.0)
+
+    def test_efficiency_scales_the_arithmetic_not_the_overhead(self):
+        calibration = _with_overheads(COMPUTE_BOUND, ("one_device", 1, 1e-3, 0.0))
+        value = calibration.to_dict()
+        value["overheads"][0]["efficiency"] = 3.0
+        slower = planner.Calibration.from_dict(value)
+        one = planner.candidates(1)[0]
+        base = planner.predict(mlp, one, GLOBAL_BATCH, calibration)
+        t = planner.predict(mlp, one, GLOBAL_BATCH, slower)
+        self.assertEqual(t.efficiency, 3.0)
+        self.assertAlmostEqual(t.total - t.overhead, 3 * (base.total - base.overhead))
+
+    def test_the_step_pays_it(self):
+        calibration = _with_overheads(COMPUTE_BOUND, ("one_device", 1, 1e-3, 1e-5))
+        one = planner.candidates(1)[0]
+        without = planner.predict(mlp, one, GLOBAL_BATCH, COMPUTE_BOUND)
+        with_it = planner.predict(mlp, one, GLOBAL_BATCH, calibration)
+        self.assertEqual(without.overhead, 0.0)
+        self.assertAlmostEqual(with_it.overhead, 1e-3 + 1e-5 * 13)
+        self.assertAlmostEqual(with_it.total, without.total + with_it.overhead)
+
+    def test_it_decides_between_kinds_that_compute_alike(self):
+        # Free arithmetic and collectives: the cheaper dispatch wins.
+        free = _calibration("free", _rates(1e15, 1e15, 0.0, 0.0))
+        cheap_mesh = _with_overheads(
+            free,
+            ("one_device", 1, 2e-3, 1e-5),
+            ("mirrored", 4, 3e-3, 2e-5),
+            ("dtensor", 4, 1e-3, 1e-5),
+        )
+        self.assertEqual(_plan(mlp, cheap_mesh).chosen.kind, "dtensor")
+        cheap_one = _with_overheads(
+            free,
+            ("one_device", 1, 1e-3, 1e-5),
+            ("mirrored", 4, 3e-3, 2e-5),
+            ("dtensor", 4, 2e-3, 1e-5),
+        )
+        self.assertEqual(_plan(mlp, cheap_one).chosen.kind, "one_device")
 
 
 class StepTimeTest(parameterized.TestCase):
@@ -218,6 +315,18 @@ class StepTimeTest(parameterized.TestCase):
         self.assertLess(times[0], times[1])
         self.assertLess(times[1], times[2])
         self.assertEqual(result.chosen.kind, "one_device")
+
+    def test_the_update_moves_the_optimizer_state(self):
+        # Free matmuls, a byte per microsecond: elementwise traffic is the step.
+        slow_memory = _calibration("memory", _rates(1e15, 1e6, 0.0, 0.0))
+        one = planner.candidates(1)[0]
+        sgd = planner.predict(mlp, one, GLOBAL_BATCH, slow_memory, optimizer="sgd")
+        adam = planner.predict(mlp, one, GLOBAL_BATCH, slow_memory, optimizer="adam")
+        trainable = sum(v.num_bytes for v in profile.model_profile(mlp).variables if v.trainable)
+        # Adam holds two slots per trainable byte, each moved a dozen times.
+        self.assertAlmostEqual(
+            adam.compute - sgd.compute, step_time.UPDATE_PASSES_STATE * 2 * trainable / 1e6
+        )
 
     def test_compute_bound_spreads_the_batch(self):
         self.assertEqual(_plan(mlp, COMPUTE_BOUND).chosen.kind, "mirrored")

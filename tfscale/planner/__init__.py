@@ -4,7 +4,7 @@
 `memory.estimate` predicts each one's bytes per device and
 `step_time.predict` its step time, from a copy of the model built once on
 the host (`profile`, `flops`) and this machine's measured rates
-(`calibration`); `plan` chooses the fastest that fits, and the `"auto"`
+(`calibration`, measured by `measure` and `overhead`); `plan` chooses the fastest that fits, and the `"auto"`
 kind (`auto`) trains under it.
 
 Example:
@@ -21,9 +21,10 @@ dist = tfscale.distribution("auto", model_fn=make_model, global_batch_size=64)
 from tfscale.planner.auto import PlannedDistribution
 from tfscale.planner.calibration import Calibration
 from tfscale.planner.calibration import DeviceRates
-from tfscale.planner.calibration import calibrate
+from tfscale.planner.calibration import StepOverhead
 from tfscale.planner.candidates import Candidate
 from tfscale.planner.candidates import candidates
+from tfscale.planner.measure import calibrate
 from tfscale.planner.memory import InfeasibleError
 from tfscale.planner.memory import MemoryEstimate
 from tfscale.planner.memory import estimate
@@ -42,6 +43,7 @@ __all__ = [
     "Plan",
     "PlannedDistribution",
     "Row",
+    "StepOverhead",
     "StepTime",
     "calibrate",
     "candidates",

@@ -43,9 +43,13 @@ import tensorflow as tf
 
 __all__ = [
     "LayerCost",
+    "forward_ops",
     "layer_costs",
     "traced_flops",
 ]
+
+# Ops that dispatch nothing at run time (or that grappler folds away).
+_FREE_OPS = ("Placeholder", "Const", "NoOp", "Identity")
 
 # The weights whose layout decides whether a layer's work is split.
 _KERNELS = ("kernel", "embeddings", "depthwise_kernel", "pointwise_kernel")
@@ -133,6 +137,44 @@ def traced_flops(model: keras.Model, sample_input: Any) -> int:
     batch = int(keras.tree.flatten(inputs)[0].shape[0] or 1)
     graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(inputs).graph
     return sum(_op_flops(op) for op in graph.get_operations()) // batch
+
+
+def forward_ops(model: keras.Model, sample_input: Any = None) -> int:
+    """Ops of a training-mode forward pass of `model`, from its traced TF graph.
+
+    What a step dispatches grows with it (the backward pass and the
+    optimizer update follow the forward ops), so the planner's per-step
+    overhead is charged per forward op. Traced on symbolic inputs of the
+    model's input shapes (batch unknown), or on `sample_input` for a model
+    without them (subclassed).
+
+    Returns:
+      The count, leaving out constants, placeholders and identities; 0 for
+      a model with neither inputs nor a sample.
+
+    Example:
+
+    ```python
+    forward_ops(keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)]))
+    # 4: the kernel and bias reads, MatMul, BiasAdd
+    ```
+    """
+    if sample_input is not None:
+        args = keras.tree.map_structure(tf.convert_to_tensor, sample_input)
+    else:
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):
+            inputs = None
+        if not inputs:
+            return 0
+        specs = [
+            tf.TensorSpec((None, *t.shape[1:]), keras.backend.standardize_dtype(t.dtype))
+            for t in inputs
+        ]
+        args = specs[0] if len(specs) == 1 else specs
+    graph = tf.function(lambda x: model(x, training=True)).get_concrete_function(args).graph
+    return sum(op.type not in _FREE_OPS for op in graph.get_operations())
 
 
 def _cost(layer: keras.layers.Layer) -> Optional[LayerCost]:

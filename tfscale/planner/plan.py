@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from tfscale.planner import calibration as calibration_lib
 from tfscale.planner import candidates as candidates_lib
+from tfscale.planner import measure
 from tfscale.planner import memory as memory_lib
 from tfscale.planner import profile as profile_lib
 from tfscale.planner import step_time as step_time_lib
@@ -116,7 +117,7 @@ class Plan:
     def table(self) -> str:
         """The rows as aligned text, one per candidate; reasons as numbered notes below."""
         header = ("candidate", "params", "grads", "optimizer", "activations", "total/device")
-        header += ("step ms", "compute", "comm", "")
+        header += ("step ms", "compute", "comm", "overhead", "")
         lines = [header]
         notes: list[str] = []
         for row in self.rows:
@@ -201,7 +202,7 @@ def plan(
     _check_budget(memory_budget)
     names = local.resolve_devices(devices)
     if calibration is None:
-        calibration = calibration_lib.calibrate(names)
+        calibration = measure.calibrate(names)
     if memory_budget is None:
         memory_budget = _device_memory(names)
     rows = tuple(
@@ -227,7 +228,7 @@ def _row(
     try:
         memory = memory_lib.estimate(model_fn, candidate, global_batch_size, optimizer)
         step = step_time_lib.predict(
-            model_fn, candidate, global_batch_size, calibration, sample_input
+            model_fn, candidate, global_batch_size, calibration, sample_input, optimizer
         )
     except memory_lib.InfeasibleError as e:
         return Row(candidate, None, None, False, False, str(e))
@@ -257,7 +258,7 @@ def _nothing_fits(rows: tuple[Row, ...], memory_budget: Optional[int]) -> str:
 def _cells(row: Row, chosen: bool, notes: list[str]) -> tuple[str, ...]:
     if row.memory is None or row.step_time is None:
         notes.append(row.reason)
-        empty = ("-",) * 8
+        empty = ("-",) * 9
         return (row.candidate.description, *empty, f"infeasible [{len(notes)}]")
     m, t = row.memory, row.step_time
     if chosen:
@@ -277,6 +278,7 @@ def _cells(row: Row, chosen: bool, notes: list[str]) -> tuple[str, ...]:
         f"{t.total * 1e3:.3f}",
         f"{t.compute * 1e3:.3f}",
         f"{t.communication * 1e3:.3f}",
+        f"{t.overhead * 1e3:.3f}",
         status,
     )
 

@@ -106,6 +106,8 @@ class ModelProfile:
         are only its inputs.
       layers: each layer's forward work per example (`flops.layer_costs`);
         empty without a layer graph.
+      forward_ops: ops of a training-mode forward pass (`flops.forward_ops`);
+        0 without a layer graph.
     """
 
     name: str
@@ -113,6 +115,7 @@ class ModelProfile:
     activations: tuple[ActivationInfo, ...]
     layer_graph: bool
     layers: tuple[flops_lib.LayerCost, ...] = ()
+    forward_ops: int = 0
 
 
 @dataclasses.dataclass
@@ -205,7 +208,8 @@ def _profile(model: keras.Model) -> ModelProfile:
     graph = _has_graph(model)
     activations = _activations(model) if graph else _inputs(model)
     layers = flops_lib.layer_costs(model) if graph else ()
-    return ModelProfile(model.name, variables, tuple(activations), graph, layers)
+    ops = flops_lib.forward_ops(model) if graph else 0
+    return ModelProfile(model.name, variables, tuple(activations), graph, layers, ops)
 
 
 def _has_graph(model: keras.Model) -> bool:

@@ -1,18 +1,25 @@
 """Predicted seconds per training step of a Keras model under a candidate.
 
-A step is compute plus communication, on the most loaded device, with the
-constants of a `Calibration` (`n` the candidate's devices, `d` its
-data-parallel replicas, `m = n / d` its model parallelism, `b` the
-per-replica batch, `R(n)` one device's FLOP rate with `n` devices busy,
-`o(n)` one matmul's fixed cost, `AR(k, S)` one all-reduce of `S` bytes
-over `k` devices, `AG(k, S)` an all-gather of a result of `S` bytes):
+A step is compute plus communication on the most loaded device, scaled by
+the kind's measured efficiency, plus the step's fixed cost, with the constants of a `Calibration` (`n` the
+candidate's devices, `d` its data-parallel replicas, `m = n / d` its model
+parallelism, `b` the per-replica batch, `R(n)` one device's matmul FLOP
+rate and `B(n)` its elementwise bytes per second with `n` devices busy,
+`AR(k, S)` one all-reduce of `S` bytes over `k` devices, `AG(k, S)` an
+all-gather of a result of `S` bytes):
 
-- **compute** `= 3 * b * sum_l(F_l / s_l) / R(n) + 3 * sum_l(K_l) * o(n)`.
-  `F_l` is layer `l`'s forward FLOPs per example (`flops.layer_costs`),
-  tripled for the backward pass (gradients of inputs and of weights, a
-  matmul each); `s_l = m` for a layer whose kernels the layout splits
-  over the model axis, else 1 (every device of the replica computes it
-  whole); `K_l` its kernels (three matmuls each per step).
+- **compute** `= 3 * b * sum_l(F_l / s_l) / R(n) + (3 * b * sum_l(2 E_l
+  i_l / s_l) + U) / B(n)`. `F_l` is the forward FLOPs per example of a
+  layer with a kernel (`flops.layer_costs`), tripled for the backward pass
+  (gradients of inputs and of weights, a matmul each); `s_l = m` for a
+  layer whose kernels the layout splits over the model axis, else 1 (every
+  device of the replica computes it whole). The second term is the
+  elementwise work, bound by memory: every layer's output (`E_l` elements
+  of `i_l` bytes per example; activations, norms, bias adds, pooling) is
+  read and written once per pass, and the optimizer's update moves `U =
+  3 (P + G) + 12 S` bytes for the device's parameter, gradient and
+  optimizer-state bytes `P`, `G`, `S` (Adam's update in Keras reads and
+  writes each slot a dozen times; an approximation).
 - **gradient sync** `= AR(d, sum_v bytes_v)` over the trainable variables
   `v`, each its per-device part (`d = 1`: none): one latency, as the
   gradients' all-reduces are independent of each other and are packed or
@@ -26,19 +33,27 @@ over `k` devices, `AG(k, S)` an all-gather of a result of `S` bytes):
   itemsize_l)` per column-parallel layer (last kernel split on its last
   dimension) that feeds a layer which is not row-parallel (an embedding
   split on the hidden axis): its output is gathered.
+- **overhead** `= base(k, n) + per_op(k, n) * ops`: what Keras, the step
+  function and the executor cost per step beyond the arithmetic, for the
+  kind's family `k` and the model's forward ops (`overhead`; measured by
+  the calibration). On CPU it is most of a small model's step.
+
+The step is `overhead + e(k, n) * (compute + gradient sync + activation
+sync)`, `e` the family's efficiency: a reference model's measured
+arithmetic time over the rates' prediction (replicas sharing cores, a
+mesh's relayouts).
 
 `AR` and `AG` come from the calibration (`Calibration.all_reduce_s`); the
 concurrent groups of a mesh (`m` all-reduces over `d`, `d` over `m`) are
-not charged for sharing links. The optimizer update, elementwise and
-small, is not counted. The aim is to rank candidates, not to time them to
-the millisecond.
+not charged for sharing links. The aim is to rank candidates, not to time
+them to the millisecond.
 
 Example:
 
 ```python
 calibration = planner.calibrate()
 for c in planner.candidates(4):
-    print(c.description, predict(make_model, c, 64, calibration))
+    print(c.description, predict(make_model, c, 64, calibration, optimizer="adam"))
 ```
 """
 
@@ -66,6 +81,10 @@ __all__ = [
 
 # Forward plus backward: the backward pass does two matmuls per forward one.
 PASSES = 3
+# Bytes the optimizer's update moves per byte of parameters plus gradients,
+# and per byte of optimizer state.
+UPDATE_PASSES_WEIGHTS = 3
+UPDATE_PASSES_STATE = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,11 +92,15 @@ class StepTime:
     """Predicted seconds of one training step on the most loaded device.
 
     Attributes:
-      compute: arithmetic and per-op costs.
+      compute: matmul arithmetic and elementwise memory traffic.
       gradient_sync: gradient all-reduces over the data-parallel replicas.
       activation_sync: all-reduces and all-gathers of layer outputs over the
         model axis.
-      flops: FLOPs per step on that device.
+      flops: matmul FLOPs per step on that device.
+      overhead: the step's fixed cost (dispatch of its ops, `fit`'s loop).
+      efficiency: how much slower than the rates the kind's steps compute
+        (measured on a reference model); multiplies compute and
+        communication in `total`.
 
     Example:
 
@@ -91,6 +114,8 @@ class StepTime:
     gradient_sync: float
     activation_sync: float
     flops: int
+    overhead: float = 0.0
+    efficiency: float = 1.0
 
     @property
     def communication(self) -> float:
@@ -98,7 +123,7 @@ class StepTime:
 
     @property
     def total(self) -> float:
-        return self.compute + self.communication
+        return self.overhead + self.efficiency * (self.compute + self.communication)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -111,7 +136,8 @@ class StepTime:
         return (
             f"{self.total * 1e3:.3f} ms per step: compute {self.compute * 1e3:.3f} ms, "
             f"gradient sync {self.gradient_sync * 1e3:.3f} ms, "
-            f"activation sync {self.activation_sync * 1e3:.3f} ms"
+            f"activation sync {self.activation_sync * 1e3:.3f} ms, "
+            f"overhead {self.overhead * 1e3:.3f} ms, efficiency {self.efficiency:.2f}"
         )
 
 
@@ -121,6 +147,7 @@ def predict(
     global_batch_size: int,
     calibration: calibration_lib.Calibration,
     sample_input: Any = None,
+    optimizer: profile_lib.OptimizerLike = None,
 ) -> StepTime:
     """Predicts the step time of training `model_fn()` under `candidate`.
 
@@ -133,6 +160,8 @@ def predict(
       sample_input: an input batch, only read for a model without a layer
         graph (subclassed), whose FLOPs are then counted on its traced
         graph; without it such a model counts two FLOPs per parameter.
+      optimizer: the optimizer whose update is counted (as for
+        `memory.estimate`; `None`: the one `model_fn` compiles with).
 
     Returns:
       A `StepTime`.
@@ -145,14 +174,36 @@ def predict(
     layers = profile.layers or _whole_model(model_fn, profile, sample_input)
     split = _Split.of(candidate)
     n = candidate.num_devices
-    flops = PASSES * batch * sum(layer.flops // split.parts(layer) for layer in layers)
-    matmuls = PASSES * sum(layer.matmuls for layer in layers)
-    compute = flops / calibration.flops_per_s(n) + matmuls * calibration.matmul_overhead_s(n)
+    flops = (
+        PASSES * batch * sum(layer.flops // split.parts(layer) for layer in layers if layer.matmuls)
+    )
+    elementwise = (
+        PASSES
+        * batch
+        * sum(
+            2 * layer.output_elements * layer.output_itemsize // split.parts(layer)
+            for layer in layers
+        )
+    )
+    memory = memory_lib.estimate(model_fn, candidate, global_batch_size, optimizer)
+    update = UPDATE_PASSES_WEIGHTS * (memory.parameters + memory.gradients)
+    update += UPDATE_PASSES_STATE * memory.optimizer
+    compute = flops / calibration.flops_per_s(n) + (
+        elementwise + update
+    ) / calibration.memory_bytes_per_s(n)
     replicas = candidate.num_replicas
     gradient_bytes = sum(split.local_bytes(v) for v in profile.variables if v.trainable)
     gradient_sync = calibration.all_reduce_s(replicas, gradient_bytes)
+    ops = profile.forward_ops or _forward_ops(model_fn, profile, sample_input)
+    family = calibration_lib.family(candidate.kind, candidate.model_parallelism)
+    overhead = calibration.overhead(family, n)
     return StepTime(
-        compute, gradient_sync, _activation_sync(layers, split, batch, calibration), flops
+        compute,
+        gradient_sync,
+        _activation_sync(layers, split, batch, calibration),
+        flops,
+        overhead.seconds(ops),
+        overhead.efficiency,
     )
 
 
@@ -187,6 +238,19 @@ def _whole_model(
     # Unmatchable paths: one per matmul, for the per-op cost; none is split.
     kernels = tuple(("", ()) for v in profile.variables if v.trainable and len(v.shape) >= 2)
     return (flops_lib.LayerCost(profile.name, flops, 0, 4, kernels),)
+
+
+def _forward_ops(
+    model_fn: Callable[[], keras.Model], profile: profile_lib.ModelProfile, sample_input: Any
+) -> int:
+    """Forward ops of a model without a layer graph: traced on the sample, else guessed.
+
+    Without a sample, two ops per trainable variable (a Dense layer's matmul
+    and bias add, over its kernel and bias).
+    """
+    if sample_input is not None:
+        return flops_lib.forward_ops(profile_lib.host_model(model_fn), sample_input)
+    return 2 * sum(1 for v in profile.variables if v.trainable)
 
 
 @dataclasses.dataclass(frozen=True)

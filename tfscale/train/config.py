@@ -85,6 +85,9 @@ def base_config() -> ml_collections.ConfigDict:
             "tpu": config_dict.placeholder(str),
             "zone": config_dict.placeholder(str),
             "project": config_dict.placeholder(str),
+            # "auto" only: bytes a device may hold (default: the GPU's memory;
+            # none on CPU). `devices` above limits the devices it plans for.
+            "memory_budget": config_dict.placeholder(int),
         }
     )
     config.data = ml_collections.ConfigDict(

@@ -38,6 +38,7 @@ from absl import logging
 from tfscale import devices
 from tfscale import distribution_base
 from tfscale import distributions as distribution_lib
+from tfscale import planner
 from tfscale.data import sources
 from tfscale.strategies import cluster as cluster_lib
 from tfscale.train import callbacks as callbacks_lib
@@ -426,6 +427,42 @@ def _distribution(config: ml_collections.ConfigDict) -> distribution_base.Distri
     if plan is not None:
         logging.info("kind 'auto' chose %s:\n%s", plan.chosen.description, plan.table())
     return dist
+
+
+def plan(config: ml_collections.ConfigDict, recalibrate: bool = False) -> planner.Plan:
+    """The plan the `"auto"` kind follows for `config`, without training.
+
+    Devices are configured as for `run`; the plan covers the model, optimizer
+    and global batch of `config`, the devices of `config.distribution.devices`
+    (default all) and its `memory_budget`, whatever the configured kind.
+
+    Args:
+      config: a config built on `tfscale.train.config.base_config()`.
+      recalibrate: measure this machine's rates again instead of reading them
+        from the cache.
+
+    Raises:
+      config_lib.ConfigError: for a bad config value or when no candidate fits.
+
+    Example:
+
+    ```python
+    print(plan(config).table())
+    ```
+    """
+    config_lib.validate(config)
+    devices.configure_devices(**config_lib.set_options(config.devices))
+    options = config_lib.set_options(config.distribution)
+    try:
+        calibration = planner.calibrate(options.get("devices"), force=recalibrate)
+        return planner.plan(
+            **_auto_options(config),
+            devices=options.get("devices"),
+            memory_budget=options.get("memory_budget"),
+            calibration=calibration,
+        )
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.distribution: {e}") from None
 
 
 def _auto_options(config: ml_collections.ConfigDict) -> dict[str, Any]:
