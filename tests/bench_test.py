@@ -68,6 +68,12 @@ BENCHMARKS = {
         ["tfscale", "tf_data_service"],
         "dispatcher_grant_rate.png",
     ),
+    "planner": (
+        "planner.py",
+        ["--device_counts=2", "--models=tiny_mlp", "--rounds=1", "--steps=2"],
+        ["summary", "workers"],
+        "planner.png",
+    ),
     "serving": (
         "serving.py",
         ["--quick", "--json_name=results.json", "--setups=single_batching,slow_least_loaded"],

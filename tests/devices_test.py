@@ -37,6 +37,18 @@ class ConfigureDevicesTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, match):
             tfscale.configure_devices(**kwargs)
 
+    def test_a_gpu_split_without_a_gpu_is_an_error_not_a_cpu_run(self):
+        # This machine has no GPU; asking to split one must not train on the CPU unnoticed.
+        if tfscale.devices.accelerator_type() == "GPU":
+            self.skipTest("this machine has a GPU")
+        with self.assertRaisesRegex(
+            ValueError,
+            r"split a GPU, but TensorFlow finds none on this machine.*Drop them to run on the "
+            r"CPU.*Received: virtual_gpus_per_gpu=2, gpu_memory_limit_mb=512",
+        ):
+            tfscale.configure_devices(virtual_gpus_per_gpu=2, gpu_memory_limit_mb=512)
+        self.assertLen(tfscale.local_devices("CPU"), testutil.NUM_CPUS)  # nothing changed
+
     def test_late_call_in_a_fresh_process_is_not_tensorflows_runtime_error(self):
         script = textwrap.dedent(
             """

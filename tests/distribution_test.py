@@ -61,6 +61,15 @@ class FactoryTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, match):
             tfscale.distribution("multi_worker_mirrored", **options)
 
+    def test_nccl_without_a_gpu_is_named_before_the_first_step(self):
+        if tf.config.list_physical_devices("GPU"):
+            self.skipTest("this machine has a GPU")
+        with self.assertRaisesRegex(
+            ValueError,
+            r"communication='nccl' needs GPUs, and this worker has none.*'auto' or 'ring'",
+        ):
+            tfscale.distribution("multi_worker_mirrored", communication="nccl")
+
     def test_default_takes_no_options(self):
         with self.assertRaisesRegex(ValueError, r"Valid options: \(none\)"):
             tfscale.distribution("default", devices=2)

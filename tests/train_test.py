@@ -211,6 +211,12 @@ class TrainBinaryTest(absltest.TestCase):
                 "devices=9 asks for more devices than this host has (2:",
             ),
             (
+                # No GPU on this machine.
+                "--config.devices.gpu_memory_limit_mb=512",
+                "config.devices: virtual_gpus_per_gpu and gpu_memory_limit_mb split a GPU, but "
+                "TensorFlow finds none on this machine",
+            ),
+            (
                 "--config.training.global_batch_size=63",
                 "global_batch_size must be a positive multiple of the 2 replica(s)",
             ),
@@ -306,7 +312,13 @@ class RunTest(parameterized.TestCase):
         config = self._config()
         config.training.precision = "mixed_float16"
         config.distribution.devices = "2"
-        metrics = lib.run(config, self.create_tempdir().full_path)
+        with self.assertLogs("absl", level="WARNING") as logs:
+            metrics = lib.run(config, self.create_tempdir().full_path)
+        # No GPU here: the run says float16 will be slower, not faster.
+        self.assertTrue(
+            any("'mixed_float16' on a machine without a GPU" in line for line in logs.output),
+            logs.output,
+        )
         self.assertEqual(metrics["precision"], "mixed_float16")
         history = metrics["history"]
         self.assertLess(history[1]["loss"], history[0]["loss"])

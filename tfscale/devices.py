@@ -18,6 +18,7 @@ print(tfscale.local_devices("CPU"))  # ['/device:CPU:0', ..., '/device:CPU:3']
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import tensorflow as tf
@@ -48,7 +49,7 @@ def configure_devices(
       virtual_cpus: number of logical CPUs to split the first physical CPU
         into; `None` leaves the CPU alone.
       virtual_gpus_per_gpu: number of logical GPUs per physical GPU; needs
-        `gpu_memory_limit_mb`. Ignored (with a warning) where there is no GPU.
+        `gpu_memory_limit_mb` and a GPU.
       gpu_memory_limit_mb: memory of each logical GPU in MiB. Alone, it caps
         every physical GPU at one logical device of that size.
 
@@ -56,7 +57,8 @@ def configure_devices(
     be created after it); `local_devices()` does.
 
     Raises:
-      ValueError: for a count below 1 or a GPU split without a memory limit.
+      ValueError: for a count below 1, a GPU split without a memory limit,
+        or GPU options on a machine without a GPU (nothing is configured).
       DevicesAlreadyInitializedError: if TensorFlow initialized its devices
         already with a different configuration.
     """
@@ -76,11 +78,15 @@ def configure_devices(
     if gpu_memory_limit_mb is not None:
         gpus = tf.config.list_physical_devices("GPU")
         if not gpus:
-            tf.get_logger().warning(
-                "configure_devices: no physical GPU found; ignoring "
-                "virtual_gpus_per_gpu=%s, gpu_memory_limit_mb=%s",
-                virtual_gpus_per_gpu,
-                gpu_memory_limit_mb,
+            # Training on the CPU instead would be a silent change of hardware.
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ValueError(
+                "virtual_gpus_per_gpu and gpu_memory_limit_mb split a GPU, but TensorFlow "
+                "finds none on this machine (tf.config.list_physical_devices('GPU') is empty"
+                + ("" if visible is None else f"; CUDA_VISIBLE_DEVICES={visible!r}")
+                + "). Drop them to run on the CPU, or use virtual_cpus=N to simulate devices. "
+                f"Received: virtual_gpus_per_gpu={virtual_gpus_per_gpu}, "
+                f"gpu_memory_limit_mb={gpu_memory_limit_mb}"
             )
         per_gpu = virtual_gpus_per_gpu or 1
         config = tf.config.LogicalDeviceConfiguration(memory_limit=gpu_memory_limit_mb)

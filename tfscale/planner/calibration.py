@@ -12,7 +12,7 @@ model and the TensorFlow version.
 Example:
 
 ```python
-calibration = planner.calibrate()         # measured once (< 30 s), then read from the cache
+calibration = planner.calibrate()         # measured once per machine, then read from the cache
 calibration.flops_per_s(4)                # per device, 4 devices busy
 calibration.all_reduce_s(4, 1 << 20)      # one 1 MiB all-reduce over 4 devices
 calibration.overhead(family("mirrored"), 4).seconds(units=200)   # Keras's own cost per step

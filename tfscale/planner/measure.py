@@ -1,8 +1,9 @@
 """The micro benchmarks that measure a `Calibration`, and `calibrate`, which caches it.
 
-Run once per machine (under 30 s) and cached; for each `N` that divides
-the device count (the candidates compute on one device or all, and a mesh
-all-reduces over the devices of an axis), `N` devices used at once:
+Run once per machine and device count (20-45 s on 2 to 8 CPU devices) and
+cached; for each `N` that divides the device count (the candidates compute
+on one device or all, and a mesh all-reduces over the devices of an axis),
+`N` devices used at once:
 
 - **compute**: a chain of `K` square float32 matmuls on each of the `N`
   devices, all in one `tf.function` so that they run concurrently, for a

@@ -115,9 +115,12 @@ class Plan:
         return next(r for r in self.rows if r.candidate == self.chosen)
 
     def table(self) -> str:
-        """The rows as aligned text, one per candidate; reasons as numbered notes below."""
+        """The rows as aligned text, one per candidate; reasons as numbered notes below.
+
+        A row's step time is `overhead + efficiency * (compute + comm)`.
+        """
         header = ("candidate", "params", "grads", "optimizer", "activations", "total/device")
-        header += ("step ms", "compute", "comm", "overhead", "")
+        header += ("step ms", "compute", "comm", "overhead", "efficiency", "")
         lines = [header]
         notes: list[str] = []
         for row in self.rows:
@@ -258,7 +261,7 @@ def _nothing_fits(rows: tuple[Row, ...], memory_budget: Optional[int]) -> str:
 def _cells(row: Row, chosen: bool, notes: list[str]) -> tuple[str, ...]:
     if row.memory is None or row.step_time is None:
         notes.append(row.reason)
-        empty = ("-",) * 9
+        empty = ("-",) * 10
         return (row.candidate.description, *empty, f"infeasible [{len(notes)}]")
     m, t = row.memory, row.step_time
     if chosen:
@@ -279,6 +282,7 @@ def _cells(row: Row, chosen: bool, notes: list[str]) -> tuple[str, ...]:
         f"{t.compute * 1e3:.3f}",
         f"{t.communication * 1e3:.3f}",
         f"{t.overhead * 1e3:.3f}",
+        f"{t.efficiency:.2f}",
         status,
     )
 

@@ -80,13 +80,20 @@ def multi_worker_mirrored(
       task_index: this process's index in an explicit host list.
 
     Raises:
-      ValueError: for an unknown communication, a malformed cluster, or a
-        task_index without a host list.
+      ValueError: for an unknown communication, `"nccl"` on a worker without
+        a GPU, a malformed cluster, or a task_index without a host list.
     """
     if communication not in COMMUNICATION:
         raise ValueError(
             f"communication must be one of {', '.join(COMMUNICATION)}. "
             f"Received: communication={communication!r}"
+        )
+    if communication == "nccl" and not tf.config.list_physical_devices("GPU"):
+        # NCCL collectives on CPU tensors fail only at the first step, obscurely.
+        raise ValueError(
+            "communication='nccl' needs GPUs, and this worker has none "
+            "(tf.config.list_physical_devices('GPU') is empty). Use 'auto' or 'ring'. "
+            "Received: communication='nccl'"
         )
     options = tf.distribute.experimental.CommunicationOptions(
         implementation=COMMUNICATION[communication]

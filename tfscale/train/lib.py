@@ -79,7 +79,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_lib.validate(config)
     _check_step_checkpoints(config)
     _check_workdir(workdir)
-    devices.configure_devices(**config_lib.set_options(config.devices))
+    _configure_devices(config)
+    _check_precision(config.training.precision)
     dist = _distribution(config)
     resume = _resume_state(os.path.join(workdir, CHECKPOINTS_DIR))
     config = _resized(config, dist, resume)
@@ -373,6 +374,23 @@ def _check_workdir(workdir: str) -> None:
         ) from None
 
 
+def _configure_devices(config: ml_collections.ConfigDict) -> None:
+    try:
+        devices.configure_devices(**config_lib.set_options(config.devices))
+    except ValueError as e:
+        raise config_lib.ConfigError(f"config.devices: {e}") from None
+
+
+def _check_precision(precision: str) -> None:
+    """Says so when float16 mixed precision will run emulated (no GPU): slower, not faster."""
+    if precision == "mixed_float16" and devices.accelerator_type() == "CPU":
+        logging.warning(
+            "config.training.precision='mixed_float16' on a machine without a GPU: float16 "
+            "math runs emulated on the CPU, slower than float32. Mixed float16 pays off on "
+            "GPUs; on CPUs with bfloat16 units use 'mixed_bfloat16'"
+        )
+
+
 def _check_single_host(kind: str) -> None:
     """A one-host kind under a multi-worker cluster would run N independent chiefs.
 
@@ -451,7 +469,7 @@ def plan(config: ml_collections.ConfigDict, recalibrate: bool = False) -> planne
     ```
     """
     config_lib.validate(config)
-    devices.configure_devices(**config_lib.set_options(config.devices))
+    _configure_devices(config)
     options = config_lib.set_options(config.distribution)
     try:
         calibration = planner.calibrate(options.get("devices"), force=recalibrate)

@@ -14,8 +14,8 @@ Prints the table of every candidate (per-device memory, predicted step
 time, why a candidate cannot be chosen) and the choice, for the config's
 model, optimizer and global batch on this host's devices (split as
 `config.devices` says; `config.distribution.devices` limits them). The
-machine's rates are measured on the first run (under 30 s) and cached in
-`~/.cache/tfscale`; `--recalibrate` measures them again. A config whose
+machine's rates are measured on the first run (20-45 s on 2 to 8 CPU
+devices) and cached in `~/.cache/tfscale`; `--recalibrate` measures them again. A config whose
 model fits no candidate fails with one line naming the smallest need per
 device and the budget (exit status 2).
 """
@@ -23,6 +23,7 @@ device and the budget (exit status 2).
 from __future__ import annotations
 
 import json
+import logging as std_logging
 import os
 import sys
 from typing import Sequence
@@ -32,6 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from tfscale import cli  # noqa: E402
@@ -54,6 +56,9 @@ _PROG = "tfscale-plan"
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    # The calibration builds strategies and meshes, which log each at INFO.
+    logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
     try:
         result = lib.plan(_CONFIG.value, recalibrate=_RECALIBRATE.value)
     except config_lib.ConfigError as e:
