@@ -58,6 +58,7 @@ from tfscale.strategies import local
 __all__ = [
     "PROBE_LAYERS",
     "REFERENCE",
+    "StepTimer",
     "measure",
 ]
 
@@ -171,7 +172,7 @@ def _step_seconds(dist: Distribution, model_fn: Any, global_batch: int, which: s
         tf.data.Dataset.from_tensor_slices((x, y)).repeat(), global_batch
     )
     model.fit(batches, epochs=1, steps_per_epoch=_WARMUP_STEPS, verbose=0)
-    timer = _StepTimer()
+    timer = StepTimer()
     steps = _TIMED_STEPS[which]
     model.fit(batches, epochs=1, steps_per_epoch=steps, verbose=0, callbacks=[timer])
     return statistics.median(timer.times)
@@ -199,8 +200,17 @@ def _reference() -> keras.Model:
     return keras.Model(inputs, x, name="reference")
 
 
-class _StepTimer(keras.callbacks.Callback):
-    """Each training step's wall time."""
+class StepTimer(keras.callbacks.Callback):
+    """A Keras callback keeping each training step's wall time, in seconds.
+
+    Example:
+
+    ```python
+    timer = StepTimer()
+    model.fit(batches, steps_per_epoch=20, callbacks=[timer])
+    statistics.median(timer.times[1:])
+    ```
+    """
 
     def __init__(self) -> None:
         super().__init__()

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 
 from absl import app
 from absl import flags
@@ -40,26 +39,6 @@ _MODEL_DIM = flags.DEFINE_integer("model_dim", 64, "Transformer width.")
 _HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
 _MLP_DIM = flags.DEFINE_integer("mlp_dim", 128, "MLP width.")
 _LAYERS = flags.DEFINE_integer("num_layers", 2, "Transformer blocks.")
-
-
-class _StepTimes:
-    """A Keras callback keeping each step's wall time."""
-
-    def __init__(self):
-        import keras  # pylint: disable=import-outside-toplevel
-
-        outer = self
-
-        class Callback(keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                outer.start = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                outer.times.append(time.perf_counter() - outer.start)
-
-        self.callback = Callback()
-        self.times: list[float] = []
-        self.start = 0.0
 
 
 def _setups(devices: int, model_sizes: list[int]) -> list[tuple[str, str, dict]]:
@@ -137,6 +116,7 @@ def _plot(results: dict, path: str) -> None:
 def main(argv: list[str]) -> None:
     del argv
     import tfscale  # pylint: disable=import-outside-toplevel
+    from tfscale.planner import overhead  # pylint: disable=import-outside-toplevel
 
     if _GPU.value:
         tfscale.configure_devices(
@@ -165,13 +145,13 @@ def main(argv: list[str]) -> None:
         this_round = {}
         for name, _, _ in order:
             model, batches, _ = built[name]
-            timer = _StepTimes()
+            timer = overhead.StepTimer()
             model.fit(
                 batches,
                 epochs=1,
                 steps_per_epoch=_STEPS.value,
                 verbose=0,
-                callbacks=[timer.callback],
+                callbacks=[timer],
             )
             this_round[name] = statistics.median(timer.times[1:])
         for name in this_round:

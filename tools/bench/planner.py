@@ -139,32 +139,13 @@ def _data(shape: tuple[int, ...], dtype: str, classes: int):
 # --- the worker: one device count -----------------------------------------------------------
 
 
-class _StepTimes:
-    """A Keras callback keeping each step's wall time."""
-
-    def __init__(self):
-        import keras  # pylint: disable=import-outside-toplevel
-
-        outer = self
-
-        class Callback(keras.callbacks.Callback):
-            def on_train_batch_begin(self, batch, logs=None):
-                outer.start = time.perf_counter()
-
-            def on_train_batch_end(self, batch, logs=None):
-                outer.times.append(time.perf_counter() - outer.start)
-
-        self.callback = Callback()
-        self.times: list[float] = []
-        self.start = 0.0
-
-
 def _worker(num_devices: int, out: str) -> None:
     import keras  # pylint: disable=import-outside-toplevel
 
     import tfscale  # pylint: disable=import-outside-toplevel
     from tfscale import planner  # pylint: disable=import-outside-toplevel
     from tfscale.planner import calibration as calibration_lib  # pylint: disable=C0415
+    from tfscale.planner import overhead  # pylint: disable=import-outside-toplevel
 
     tfscale.configure_devices(virtual_cpus=num_devices)
     cached = os.path.exists(calibration_lib.cache_path())
@@ -205,13 +186,13 @@ def _worker(num_devices: int, out: str) -> None:
         for r in range(_ROUNDS.value):
             for d in names[r % len(names) :] + names[: r % len(names)]:
                 _, model, batches, _ = built[d]
-                timer = _StepTimes()
+                timer = overhead.StepTimer()
                 model.fit(
                     batches,
                     epochs=1,
                     steps_per_epoch=_STEPS.value,
                     verbose=0,
-                    callbacks=[timer.callback],
+                    callbacks=[timer],
                 )
                 medians[d].append(statistics.median(timer.times[1:] or timer.times))
         rows = {}
