@@ -55,6 +55,9 @@ LONG = (
     "tests/train_errors_test.py::OneLineErrorTest::test_truncated_latest_checkpoint_falls_back_to_the_one_before",
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
     "tests/planner_train_test.py::AutoTrainsEveryConfigTest",
+    "tests/launch_elastic_test.py::ElasticLaunchTest",
+    "tests/planner_train_test.py::PlanBinaryTest",
+    "tests/planner_plan_test.py::CalibrationTest::test_a_real_calibration_on_two_devices",
 )
 
 

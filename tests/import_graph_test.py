@@ -19,6 +19,7 @@ LAYERS = (
     (
         "tfscale.cli",
         "tfscale.compat",
+        "tfscale.processes",
         "tfscale.devices",
         "tfscale.strategies.cluster",
         "tfscale.data.records",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import codecs
 import collections
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,10 +38,12 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Iterator
 from typing import Optional
 from typing import Sequence
 from typing import TextIO
 
+from tfscale import processes
 from tfscale.strategies import cluster as cluster_lib
 
 __all__ = [
@@ -80,6 +83,12 @@ class LaunchConfig:
       log_dir: where every rank's output is written, as
         `attempt<k>/rank<N>.log`; None: a new temporary directory when some
         rank is not on the console, else no files.
+      max_nodes: elastic launch (`--nnodes=MIN:MAX`, `nnodes` being MIN):
+        nodes may join up to this many and leave down to `nnodes`; ranks
+        come from the rendezvous at `master_addr` (`elastic.launch`), not
+        `node_rank`. None: a fixed set of `nnodes` nodes.
+      rendezvous_timeout_s: elastic: how long to wait for `nnodes` nodes.
+      heartbeat_timeout_s: elastic: a node silent this long has left.
     """
 
     nproc_per_node: int = 1
@@ -92,6 +101,13 @@ class LaunchConfig:
     stop_timeout_s: float = 10.0
     log_ranks: Ranks = (0,)
     log_dir: Optional[str] = None
+    max_nodes: Optional[int] = None
+    rendezvous_timeout_s: float = 300.0
+    heartbeat_timeout_s: float = 10.0
+
+    @property
+    def elastic(self) -> bool:
+        return self.max_nodes is not None
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 1:
@@ -103,6 +119,16 @@ class LaunchConfig:
                 f"node_rank must be in [0, nnodes). Received: nnodes={self.nnodes}, "
                 f"node_rank={self.node_rank}"
             )
+        if self.elastic and (not self.master_addr or self.max_nodes < self.nnodes):
+            raise ValueError(
+                f"nnodes={self.nnodes}:{self.max_nodes} (elastic) needs master_addr and "
+                f"MIN <= MAX. Received: master_addr={self.master_addr!r}"
+            )
+        if self.elastic and min(self.rendezvous_timeout_s, self.heartbeat_timeout_s) <= 0:
+            raise ValueError(
+                "rendezvous_timeout_s and heartbeat_timeout_s must be > 0. Received: "
+                f"{self.rendezvous_timeout_s}, {self.heartbeat_timeout_s}"
+            )
         if self.nnodes > 1 and not self.master_addr and len(self.node_hosts) != self.nnodes:
             raise ValueError(
                 f"nnodes={self.nnodes} needs master_addr or one host per node in node_hosts. "
@@ -112,7 +138,7 @@ class LaunchConfig:
             raise ValueError(
                 f"max_restarts must be >= 0. Received: max_restarts={self.max_restarts}"
             )
-        world = self.nnodes * self.nproc_per_node
+        world = (self.max_nodes or self.nnodes) * self.nproc_per_node
         if self.log_ranks is not None and not all(0 <= r < world for r in self.log_ranks):
             raise ValueError(
                 f"log_ranks must be ranks in [0, {world}). "
@@ -219,24 +245,8 @@ def launch(
     if config.nnodes > 1 and not hosts:
         hosts = rendezvous(config)
         console.say(f"rendezvous: nodes {hosts}")
-    log_dir = config.log_dir
-    if log_dir is None and config.log_ranks is not None:
-        log_dir = tempfile.mkdtemp(prefix="tfscale-launch-")
-    if log_dir is not None:
-        os.makedirs(log_dir, exist_ok=True)
-        console.say(
-            f"console: {_ranks_text(config.log_ranks)}; every rank's output: "
-            f"{log_dir}/attempt<k>/rank<N>.log"
-        )
-
-    def forward(signum: int, frame: object) -> None:
-        stop.set()
-        for worker in group:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    log_dir = _log_dir(config, console)
+    with _forwarding_signals(stop, group):
         for attempt in range(config.max_restarts + 1):
             group[:] = _start(config, command, attempt, hosts, console, log_dir)
             failed = _wait([w.process for w in group], config.stop_timeout_s)
@@ -249,6 +259,35 @@ def launch(
                 return code
             _report(console, config, group[failed], attempt)
         return code
+
+
+def _log_dir(config: LaunchConfig, console: "_Console") -> Optional[str]:
+    """Where every rank's output goes (made, and said on the console); None: nowhere."""
+    log_dir = config.log_dir
+    if log_dir is None and config.log_ranks is not None:
+        log_dir = tempfile.mkdtemp(prefix="tfscale-launch-")
+    if log_dir is not None:
+        os.makedirs(log_dir, exist_ok=True)
+        console.say(
+            f"console: {_ranks_text(config.log_ranks)}; every rank's output: "
+            f"{log_dir}/attempt<k>/rank<N>.log"
+        )
+    return log_dir
+
+
+@contextlib.contextmanager
+def _forwarding_signals(stop: threading.Event, group: list["_Worker"]) -> Iterator[None]:
+    """While inside: SIGINT and SIGTERM set `stop` and go on to the group's live workers."""
+
+    def forward(signum: int, frame: object) -> None:
+        stop.set()
+        for worker in group:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -279,7 +318,13 @@ def _start(
         # buffer when a failed group is stopped.
         env.setdefault("PYTHONUNBUFFERED", "1")
         process = subprocess.Popen(
-            list(command), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=0
+            list(command),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=0,
+            # A launcher killed with SIGKILL must not leave workers holding its ports.
+            preexec_fn=processes.die_with_parent,
         )
         log = os.path.join(log_dir, f"attempt{attempt}", f"rank{rank}.log") if log_dir else None
         group.append(_Worker(process, rank, local, console, log))

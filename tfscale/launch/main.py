@@ -10,6 +10,8 @@ tfscale-launch --nproc_per_node=2 [--max_restarts=3] [--log_ranks=0|all|0,1] \\
     --config.distribution.kind=multi_worker_mirrored
 tfscale-launch --nnodes=2 --node_rank=R --master_addr=10.0.0.1 --master_port=29500 \\
     --nproc_per_node=1 -- CMD ...          # or --node_hosts=10.0.0.1,10.0.0.2
+tfscale-launch --nnodes=2:4 --master_addr=10.0.0.1 --master_port=29500 -- CMD ...
+                                            # elastic: 2 to 4 nodes, joining and leaving
 tfscale-launch --emit=kubernetes --nnodes=4 --image=IMG --max_restarts=3 \\
     [--volume_claim=PVC | --volume_size=50Gi] [--cpu=8 --memory=32Gi --gpus=1] -- CMD ...
                                             # also --emit=tfjob, --emit=slurm
@@ -22,7 +24,11 @@ ranks in `--log_ranks` (rank 0 by default), lines prefixed with `[rank]`;
 every rank's output goes to `--log_dir/attempt<k>/rank<N>.log`. A failed
 worker is named on stderr (rank, pid, signal, restart count) with its last
 lines, and stops and restarts the whole group, up to `--max_restarts` times;
-the exit code is non-zero when it still fails. An emitted Kubernetes or
+the exit code is non-zero when it still fails. With `--nnodes=MIN:MAX` the
+job is elastic: each node's launcher joins a rendezvous at `--master_addr`
+(served by the launcher there), training starts with MIN nodes, and a node
+that joins or leaves makes every node stop and restart its workers with the
+new ranks and world size (see tfscale/launch/elastic.py). An emitted Kubernetes or
 TFJob manifest mounts a claim at the command's `--workdir` (or at
 `--mount_path`, which must hold it), so restarted workers resume.
 """
@@ -30,17 +36,30 @@ TFJob manifest mounts a claim at the command's `--workdir` (or at
 from __future__ import annotations
 
 import sys
+from typing import Optional
 from typing import Sequence
 
 from absl import app
 from absl import flags
 
 from tfscale import cli
+from tfscale.launch import elastic
 from tfscale.launch import local
 from tfscale.launch import manifests
 
 _NPROC = flags.DEFINE_integer("nproc_per_node", 1, "Worker processes on this node.")
-_NNODES = flags.DEFINE_integer("nnodes", 1, "Nodes taking part.")
+_NNODES = flags.DEFINE_string(
+    "nnodes",
+    "1",
+    "Nodes taking part: N, or MIN:MAX for an elastic job (nodes join and leave; needs "
+    "--master_addr).",
+)
+_RDZV_TIMEOUT = flags.DEFINE_float(
+    "rendezvous_timeout_s", 300.0, "Elastic: how long to wait for MIN nodes before failing."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_float(
+    "heartbeat_timeout_s", 10.0, "Elastic: a node whose launcher is silent this long has left."
+)
 _NODE_RANK = flags.DEFINE_integer("node_rank", 0, "This node's index.")
 _NODE_HOSTS = flags.DEFINE_list("node_hosts", [], "Every node's host, by rank (nnodes > 1).")
 _MASTER_ADDR = flags.DEFINE_string(
@@ -90,13 +109,25 @@ def main(argv: Sequence[str]) -> None:
     command = list(argv[1:])
     if not command:
         raise app.UsageError("Give the worker command after `--`, e.g. -- tfscale-train ...")
+    try:
+        min_nodes, max_nodes = parse_nnodes(_NNODES.value)
+    except ValueError as e:
+        raise app.UsageError(str(e)) from None
     if _EMIT.value:
-        print(_manifest(command), end="")
+        if max_nodes is not None:
+            raise app.UsageError(
+                f"--emit writes a fixed number of workers: give --nnodes=N. "
+                f"Received: --nnodes={_NNODES.value}"
+            )
+        print(_manifest(command, min_nodes), end="")
         return
     try:
         config = local.LaunchConfig(
             nproc_per_node=_NPROC.value,
-            nnodes=_NNODES.value,
+            nnodes=min_nodes,
+            max_nodes=max_nodes,
+            rendezvous_timeout_s=_RDZV_TIMEOUT.value,
+            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
             node_rank=_NODE_RANK.value,
             node_hosts=tuple(_NODE_HOSTS.value),
             master_addr=_MASTER_ADDR.value,
@@ -110,14 +141,36 @@ def main(argv: Sequence[str]) -> None:
         )
     except ValueError as e:
         raise app.UsageError(str(e)) from None
-    sys.exit(local.launch(config, command))
+    if not config.elastic:
+        sys.exit(local.launch(config, command))
+    try:
+        sys.exit(elastic.launch(config, command))
+    except elastic.RendezvousTimeout as e:
+        print(f"tfscale-launch: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
-def _manifest(command: list[str]) -> str:
+def parse_nnodes(value: str) -> tuple[int, Optional[int]]:
+    """`"4"` -> (4, None); `"2:4"` -> (2, 4) (elastic).
+
+    Raises:
+      ValueError: for anything else, naming it.
+    """
+    parts = value.strip().split(":")
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        numbers = [int(p) for p in parts]
+        if numbers[0] >= 1 and numbers[-1] >= numbers[0]:
+            return numbers[0], (numbers[1] if len(numbers) == 2 else None)
+    raise ValueError(
+        f"--nnodes must be N or MIN:MAX with 1 <= MIN <= MAX. Received: --nnodes={value}"
+    )
+
+
+def _manifest(command: list[str], nnodes: int) -> str:
     try:
         if _EMIT.value == "slurm":
             return manifests.slurm(
-                _NNODES.value,
+                nnodes,
                 command,
                 _NPROC.value,
                 name=_NAME.value,
@@ -139,7 +192,7 @@ def _manifest(command: list[str]) -> str:
         resources = manifests.Resources(cpu=_CPU.value, memory=_MEMORY.value, gpus=_GPUS.value)
         return manifests.emit(
             _EMIT.value,
-            _NNODES.value,
+            nnodes,
             _IMAGE.value,
             command,
             name=_NAME.value,

@@ -25,12 +25,10 @@ processes.start()  # blocks until both are warm
 from __future__ import annotations
 
 import collections
-import ctypes
 import dataclasses
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +36,8 @@ import time
 from typing import Callable
 from typing import Optional
 from typing import Sequence
+
+from tfscale import processes
 
 __all__ = [
     "ReplicaProcesses",
@@ -51,20 +51,10 @@ REST_LINE = "tfscale-serve replica rest on"
 _MAX_RESTART_DELAY_S = 30.0
 # A process that ran this long before dying starts the back-off over.
 _STABLE_S = 60.0
-_PR_SET_PDEATHSIG = 1
 _ADDRESS = re.compile(r"on (\S+:\d+)\s*$")
 
 OnReady = Callable[[str, str, Optional[str]], None]
 OnExit = Callable[[str], None]
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM it when the router process dies (Linux)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # elsewhere a killed router leaves its replicas running
 
 
 class ReplicaStartError(RuntimeError):
@@ -212,7 +202,7 @@ class ReplicaProcesses:
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=self._env,
-                preexec_fn=_die_with_parent,
+                preexec_fn=processes.die_with_parent,
             )
         popen = process.popen
         timer = threading.Timer(self._start_timeout_s, popen.kill)
