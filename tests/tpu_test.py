@@ -313,7 +313,7 @@ class NoTPUTest(parameterized.TestCase):
         with mock.patch.object(tpu_lib, "_TPU_API", ("127.0.0.1", port)):
             self._fails_fast(
                 r"^no TPU found: looked for tpu='my-tpu' \(looking the name up needs the Cloud "
-                rf"TPU API at 127.0.0.1: ",
+                r"TPU API at 127.0.0.1: ",
                 tpu="my-tpu",
                 zone="us-central2-b",
                 project="my-project",
