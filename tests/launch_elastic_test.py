@@ -8,6 +8,7 @@ round, then wait for a finish file.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,18 @@ class ElasticLaunchTest(absltest.TestCase):
         self.launchers.append(process)
         return process
 
+    def _start_master(self, *flags, env=None):
+        """The first launcher, once it serves the rendezvous: the one later ones join."""
+        process = self._start(*flags, env=env)
+        deadline = time.monotonic() + CHANGE_S
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return process
+            except OSError:
+                time.sleep(0.1)
+        self.fail(f"no rendezvous on port {self.port} after {CHANGE_S}s")
+
     def _records(self):
         path = os.path.join(self.out, "records.jsonl")
         if not os.path.exists(path):
@@ -102,7 +115,7 @@ class ElasticLaunchTest(absltest.TestCase):
         self.assertLen(records[0]["workers"], world)
 
     def test_a_node_that_joins_then_leaves_restarts_every_node_at_the_new_size(self):
-        a = self._start()
+        a = self._start_master()
         b = self._start()
         first, records = self._wait_for_round(2)
         self.assert_one_world(records, 2)
@@ -124,7 +137,7 @@ class ElasticLaunchTest(absltest.TestCase):
         self._finish(a, b)
 
     def test_a_launcher_stopped_with_sigterm_leaves_at_once(self):
-        a = self._start()
+        a = self._start_master()
         b = self._start()
         c = self._start()
         first, records = self._wait_for_round(3)
@@ -137,7 +150,7 @@ class ElasticLaunchTest(absltest.TestCase):
 
     def test_a_failed_worker_restarts_every_node(self):
         env = {"ELASTIC_FAIL": "1", "ELASTIC_FAIL_ROUNDS": "1"}
-        a = self._start("--max_restarts=2", env=env)
+        a = self._start_master("--max_restarts=2", env=env)
         b = self._start("--max_restarts=2", env=env)
         first, _ = self._wait_for_round(2)
         # Rank 1 exits 3 in round 0; both nodes start again together.
@@ -147,7 +160,7 @@ class ElasticLaunchTest(absltest.TestCase):
 
     def test_failures_past_max_restarts_end_the_job_on_every_node(self):
         env = {"ELASTIC_FAIL": "1"}
-        a = self._start("--max_restarts=1", env=env)
+        a = self._start_master("--max_restarts=1", env=env)
         b = self._start("--max_restarts=1", env=env)
         outputs = [p.communicate(timeout=90) for p in (a, b)]
         self.assertEqual([a.returncode, b.returncode], [3, 3], outputs)
@@ -163,6 +176,13 @@ class ElasticLaunchTest(absltest.TestCase):
         )
 
 
+def _ready(*clients):
+    """Each client says it is ready for the current round (as its launcher would)."""
+    number = clients[0].call("status")["round"]["number"]
+    for client in clients:
+        client.call("ready", round=number)
+
+
 class RendezvousTest(absltest.TestCase):
     def test_rounds_follow_members(self):
         port = testutil.free_port()
@@ -172,14 +192,20 @@ class RendezvousTest(absltest.TestCase):
         a.call("join")
         self.assertIsNone(a.call("status")["round"])  # 1 of MIN=2
         b.call("join")
+        _wait_until(lambda: a.call("status")["round"] is not None)
+        _ready(b)  # a says so itself; the round starts only once both did
         found, _ = a.wait_for_round(-1, timeout_s=10)
         self.assertEqual((found.number, found.nodes), (0, ("a", "b")))
         c.call("join")
         d.call("join")  # over MAX: waits outside the round
+        _wait_until(lambda: c.call("status")["round"]["number"] == 1)
+        _ready(a, b)
         found, _ = c.wait_for_round(0, timeout_s=10)
         self.assertEqual(found.nodes, ("a", "b", "c"))
         self.assertIsNone(found.rank("d"))
         b.call("leave")
+        _wait_until(lambda: d.call("status")["round"]["number"] == 2)
+        _ready(a, c)
         found, _ = d.wait_for_round(found.number, timeout_s=10)
         self.assertEqual(found.nodes, ("a", "c", "d"))  # d moves up, ranks in arrival order
         self.assertEqual(found.rank("d"), 2)
@@ -204,6 +230,14 @@ class RendezvousTest(absltest.TestCase):
         self.addCleanup(server.close)
         with self.assertRaisesRegex(RuntimeError, "unknown op 'jump'"):
             elastic.RendezvousClient("127.0.0.1", port, "a").call("jump")
+
+
+def _wait_until(condition, timeout_s=10):
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true after {timeout_s}s")
+        time.sleep(0.05)
 
 
 class ParseNnodesTest(absltest.TestCase):

@@ -17,7 +17,10 @@ A round's member that leaves when fewer than MIN would be left ends the
 round with none: the others stop their workers and wait for nodes again.
 
 Every launcher learns the new round in its next heartbeat, stops its
-workers and starts them again with the round's ranks and world size
+workers (SIGTERM: a worker whose peers are all alive checkpoints at its next
+step boundary; after a loss, SIGKILL follows within a second, as its
+collectives wait on the lost peer), says it is ready, and once every node of the round is ready
+starts them again with the round's ranks and world size
 (`TF_CONFIG`, `TFSCALE_RANK`, `TFSCALE_WORLD_SIZE`; `TFSCALE_RESTART` is the
 round number), so all nodes restart together, within a heartbeat and a
 worker stop of the change. Training resumes from its latest checkpoint with
@@ -62,6 +65,8 @@ __all__ = [
 
 # Seconds between a launcher's heartbeats while its workers run.
 HEARTBEAT_S = 1.0
+# Grace between SIGTERM and SIGKILL for workers whose round lost a node.
+LOST_PEER_GRACE_S = 1.0
 
 
 class RendezvousTimeout(TimeoutError):
@@ -136,6 +141,7 @@ class Rendezvous:
         self._failures = 0
         self._aborted: Optional[int] = None
         self._done: set[str] = set()
+        self._ready: set[str] = set()
         self._stop = threading.Event()
         self._server = socket.create_server((address, port))
         self._server.settimeout(0.2)
@@ -211,6 +217,10 @@ class Rendezvous:
                     if not silent:
                         self._failures += 1
                         self._new_round(self._round.nodes)
+            elif op == "ready":
+                # The node's workers of earlier rounds are gone: this round's may start.
+                if self._round is not None and request.get("round") == self._round.number:
+                    self._ready.add(node)
             elif op == "done":
                 if self._round is not None and request.get("round") == self._round.number:
                     self._done.add(node)
@@ -247,6 +257,7 @@ class Rendezvous:
         hosts = tuple(self._members[n].host for n in nodes)
         self._round = Round(number, tuple(nodes), hosts)
         self._done.clear()
+        self._ready.clear()
 
     def _state(self) -> dict[str, Any]:
         members = sorted(self._members, key=lambda n: self._members[n].joined)
@@ -256,6 +267,7 @@ class Rendezvous:
             "members": [[n, self._members[n].host] for n in members],
             "min_nodes": self._min,
             "done": sorted(self._done),
+            "ready": sorted(self._ready),
             "aborted": self._aborted,
         }
         if self._round is not None:
@@ -300,7 +312,10 @@ class RendezvousClient:
     def wait_for_round(
         self, after: int, timeout_s: float, stop: Optional[threading.Event] = None
     ) -> tuple[Optional[Round], dict[str, Any]]:
-        """Heartbeats until a round numbered above `after` includes this node.
+        """Heartbeats until a round numbered above `after` includes this node and may start.
+
+        Call it with no workers running: it tells the rendezvous this node is
+        ready for the round, and returns once every node of the round is.
 
         Returns:
           The round and the rendezvous's state; `(None, state)` when `stop`
@@ -323,7 +338,12 @@ class RendezvousClient:
                 return None, state
             found = state.get("round")
             if found is not None and found["number"] > after and self.node in found["nodes"]:
-                return _round(found), state
+                # Workers start only once every node of the round has stopped its
+                # old ones: a new worker must not reach an old coordination service.
+                if self.node not in state["ready"]:
+                    state = self.call("ready", round=found["number"])
+                if set(found["nodes"]) <= set(state["ready"]):
+                    return _round(found), state
             time.sleep(0.2)
         members = [f"{n} ({h})" for n, h in state.get("members", [])]
         need = state.get("min_nodes", "MIN")
@@ -514,9 +534,15 @@ def _watch(
             return "done", None
         state = heartbeat.state()
         # The thread's answer may predate this round: only a later round is news.
-        number = (state.get("round") or {}).get("number", current.number)
-        if state.get("aborted") is not None or number > current.number:
-            local._stop(processes, config.stop_timeout_s)  # pylint: disable=protected-access
+        later = state.get("round") or {}
+        if state.get("aborted") is not None or later.get("number", -1) > current.number:
+            # Workers that lost a peer are blocked in its collectives: no checkpoint
+            # will come at a step boundary, so they get only a moment's grace.
+            lost = state.get("aborted") is not None or not set(current.nodes) <= set(
+                later.get("nodes", ())
+            )
+            grace = LOST_PEER_GRACE_S if lost else config.stop_timeout_s
+            local._stop(processes, grace)  # pylint: disable=protected-access
             if state.get("aborted") is not None:
                 return "aborted", state["aborted"]
             return "changed", None

@@ -323,8 +323,9 @@ def _start(
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             bufsize=0,
-            # A launcher killed with SIGKILL must not leave workers holding its ports.
-            preexec_fn=processes.die_with_parent,
+            # A launcher killed with SIGKILL must not leave workers holding its ports
+            # (SIGKILL: a worker's SIGTERM checkpoint can wait forever on lost peers).
+            preexec_fn=processes.killed_with_parent,
         )
         log = os.path.join(log_dir, f"attempt{attempt}", f"rank{rank}.log") if log_dir else None
         group.append(_Worker(process, rank, local, console, log))

@@ -1,0 +1,241 @@
+"""Elastic training 2 -> 3 -> 2 nodes: how fast training resumes after a node joins and leaves.
+
+Three "nodes" on this host, each a `tfscale-launch --nnodes=2:3` process
+with one `tfscale-train` worker (`multi_worker_mirrored`, one logical CPU,
+the default config's 24,000 examples): nodes A and B start; after `--epochs_per_phase`
+epochs, node C starts (a join); after as many more at 3 nodes, node C's
+launcher is killed with SIGKILL (a leave that only missed heartbeats reveal). For each change the
+script times, from the event:
+
+- `round_s`: until node A's launcher starts the new round's workers;
+- `resume_s`: until rank 0 begins an epoch in the new round (the model
+  built, the checkpoint restored: training has resumed).
+
+At the end it reads `metrics.json`: every configured epoch trained once
+(the history has each epoch), the global batch kept
+(`--config.training.resize=keep_global_batch`), and the workers of the
+last run. Target (issue): training resumes within 20 s of each change.
+
+  .venv/bin/python tools/bench/elastic.py --out=/tmp/tfscale_bench/elastic
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from absl import app
+from absl import flags
+
+_OUT = flags.DEFINE_string("out", "/tmp/tfscale_bench/elastic", "Output directory.")
+_EPOCHS = flags.DEFINE_integer("epochs", 12, "Epochs to train (250 steps each).")
+_EPOCHS_PER_PHASE = flags.DEFINE_integer(
+    "epochs_per_phase", 3, "Epochs trained at each size before the next change."
+)
+_HEARTBEAT_TIMEOUT = flags.DEFINE_float(
+    "heartbeat_timeout_s", 5.0, "The launchers' --heartbeat_timeout_s (a killed node's delay)."
+)
+_TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Give up after this long.")
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TARGET_S = 20.0
+
+
+class _Node:
+    """One launcher process; its console lines, timestamped, as they come."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]):
+        self.name = name
+        self.lines: list[tuple[float, str]] = []
+        self._lock = threading.Lock()
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        )
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            with self._lock:
+                self.lines.append((time.monotonic(), line.rstrip()))
+
+    def last_epoch(self) -> int:
+        """The last epoch rank 0 began, from its `Epoch k/E` lines (0: none yet)."""
+        with self._lock:
+            epochs = [
+                int(line.split("Epoch ", 1)[1].split("/", 1)[0])
+                for _, line in self.lines
+                if line.startswith("[0] Epoch ")
+            ]
+        return max(epochs, default=0)
+
+    def wait_for_epoch(self, epoch: int, timeout_s: float) -> None:
+        """Waits until rank 0 began `epoch` (or the node exited)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            if self.last_epoch() >= epoch:
+                return
+            time.sleep(0.1)
+
+    def wait_for(self, text: str, after: float, timeout_s: float) -> float:
+        """The time of the first line containing `text` printed after `after`."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                for at, line in self.lines:
+                    if at >= after and text in line:
+                        return at
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        tail = "\n".join(line for _, line in self.lines[-30:])
+        raise RuntimeError(f"node {self.name}: no line with {text!r} in time; last lines:\n{tail}")
+
+
+def _change(a: "_Node", event_at: float, round_number: int, timeout_s: float) -> dict:
+    started = a.wait_for(f"round {round_number}:", event_at, timeout_s)
+    resumed = a.wait_for("[0] Epoch ", started, timeout_s)
+    return {"round_s": started - event_at, "resume_s": resumed - event_at}
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    sys.path.insert(0, REPO)
+    from tfscale.strategies import cluster  # pylint: disable=import-outside-toplevel
+
+    os.makedirs(_OUT.value, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="elastic-", dir=_OUT.value)
+    port = cluster.free_port()
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    launch = [
+        sys.executable,
+        "-m",
+        "tfscale.launch",
+        "--nnodes=2:3",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        f"--heartbeat_timeout_s={_HEARTBEAT_TIMEOUT.value}",
+        "--max_restarts=3",
+        "--log_ranks=0",
+        "--",
+        sys.executable,
+        "-m",
+        "tfscale.train",
+        "--config=configs/default.py",
+        "--config.data.max_eval_examples=960",
+        f"--workdir={workdir}",
+        "--config.distribution.kind=multi_worker_mirrored",
+        "--config.devices.virtual_cpus=1",
+        f"--config.training.epochs={_EPOCHS.value}",
+        "--config.training.verbose=2",
+        "--config.training.resize=keep_global_batch",
+        # Divisible by 2 and by 3 workers: kept at every size.
+        "--config.training.global_batch_size=96",
+    ]
+    nodes: list[_Node] = []
+    timeout = _TIMEOUT.value
+    try:
+        start = time.monotonic()
+        a = _Node("A", launch, env)
+        nodes.append(a)
+        # A serves the rendezvous and joins first: rank 0 is A's worker, on A's console.
+        a.wait_for("rendezvous on", start, timeout)
+        time.sleep(1.0)
+        nodes.append(_Node("B", launch, env))
+        first = _change(a, start, 0, timeout)
+        print(f"2 nodes: training after {first['resume_s']:.1f} s", flush=True)
+        a.wait_for_epoch(_EPOCHS_PER_PHASE.value, timeout)
+
+        joined = time.monotonic()
+        c = _Node("C", launch, env)
+        nodes.append(c)
+        join = _change(a, joined, 1, timeout)
+        print(
+            f"join: new round after {join['round_s']:.1f} s, training after "
+            f"{join['resume_s']:.1f} s",
+            flush=True,
+        )
+        a.wait_for_epoch(a.last_epoch() + _EPOCHS_PER_PHASE.value, timeout)
+
+        c.process.send_signal(signal.SIGKILL)
+        left = time.monotonic()
+        leave = _change(a, left, 2, timeout)
+        print(
+            f"leave (SIGKILL): new round after {leave['round_s']:.1f} s, training after "
+            f"{leave['resume_s']:.1f} s",
+            flush=True,
+        )
+        codes = [n.process.wait(timeout=timeout) for n in nodes[:2]]
+        total_s = time.monotonic() - start
+    finally:
+        for node in nodes:
+            if node.process.poll() is None:
+                node.process.kill()
+            with open(os.path.join(_OUT.value, f"node-{node.name}.log"), "w") as f:
+                f.writelines(f"{at - start:9.3f} {line}\n" for at, line in node.lines)
+    with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
+        metrics = json.load(f)
+    epochs = [h["epoch"] for h in metrics["history"]]
+    results = {
+        "epochs": _EPOCHS.value,
+        "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT.value,
+        "first_start": first,
+        "join": join,
+        "leave": leave,
+        "exit_codes": codes,
+        "total_s": total_s,
+        "history_epochs": epochs,
+        "global_batch_size": metrics["global_batch_size"],
+        "last_run_workers": metrics.get("workers"),
+        "resumed_from_epoch": metrics.get("resumed_from_epoch"),
+        "targets": {
+            "resume_within_20_s": max(join["resume_s"], leave["resume_s"]) <= TARGET_S,
+            "every_epoch_trained_once": epochs == list(range(1, _EPOCHS.value + 1)),
+            "exit_codes_zero": codes == [0, 0],
+        },
+    }
+    with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, os.path.join(_OUT.value, "elastic.png"))
+    print(json.dumps(results["targets"]))
+    print(f"wrote {_OUT.value}/results.json and elastic.png")
+
+
+def _plot(results: dict, path: str) -> None:
+    import matplotlib  # pylint: disable=import-outside-toplevel
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    names = ["join (2 -> 3)", "leave, SIGKILL (3 -> 2)"]
+    rounds = [results["join"]["round_s"], results["leave"]["round_s"]]
+    resumes = [results["join"]["resume_s"], results["leave"]["resume_s"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(names))
+    ax.bar([i - 0.2 for i in x], rounds, width=0.4, label="new round started")
+    ax.bar([i + 0.2 for i in x], resumes, width=0.4, label="training resumed")
+    ax.axhline(TARGET_S, color="tab:red", linestyle="--", linewidth=1, label="target 20 s")
+    ax.set_xticks(list(x), names)
+    ax.set_ylabel("seconds after the change")
+    ax.set_title(
+        f"Elastic launch on one host, heartbeat timeout {results['heartbeat_timeout_s']:.0f} s"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    app.run(main)
