@@ -152,10 +152,11 @@ class ElasticLaunchTest(absltest.TestCase):
         env = {"ELASTIC_FAIL": "1", "ELASTIC_FAIL_ROUNDS": "1"}
         a = self._start_master("--max_restarts=2", env=env)
         b = self._start("--max_restarts=2", env=env)
-        first, _ = self._wait_for_round(2)
-        # Rank 1 exits 3 in round 0; both nodes start again together.
-        _, records = self._wait_for_round(2, after=first)
+        # Rank 1 exits 3 in round 0 (perhaps before rank 0 even started); both
+        # nodes start again together in the next round.
+        _, records = self._wait_for_round(2, after=0)
         self.assert_one_world(records, 2)
+        self.assertIn((0, 1), {(r["round"], r["rank"]) for r in self._records()})
         self.assertIn("rank 1 (node 1, local rank 0, pid ", self._finish(a, b))
 
     def test_failures_past_max_restarts_end_the_job_on_every_node(self):

@@ -317,15 +317,14 @@ def _start(
         # Output reaches the console as it is printed, and none is lost in a
         # buffer when a failed group is stopped.
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # A launcher killed with SIGKILL must not leave workers holding its ports
+        # (SIGKILL: a worker's SIGTERM checkpoint can wait forever on lost peers).
         process = subprocess.Popen(
-            list(command),
+            processes.parent_death_prefix(signal.SIGKILL) + list(command),
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             bufsize=0,
-            # A launcher killed with SIGKILL must not leave workers holding its ports
-            # (SIGKILL: a worker's SIGTERM checkpoint can wait forever on lost peers).
-            preexec_fn=processes.killed_with_parent,
         )
         log = os.path.join(log_dir, f"attempt{attempt}", f"rank{rank}.log") if log_dir else None
         group.append(_Worker(process, rank, local, console, log))
