@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -196,13 +197,14 @@ class ReplicaProcesses:
         with self._lock:
             if self._stopping.is_set():
                 raise ReplicaStartError(f"{process.name}: stopping")
+            # Replicas die with the router (SIGTERM: they drain). Not a preexec_fn:
+            # code between fork and exec can crash a child of this threaded process.
             process.popen = subprocess.Popen(
-                command,
+                processes.parent_death_prefix(signal.SIGTERM) + command,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 text=True,
                 env=self._env,
-                preexec_fn=processes.die_with_parent,
             )
         popen = process.popen
         timer = threading.Timer(self._start_timeout_s, popen.kill)
