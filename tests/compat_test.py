@@ -162,6 +162,13 @@ class RuntimeTest(absltest.TestCase):
             compat.wait_at_barrier("tfscale_compat_test", 1)
         self.assertNotIsInstance(caught.exception, compat.UpstreamChangedError)
 
+    def test_job_keys_without_a_coordination_service_are_tensorflow_errors(self):
+        # With one (tests/train_stop_agreement_test.py runs two workers).
+        with self.assertRaisesRegex(tf.errors.FailedPreconditionError, "not enabled"):
+            compat.insert_job_key("tfscale_compat_test", "1")
+        with self.assertRaisesRegex(tf.errors.FailedPreconditionError, "not enabled"):
+            compat.get_job_key("tfscale_compat_test", 1)
+
 
 class DataTest(absltest.TestCase):
     def test_ordered_parallel_interleave_hands_on_whole_inputs_in_order(self):

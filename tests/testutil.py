@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Optional
 
 import tfscale
 from tfscale.strategies import cluster
@@ -57,8 +58,13 @@ def train_binary(
     )
 
 
-def start_train_binary(workdir: str, *overrides: str, **popen_kwargs) -> subprocess.Popen:
-    """Starts `train_binary`'s command without waiting (to signal or kill it mid-run)."""
+def start_train_binary(
+    workdir: str, *overrides: str, extra_env: Optional[dict[str, str]] = None, **popen_kwargs
+) -> subprocess.Popen:
+    """Starts `train_binary`'s command without waiting (to signal or kill it mid-run).
+
+    `extra_env` is added to the environment, e.g. a worker's TF_CONFIG.
+    """
     command = [
         sys.executable,
         "-m",
@@ -68,7 +74,7 @@ def start_train_binary(workdir: str, *overrides: str, **popen_kwargs) -> subproc
         f"--config.data.cache_dir={cache_dir()}",
         *overrides,
     ]
-    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3", **(extra_env or {}))
     return subprocess.Popen(command, cwd=REPO_ROOT, env=env, **popen_kwargs)
 
 

@@ -1,7 +1,11 @@
 """SIGTERM mid-epoch: a checkpoint at the step boundary, then a resume that loses
-and repeats nothing (the final weights equal an uninterrupted run's)."""
+and repeats nothing (the final weights equal an uninterrupted run's); with two
+workers, a SIGTERM to one of them stops both after the same step."""
 
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import time
@@ -40,6 +44,16 @@ def _weights(workdir):
     return state, arrays
 
 
+def _wait_for_step(test, processes, checkpoints, step, timeout_s=240):
+    """Waits until the latest checkpoint is at `step` or later."""
+    deadline = time.monotonic() + timeout_s
+    while (callbacks.read_backup_state(checkpoints) or {}).get("step", 0) < step:
+        for process in processes:
+            test.assertIsNone(process.poll(), "training ended before the signal")
+        test.assertLess(time.monotonic(), deadline)
+        time.sleep(0.01)
+
+
 class PreemptionTest(absltest.TestCase):
     def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(self):
         root = self.create_tempdir().full_path
@@ -52,12 +66,7 @@ class PreemptionTest(absltest.TestCase):
         process = testutil.start_train_binary(workdir, *_ARGS, stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.kill)
         checkpoints = os.path.join(workdir, lib.CHECKPOINTS_DIR)
-        deadline = time.monotonic() + 240
-        # In epoch 2, after its first periodic checkpoint.
-        while (callbacks.read_backup_state(checkpoints) or {}).get("step", 0) < 34:
-            self.assertIsNone(process.poll(), "training ended before the signal")
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.01)
+        _wait_for_step(self, [process], checkpoints, 34)  # in epoch 2, after a periodic one
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
         self.assertEqual(process.returncode, 143, stderr[-3000:])
@@ -84,6 +93,86 @@ class PreemptionTest(absltest.TestCase):
         result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", *_ARGS)
         self.assertEqual(result.returncode, 2)
         self.assertIn("checkpoint_every_steps works with the plain input only", result.stderr)
+
+
+_WORKER_ARGS = (
+    *_ARGS[:1],
+    "--config.distribution.kind=multi_worker_mirrored",
+    "--config.devices.virtual_cpus=1",
+    *_ARGS[2:],
+)
+
+
+class MultiWorkerPreemptionTest(absltest.TestCase):
+    def _workers(self, workdir, **popen_kwargs):
+        """Starts the two workers of a `multi_worker_mirrored` job on loopback ports."""
+        addresses = [f"127.0.0.1:{testutil.free_port()}" for _ in range(2)]
+        processes = []
+        for index in range(2):
+            tf_config = {
+                "cluster": {"worker": addresses},
+                "task": {"type": "worker", "index": index},
+            }
+            process = testutil.start_train_binary(
+                workdir,
+                *_WORKER_ARGS,
+                extra_env={"TF_CONFIG": json.dumps(tf_config)},
+                **popen_kwargs,
+            )
+            self.addCleanup(process.kill)
+            processes.append(process)
+        return processes
+
+    def _finish(self, processes, timeout_s=240):
+        outputs = [p.communicate(timeout=timeout_s)[1] for p in processes]
+        return [p.returncode for p in processes], outputs
+
+    def test_sigterm_to_one_worker_stops_both_at_one_step_then_resume_matches(self):
+        root = self.create_tempdir().full_path
+        reference = os.path.join(root, "reference")
+        codes, outputs = self._finish(self._workers(reference, stderr=subprocess.PIPE, text=True))
+        self.assertEqual(codes, [0, 0], outputs[0][-3000:] + outputs[1][-3000:])
+        _, expected = _weights(reference)
+
+        workdir = os.path.join(root, "run")
+        processes = self._workers(workdir, stderr=subprocess.PIPE, text=True)
+        checkpoints = os.path.join(workdir, lib.CHECKPOINTS_DIR)
+        _wait_for_step(self, processes, checkpoints, 34)
+        # Only the non-chief: the chief must learn of it and stop at the same step.
+        processes[1].send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        codes, outputs = self._finish(processes, timeout_s=120)
+        self.assertEqual(codes, [143, 143], outputs[0][-3000:] + outputs[1][-3000:])
+        # At a step boundary, not after a collective's timeout.
+        self.assertLess(time.monotonic() - started, 30)
+        stops = [re.findall(r"every worker stops after step (\d+)", o) for o in outputs]
+        self.assertEqual(stops[0], [], "the chief got no SIGTERM and proposed nothing")
+        self.assertLen(stops[1], 1)
+        state = callbacks.read_backup_state(checkpoints)
+        self.assertEqual(state["step"], int(stops[1][0]))
+        self.assertEqual(state["epoch"], 1)
+        self.assertEqual(state["step"], 30 + state["step_in_epoch"])
+
+        # The same checkpoint resumed on one worker: the plain input is one
+        # stream whatever the worker count, so the same elements follow.
+        alone = os.path.join(root, "alone")
+        shutil.copytree(workdir, alone)
+        codes, outputs = self._finish(self._workers(workdir, stderr=subprocess.PIPE, text=True))
+        self.assertEqual(codes, [0, 0], outputs[0][-3000:] + outputs[1][-3000:])
+        self.assertIn(f"and {state['step_in_epoch']} steps", outputs[0])
+        state, resumed = _weights(workdir)
+        self.assertEqual((state["epoch"], state["step"]), (2, 60))
+        self.assertEqual(sorted(resumed), sorted(expected))
+        for name in expected:
+            np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-6, atol=1e-7)
+
+        result = testutil.train_binary(alone, *_WORKER_ARGS)
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        state, resumed = _weights(alone)
+        self.assertEqual((state["epoch"], state["step"]), (2, 60))
+        for name in expected:
+            # One replica sums the global batch's gradient in another order.
+            np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
 if __name__ == "__main__":

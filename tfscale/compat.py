@@ -37,6 +37,8 @@ __all__ = [
     "default_extended_class",
     "disable_device_pipeline_autotune",
     "dtensor_initialized",
+    "get_job_key",
+    "insert_job_key",
     "keras_generator_peek",
     "keras_name_scope_path",
     "ordered_parallel_interleave",
@@ -313,6 +315,33 @@ def wait_at_barrier(name: str, timeout_ms: int) -> None:
     """
     context = _upstream("tensorflow.python.eager.context", "context", "exit barriers")()
     context.wait_at_barrier(name, timeout_ms)
+
+
+def insert_job_key(key: str, value: str) -> bool:
+    """Stores `key` in the job's coordination service; False if it is there already.
+
+    Upstream: `context.context().set_config_key_value` (the coordination
+    service's key-value store, first writer wins; there is no public API).
+    """
+    context = _upstream("tensorflow.python.eager.context", "context", "job keys")()
+    try:
+        context.set_config_key_value(key, value)
+    except tf.errors.AlreadyExistsError:
+        return False
+    return True
+
+
+def get_job_key(key: str, timeout_ms: int = 0) -> str:
+    """The value of `key` in the job's coordination service, once some task stored it.
+
+    Upstream: `context.context().get_config_key_value`; `timeout_ms=0`
+    waits until the key is stored (the call releases the GIL).
+
+    Raises:
+      tf.errors.DeadlineExceededError: if nobody stored it within `timeout_ms`.
+    """
+    context = _upstream("tensorflow.python.eager.context", "context", "job keys")()
+    return context.get_config_key_value(key, timeout_ms)
 
 
 # --- tf.data ---------------------------------------------------------------

@@ -38,6 +38,7 @@ from absl import logging
 
 from tfscale import compat
 from tfscale.train import files
+from tfscale.train import preemption
 
 __all__ = [
     "BackupAndRestore",
@@ -144,7 +145,10 @@ class BackupAndRestore(keras.callbacks.Callback):
     Checkpoints inside an epoch: every `every_steps` steps, and at the step
     boundary after a SIGTERM (what Kubernetes and Slurm send before an
     eviction): the callback saves, stops training (`preempted` is then
-    True) and puts the old signal handler back. Their state says how far
+    True) and puts the old signal handler back. With several workers, a
+    SIGTERM to any of them stops all of them after the same step
+    (`preemption.StopAgreement`), so their checkpoints agree and none is
+    left waiting in a collective. Their state says how far
     into its epoch they are (`"step_in_epoch"`, and `"step"`, the optimizer
     step); `fit` cannot start inside an epoch, so the caller resumes such a
     checkpoint by a `fit` of the epoch's remaining steps on the input after
@@ -165,6 +169,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         reports past each multiple.
       stop_on_sigterm: checkpoint and stop at the next step boundary on
         SIGTERM (when `fit` runs in the main thread).
+      num_workers: the job's worker processes (`Distribution.num_workers`):
+        with more than one, a SIGTERM stops every worker at one agreed step.
 
     Attributes:
       restored_epoch: the epoch count restored at the start of the last
@@ -192,6 +198,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         extra_state: Optional[Callable[[int, Logs], dict[str, Any]]] = None,
         every_steps: int = 0,
         stop_on_sigterm: bool = True,
+        num_workers: int = 1,
     ):
         super().__init__()
         if max_to_keep < 1:
@@ -210,6 +217,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._write_dir = backup_dir if is_chief else None
         self._stop_on_sigterm = stop_on_sigterm
         self._sigterm = threading.Event()
+        self._agreement = preemption.StopAgreement(num_workers)
         self._previous_handler: Any = None
         self._fit_start_step = 0
         self._steps_in_fit = 0
@@ -222,10 +230,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not self.is_chief and self._write_dir is None:
             self._write_dir = tempfile.mkdtemp(prefix="tfscale-backup-")
         self.preempted = False
-        self._sigterm.clear()
+        # A SIGTERM that came between two fits (e.g. after the rest of a
+        # resumed epoch) stops the next one.
         self._steps_in_fit = 0
         if self._stop_on_sigterm and threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self._agreement.begin()
         state = check_backup(self.backup_dir)
         self.restored_epoch = 0
         self.restored_step_in_epoch = 0
@@ -260,8 +270,11 @@ class BackupAndRestore(keras.callbacks.Callback):
             step // self.every_steps > (self._fit_start_step + previous) // self.every_steps
         )
         if self._sigterm.is_set():
+            self._agreement.propose(step)
+        if self._agreement.should_stop(step):
             self._save_inside_epoch(step, self._epoch_offset + batch + 1)
             self.preempted = True
+            self._sigterm.clear()
             self.model.stop_training = True
         elif due:
             self._save_inside_epoch(step, self._epoch_offset + batch + 1)
@@ -320,6 +333,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+            self._agreement.end()
         self.first_epoch_offset = 0
         if not self.is_chief and self._write_dir is not None:
             shutil.rmtree(self._write_dir, ignore_errors=True)

@@ -63,7 +63,11 @@ _ShardPolicy = tf.data.experimental.AutoShardPolicy
 class TrainInput:
     """Attributes: dataset (unbatched, long enough for every epoch),
     steps_per_epoch, image_shape, num_classes, shard_policy (how
-    `distribute_dataset` splits it among workers; OFF when dispatched),
+    `distribute_dataset` splits it among workers: DATA for the plain input,
+    so every worker takes its part of each global batch of one seeded
+    stream, the stream one device would see, and a resume at step `s`
+    skips `s` global batches of it whatever the worker count; OFF when
+    dispatched),
     dispatcher (the address used, or None), dispatched (the
     `DispatchedInput` of a single worker, for its position, or None),
     source (the `DispatchedInput`, for progress reports, or None)."""
@@ -72,7 +76,7 @@ class TrainInput:
     steps_per_epoch: int
     image_shape: tuple[int, ...]
     num_classes: int
-    shard_policy: _ShardPolicy = _ShardPolicy.AUTO
+    shard_policy: _ShardPolicy = _ShardPolicy.DATA
     dispatcher: Optional[str] = None
     dispatched: Optional[dispatched.DispatchedInput] = None
     source: Optional[dispatched.DispatchedInput] = None

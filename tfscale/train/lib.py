@@ -168,6 +168,7 @@ def _fit(
         # Not yet with dispatched input: its resume inside an epoch is not
         # implemented (see _check_step_checkpoints).
         stop_on_sigterm=not dispatched,
+        num_workers=dist.num_workers,
     )
     tensorboard = callbacks_lib.TensorBoard(
         os.path.join(workdir, "tensorboard"),
