@@ -249,7 +249,9 @@ class BackupAndRestore(keras.callbacks.Callback):
             where = f"epoch {self.restored_epoch}"
             if self.restored_step_in_epoch:
                 where += f" and {self.restored_step_in_epoch} steps"
-            logging.info("Restored %s from %s", where, self.backup_dir)
+            logging.info(
+                "Restored %s (step %s) from %s", where, state.get("step", "?"), self.backup_dir
+            )
         self._fit_start_step = int(self.model.optimizer.iterations.numpy())
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -273,6 +275,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             self._agreement.propose(step)
         if self._agreement.should_stop(step):
             self._save_inside_epoch(step, self._epoch_offset + batch + 1)
+            logging.warning("SIGTERM: stopped after step %d, its checkpoint saved", step)
             self.preempted = True
             self._sigterm.clear()
             self.model.stop_training = True

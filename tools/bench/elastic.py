@@ -9,7 +9,11 @@ script times, from the event:
 
 - `round_s`: until node A's launcher starts the new round's workers;
 - `resume_s`: until rank 0 begins an epoch in the new round (the model
-  built, the checkpoint restored: training has resumed).
+  built, the checkpoint restored: training has resumed);
+- `steps_lost`: the step where the old round's workers stopped (their
+  agreed SIGTERM checkpoint) minus the step the new round restored: 0 for
+  a join; after the kill -9 the new round restores the latest step
+  checkpoint (`--checkpoint_every_steps`), which bounds the loss.
 
 At the end it reads `metrics.json`: every configured epoch trained once
 (the history has each epoch), the global batch kept
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from typing import Optional
 
 from absl import app
 from absl import flags
@@ -40,6 +46,9 @@ _EPOCHS_PER_PHASE = flags.DEFINE_integer(
 )
 _HEARTBEAT_TIMEOUT = flags.DEFINE_float(
     "heartbeat_timeout_s", 5.0, "The launchers' --heartbeat_timeout_s (a killed node's delay)."
+)
+_CHECKPOINT_EVERY = flags.DEFINE_integer(
+    "checkpoint_every_steps", 50, "Step checkpoints: what a kill -9 loses at most."
 )
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Give up after this long.")
 
@@ -102,11 +111,35 @@ class _Node:
         tail = "\n".join(line for _, line in self.lines[-30:])
         raise RuntimeError(f"node {self.name}: no line with {text!r} in time; last lines:\n{tail}")
 
+    def step(self, pattern: str, after: float, before: float, last: bool) -> Optional[int]:
+        """The step in rank 0's first (or last) line matching `pattern` between the times."""
+        with self._lock:
+            found = [
+                int(match.group(1))
+                for at, line in self.lines
+                if after <= at < before and line.startswith("[0] ")
+                for match in [re.search(pattern, line)]
+                if match
+            ]
+        if not found:
+            return None
+        return found[-1] if last else found[0]
+
 
 def _change(a: "_Node", event_at: float, round_number: int, timeout_s: float) -> dict:
     started = a.wait_for(f"round {round_number}:", event_at, timeout_s)
     resumed = a.wait_for("[0] Epoch ", started, timeout_s)
-    return {"round_s": started - event_at, "resume_s": resumed - event_at}
+    # Where the old round's workers stopped (a SIGTERM checkpoint: none after a
+    # kill -9) and the step the new round restored.
+    stopped = a.step(r"stopped after step (\d+)", event_at, started, last=True)
+    restored = a.step(r"Restored .*\(step (\d+)\)", started, resumed + 1e-3, last=False)
+    return {
+        "round_s": started - event_at,
+        "resume_s": resumed - event_at,
+        "stopped_step": stopped,
+        "restored_step": restored,
+        "steps_lost": None if stopped is None or restored is None else stopped - restored,
+    }
 
 
 def main(argv: list[str]) -> None:
@@ -140,6 +173,7 @@ def main(argv: list[str]) -> None:
         f"--config.training.epochs={_EPOCHS.value}",
         "--config.training.verbose=2",
         "--config.training.resize=keep_global_batch",
+        f"--config.training.checkpoint_every_steps={_CHECKPOINT_EVERY.value}",
         # Divisible by 2 and by 3 workers: kept at every size.
         "--config.training.global_batch_size=96",
     ]
@@ -163,7 +197,8 @@ def main(argv: list[str]) -> None:
         join = _change(a, joined, 1, timeout)
         print(
             f"join: new round after {join['round_s']:.1f} s, training after "
-            f"{join['resume_s']:.1f} s",
+            f"{join['resume_s']:.1f} s; stopped after step {join['stopped_step']}, "
+            f"restored step {join['restored_step']}",
             flush=True,
         )
         a.wait_for_epoch(a.last_epoch() + _EPOCHS_PER_PHASE.value, timeout)
@@ -173,7 +208,7 @@ def main(argv: list[str]) -> None:
         leave = _change(a, left, 2, timeout)
         print(
             f"leave (SIGKILL): new round after {leave['round_s']:.1f} s, training after "
-            f"{leave['resume_s']:.1f} s",
+            f"{leave['resume_s']:.1f} s; restored step {leave['restored_step']}",
             flush=True,
         )
         codes = [n.process.wait(timeout=timeout) for n in nodes[:2]]
@@ -190,6 +225,7 @@ def main(argv: list[str]) -> None:
     results = {
         "epochs": _EPOCHS.value,
         "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT.value,
+        "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
         "first_start": first,
         "join": join,
         "leave": leave,
@@ -203,6 +239,8 @@ def main(argv: list[str]) -> None:
             "resume_within_20_s": max(join["resume_s"], leave["resume_s"]) <= TARGET_S,
             "every_epoch_trained_once": epochs == list(range(1, _EPOCHS.value + 1)),
             "exit_codes_zero": codes == [0, 0],
+            # The join's SIGTERM checkpoint is where the next round starts.
+            "join_loses_no_step": join["steps_lost"] == 0,
         },
     }
     with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
