@@ -53,6 +53,7 @@ from typing import Optional
 from typing import Sequence
 from typing import TextIO
 
+from tfscale.launch import group
 from tfscale.launch import local
 
 __all__ = [
@@ -427,16 +428,16 @@ def launch(
     """
     if not command:
         raise ValueError("No command to launch: put it after `--`")
-    console = local._Console(out, err, config.log_ranks)  # pylint: disable=protected-access
+    console = group.Console(out, err, config.log_ranks)
     server = _serve_if_master(config, console)
     client = RendezvousClient(config.master_addr, config.master_port, node_id())
     stop = threading.Event()
-    group: list[Any] = []
-    log_dir = local._log_dir(config, console)  # pylint: disable=protected-access
+    workers: list[group.Worker] = []
+    log_dir = group.make_log_dir(config.log_dir, config.log_ranks, console)
     last = -1
     heartbeat: Optional[_Heartbeat] = None
     try:
-        with local._forwarding_signals(stop, group):  # pylint: disable=protected-access
+        with group.forwarding_signals(stop, workers):
             while True:
                 found, state = client.wait_for_round(last, config.rendezvous_timeout_s, stop)
                 if found is None:
@@ -456,11 +457,17 @@ def launch(
                     f"this is node {this.node_rank}"
                 )
                 heartbeat = heartbeat or _Heartbeat(client)
-                group[:] = local._start(  # pylint: disable=protected-access
-                    this, command, found.number, found.hosts, console, log_dir
+                workers[:] = group.start(
+                    command,
+                    local.worker_addresses(this, found.hosts),
+                    this.node_rank * this.nproc_per_node,
+                    this.nproc_per_node,
+                    found.number,
+                    console,
+                    log_dir,
                 )
-                outcome, failed = _watch(group, heartbeat, found, config)
-                for worker in group:
+                outcome, failed = _watch(workers, heartbeat, found, config)
+                for worker in workers:
                     worker.finish()
                 if outcome == "done":
                     _finish(client, found, server, config)
@@ -471,11 +478,17 @@ def launch(
                 if outcome == "aborted":
                     console.say(f"another node gave up (exit code {failed}); stopping", error=True)
                     return failed
-                code = local._exit_code(failed.process.returncode)  # pylint: disable=W0212
+                code = group.exit_code(failed.process.returncode)
                 if stop.is_set():
                     return code
                 restarts = state["failures"]
-                local._report(console, this, failed, restarts)  # pylint: disable=W0212
+                group.report_failure(
+                    console,
+                    failed,
+                    restarts,
+                    config.max_restarts,
+                    this.node_rank if this.nnodes > 1 else None,
+                )
                 op = "abort" if restarts >= config.max_restarts else "failed"
                 try:
                     client.call(op, round=found.number, code=code)
@@ -494,7 +507,7 @@ def launch(
             server.close()
 
 
-def _serve_if_master(config: local.LaunchConfig, console: Any) -> Optional[Rendezvous]:
+def _serve_if_master(config: local.LaunchConfig, console: group.Console) -> Optional[Rendezvous]:
     """The rendezvous, when this launcher can bind master_addr:master_port; else None."""
     try:
         server = Rendezvous(
@@ -514,7 +527,7 @@ def _serve_if_master(config: local.LaunchConfig, console: Any) -> Optional[Rende
 
 
 def _watch(
-    group: list[Any], heartbeat: _Heartbeat, current: Round, config: local.LaunchConfig
+    workers: list[group.Worker], heartbeat: _Heartbeat, current: Round, config: local.LaunchConfig
 ) -> tuple[str, Any]:
     """Until the round ends here: ("done", None), ("failed", worker), ("changed", None)
     or ("aborted", exit code).
@@ -523,13 +536,13 @@ def _watch(
     job's end (a node gave up), or losing the rendezvous for
     `heartbeat_timeout_s`, stops this node's workers.
     """
-    processes = [w.process for w in group]
+    processes = [w.process for w in workers]
     while True:
         codes = [p.poll() for p in processes]
         failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            local._stop(processes, config.stop_timeout_s)  # pylint: disable=protected-access
-            return "failed", group[failed[0]]
+            group.stop(processes, config.stop_timeout_s)
+            return "failed", workers[failed[0]]
         if all(c == 0 for c in codes):
             return "done", None
         state = heartbeat.state()
@@ -542,12 +555,12 @@ def _watch(
                 later.get("nodes", ())
             )
             grace = LOST_PEER_GRACE_S if lost else config.stop_timeout_s
-            local._stop(processes, grace)  # pylint: disable=protected-access
+            group.stop(processes, grace)
             if state.get("aborted") is not None:
                 return "aborted", state["aborted"]
             return "changed", None
         if heartbeat.unreachable_s() > config.heartbeat_timeout_s:
-            local._stop(processes, config.stop_timeout_s)  # pylint: disable=protected-access
+            group.stop(processes, config.stop_timeout_s)
             raise RendezvousTimeout(
                 f"lost the rendezvous at {config.master_addr}:{config.master_port} for "
                 f"{config.heartbeat_timeout_s:.0f}s; stopped this node's workers"
