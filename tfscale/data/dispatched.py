@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from tfscale import compat
 from tfscale.data import identity
+from tfscale.data import passes
 from tfscale.data import readers as readers_lib
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import feed as feed_lib
@@ -244,7 +245,7 @@ class DispatchedInput:
         read = getattr(self._reader, "read", self._reader)
         body = read(name)
         if self._shuffle_buffer:
-            body = _seeded_shuffle(body, self._shuffle_buffer, seed)
+            body = passes.seeded_shuffle(body, self._shuffle_buffer, seed)
         body = body.repeat(tf.where(repeat, tf.constant(-1, tf.int64), 1)).skip(offset).take(count)
         spec = body.element_spec
         self._batched = all(
@@ -286,25 +287,6 @@ def _size(tagged: tuple, batched: bool) -> tf.Tensor:
     if batched:
         return tf.shape(tf.nest.flatten(elements)[0], out_type=tf.int64)[0]
     return tf.where(is_marker, tf.constant(0, tf.int64), 1)
-
-
-def _seeded_shuffle(dataset: tf.data.Dataset, buffer: int, seed: tf.Tensor) -> tf.data.Dataset:
-    """`dataset.shuffle(buffer)` with a seed tensor (`Dataset.shuffle` takes Python ints only).
-
-    The same seed gives the same order every time: a shard read again in an
-    epoch (a resumed run, a re-lease) skips exactly the elements consumed.
-    """
-    specs = tf.nest.flatten(dataset.element_spec)
-    variant = tf.raw_ops.ShuffleDataset(
-        input_dataset=tf.data.experimental.to_variant(dataset),
-        buffer_size=tf.constant(buffer, tf.int64),
-        seed=seed,
-        seed2=seed + 1,  # never both 0, which would mean "random"
-        output_types=[s.dtype for s in specs],
-        output_shapes=[s.shape for s in specs],
-        reshuffle_each_iteration=False,
-    )
-    return tf.data.experimental.from_variant(variant, dataset.element_spec)
 
 
 def _dummy(spec: Any) -> Any:

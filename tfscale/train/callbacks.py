@@ -225,6 +225,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._epoch_start = 0  # steps of this fit before the current epoch
         self._epoch_offset = 0  # steps of the current epoch before this fit
         self._last_saved = -1
+        self._resumed_unsaid = False
 
     def on_train_begin(self, logs: Logs = None) -> None:
         if not self.is_chief and self._write_dir is None:
@@ -252,6 +253,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             logging.info(
                 "Restored %s (step %s) from %s", where, state.get("step", "?"), self.backup_dir
             )
+        self._resumed_unsaid = state is not None
         self._fit_start_step = int(self.model.optimizer.iterations.numpy())
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
@@ -268,6 +270,10 @@ class BackupAndRestore(keras.callbacks.Callback):
         previous = self._steps_in_fit
         self._steps_in_fit = self._epoch_start + batch + 1
         step = self._fit_start_step + self._steps_in_fit
+        if self._resumed_unsaid:
+            # The input skipped, the step compiled: when a restart is over.
+            logging.info("Resumed training: step %d done", step)
+            self._resumed_unsaid = False
         due = self.every_steps and (
             step // self.every_steps > (self._fit_start_step + previous) // self.every_steps
         )

@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import os
 from typing import Any
+from typing import Callable
 from typing import Optional
 
 import ml_collections
@@ -41,6 +42,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfscale.data import dispatched
+from tfscale.data import passes
 from tfscale.data import readers
 from tfscale.data import sources
 from tfscale.data.dispatcher import auth
@@ -70,7 +72,9 @@ class TrainInput:
     dispatched),
     dispatcher (the address used, or None), dispatched (the
     `DispatchedInput` of a single worker, for its position, or None),
-    source (the `DispatchedInput`, for progress reports, or None)."""
+    source (the `DispatchedInput`, for progress reports, or None),
+    resume_from (start -> the plain input's stream from that element, or
+    None; see `from_element`)."""
 
     dataset: tf.data.Dataset
     steps_per_epoch: int
@@ -80,6 +84,18 @@ class TrainInput:
     dispatcher: Optional[str] = None
     dispatched: Optional[dispatched.DispatchedInput] = None
     source: Optional[dispatched.DispatchedInput] = None
+    resume_from: Optional[Callable[[int], tf.data.Dataset]] = None
+
+    def from_element(self, start: int) -> tf.data.Dataset:
+        """`dataset` after its first `start` elements.
+
+        The plain input starts at the pass holding element `start` and reads
+        only the part of that pass before it; dispatched input was rewound to
+        the checkpoint's position instead, so it is `dataset` itself.
+        """
+        if self.resume_from is None or not start:
+            return self.dataset
+        return self.resume_from(start)
 
     def position(self, consumed: int) -> Optional[dict[str, Any]]:
         """The dispatched input position after `consumed` elements, as JSON."""
@@ -118,8 +134,16 @@ def train_input(
         return _dispatched(config, split, workdir, stack, resume_position, num_workers)
     dataset, count = _limit(split, config.data.max_train_examples)
     steps = _steps(config, count)
+
+    def from_element(start: int) -> tf.data.Dataset:
+        return passes.stream(dataset, count, config.data.shuffle_buffer or 0, config.seed, start)
+
     return TrainInput(
-        _shuffle(config, dataset).repeat(), steps, split.image_shape, split.num_classes
+        from_element(0),
+        steps,
+        split.image_shape,
+        split.num_classes,
+        resume_from=from_element,
     )
 
 
@@ -271,9 +295,3 @@ def _steps(config: ml_collections.ConfigDict, count: int) -> int:
             f"(config.training.global_batch_size={global_batch})"
         )
     return config.training.steps_per_epoch or count // global_batch
-
-
-def _shuffle(config: ml_collections.ConfigDict, dataset: tf.data.Dataset) -> tf.data.Dataset:
-    if not config.data.shuffle_buffer:
-        return dataset
-    return dataset.shuffle(config.data.shuffle_buffer, seed=config.seed)

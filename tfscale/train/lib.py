@@ -180,11 +180,9 @@ def _fit(
 
     def fit(skip: int, epochs: int, steps: int) -> keras.callbacks.History:
         """`fit` on the input after its first `skip` elements (a plain input is
-        deterministic: skipping them continues its stream exactly; a dispatched
-        one was rewound to its checkpoint position)."""
-        dataset = train.dataset
-        if skip and not dispatched:
-            dataset = dataset.skip(skip)
+        deterministic: it continues its stream exactly; a dispatched one was
+        rewound to its checkpoint position)."""
+        dataset = train.from_element(skip)
         return model.fit(
             dist.distribute_dataset(dataset, global_batch, shard_policy=train.shard_policy),
             epochs=epochs,

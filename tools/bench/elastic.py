@@ -8,8 +8,11 @@ launcher is killed with SIGKILL (a leave that only missed heartbeats reveal). Fo
 script times, from the event:
 
 - `round_s`: until node A's launcher starts the new round's workers;
-- `resume_s`: until rank 0 begins an epoch in the new round (the model
-  built, the checkpoint restored: training has resumed);
+- `fit_start_s`: until rank 0 begins an epoch in the new round (the model
+  built, the checkpoint restored);
+- `resume_s`: until rank 0 finished its first step in the new round (the
+  input skipped to the checkpoint's position, the step compiled: training
+  has resumed);
 - `steps_lost`: the step where the old round's workers stopped (their
   agreed SIGTERM checkpoint) minus the step the new round restored: 0 for
   a join; after the kill -9 the new round restores the latest step
@@ -126,15 +129,20 @@ class _Node:
         return found[-1] if last else found[0]
 
 
-def _change(a: "_Node", event_at: float, round_number: int, timeout_s: float) -> dict:
+def _change(
+    a: "_Node", event_at: float, round_number: int, timeout_s: float, restores: bool = True
+) -> dict:
     started = a.wait_for(f"round {round_number}:", event_at, timeout_s)
-    resumed = a.wait_for("[0] Epoch ", started, timeout_s)
+    fit_started = a.wait_for("[0] Epoch ", started, timeout_s)
+    # The first step after the restore done (the input skipped, the step compiled).
+    resumed = a.wait_for("Resumed training: step", started, timeout_s) if restores else fit_started
     # Where the old round's workers stopped (a SIGTERM checkpoint: none after a
     # kill -9) and the step the new round restored.
     stopped = a.step(r"stopped after step (\d+)", event_at, started, last=True)
     restored = a.step(r"Restored .*\(step (\d+)\)", started, resumed + 1e-3, last=False)
     return {
         "round_s": started - event_at,
+        "fit_start_s": fit_started - event_at,
         "resume_s": resumed - event_at,
         "stopped_step": stopped,
         "restored_step": restored,
@@ -187,7 +195,7 @@ def main(argv: list[str]) -> None:
         a.wait_for("rendezvous on", start, timeout)
         time.sleep(1.0)
         nodes.append(_Node("B", launch, env))
-        first = _change(a, start, 0, timeout)
+        first = _change(a, start, 0, timeout, restores=False)
         print(f"2 nodes: training after {first['resume_s']:.1f} s", flush=True)
         a.wait_for_epoch(_EPOCHS_PER_PHASE.value, timeout)
 
