@@ -74,6 +74,12 @@ BENCHMARKS = {
         ["summary", "workers"],
         "planner.png",
     ),
+    "elastic": (
+        "elastic.py",
+        ["--repeats=1", "--epochs=4", "--epochs_per_phase=1", "--steps_per_epoch=40"],
+        ["join", "leave", "runs", "targets"],
+        "elastic.png",
+    ),
     "serving": (
         "serving.py",
         ["--quick", "--json_name=results.json", "--setups=single_batching,slow_least_loaded"],

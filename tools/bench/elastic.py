@@ -22,6 +22,8 @@ At the end it reads `metrics.json`: every configured epoch trained once
 (the history has each epoch), the global batch kept
 (`--config.training.resize=keep_global_batch`), and the workers of the
 last run. Target (issue): training resumes within 20 s of each change.
+The scenario runs `--repeats` times (3); `results.json` has the medians and
+every run's figures (`runs`), each run's node logs are in `run<k>/`.
 
   .venv/bin/python tools/bench/elastic.py --out=/tmp/tfscale_bench/elastic
 """
@@ -32,6 +34,7 @@ import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,10 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_float(
 )
 _CHECKPOINT_EVERY = flags.DEFINE_integer(
     "checkpoint_every_steps", 50, "Step checkpoints: what a kill -9 loses at most."
+)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Runs; the figures are their medians.")
+_STEPS_PER_EPOCH = flags.DEFINE_integer(
+    "steps_per_epoch", 0, "Steps per epoch (0: the whole train split, 250 steps)."
 )
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Give up after this long.")
 
@@ -153,10 +160,51 @@ def _change(
 def main(argv: list[str]) -> None:
     del argv
     sys.path.insert(0, REPO)
+    os.makedirs(_OUT.value, exist_ok=True)
+    runs = []
+    for repeat in range(_REPEATS.value):
+        run_dir = os.path.join(_OUT.value, f"run{repeat}")
+        os.makedirs(run_dir, exist_ok=True)
+        runs.append(_run_once(run_dir))
+    results = {
+        "epochs": _EPOCHS.value,
+        "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT.value,
+        "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
+        "repeats": len(runs),
+        # Medians over the runs; each run's figures under "runs".
+        **{
+            change: {
+                key: _median([run[change][key] for run in runs])
+                for key in ("round_s", "fit_start_s", "resume_s")
+            }
+            for change in ("first_start", "join", "leave")
+        },
+        "runs": runs,
+        "targets": {
+            "resume_within_20_s": all(run["targets"]["resume_within_20_s"] for run in runs),
+            "every_epoch_trained_once": all(
+                run["targets"]["every_epoch_trained_once"] for run in runs
+            ),
+            "exit_codes_zero": all(run["targets"]["exit_codes_zero"] for run in runs),
+            "join_loses_no_step": all(run["targets"]["join_loses_no_step"] for run in runs),
+        },
+    }
+    with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=2)
+    _plot(results, os.path.join(_OUT.value, "elastic.png"))
+    print(json.dumps(results["targets"]))
+    print(f"wrote {_OUT.value}/results.json and elastic.png")
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 2)
+
+
+def _run_once(out: str) -> dict:
+    """One 2 -> 3 -> 2 run; its logs go to `out`."""
     from tfscale.strategies import cluster  # pylint: disable=import-outside-toplevel
 
-    os.makedirs(_OUT.value, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix="elastic-", dir=_OUT.value)
+    workdir = tempfile.mkdtemp(prefix="elastic-", dir=out)
     port = cluster.free_port()
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
     launch = [
@@ -185,6 +233,8 @@ def main(argv: list[str]) -> None:
         # Divisible by 2 and by 3 workers: kept at every size.
         "--config.training.global_batch_size=96",
     ]
+    if _STEPS_PER_EPOCH.value:
+        launch.append(f"--config.training.steps_per_epoch={_STEPS_PER_EPOCH.value}")
     nodes: list[_Node] = []
     timeout = _TIMEOUT.value
     try:
@@ -225,15 +275,12 @@ def main(argv: list[str]) -> None:
         for node in nodes:
             if node.process.poll() is None:
                 node.process.kill()
-            with open(os.path.join(_OUT.value, f"node-{node.name}.log"), "w") as f:
+            with open(os.path.join(out, f"node-{node.name}.log"), "w") as f:
                 f.writelines(f"{at - start:9.3f} {line}\n" for at, line in node.lines)
     with open(os.path.join(workdir, "metrics.json"), encoding="utf-8") as f:
         metrics = json.load(f)
     epochs = [h["epoch"] for h in metrics["history"]]
     results = {
-        "epochs": _EPOCHS.value,
-        "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT.value,
-        "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
         "first_start": first,
         "join": join,
         "leave": leave,
@@ -251,11 +298,9 @@ def main(argv: list[str]) -> None:
             "join_loses_no_step": join["steps_lost"] == 0,
         },
     }
-    with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
-    _plot(results, os.path.join(_OUT.value, "elastic.png"))
-    print(json.dumps(results["targets"]))
-    print(f"wrote {_OUT.value}/results.json and elastic.png")
+    return results
 
 
 def _plot(results: dict, path: str) -> None:
@@ -275,7 +320,8 @@ def _plot(results: dict, path: str) -> None:
     ax.set_xticks(list(x), names)
     ax.set_ylabel("seconds after the change")
     ax.set_title(
-        f"Elastic launch on one host, heartbeat timeout {results['heartbeat_timeout_s']:.0f} s"
+        f"Elastic launch on one host, heartbeat timeout {results['heartbeat_timeout_s']:.0f} s "
+        f"(median of {results['repeats']})"
     )
     ax.legend()
     fig.tight_layout()
