@@ -166,22 +166,26 @@ def main(argv: list[str]) -> None:
         run_dir = os.path.join(_OUT.value, f"run{repeat}")
         os.makedirs(run_dir, exist_ok=True)
         runs.append(_run_once(run_dir))
+    medians = {
+        change: {
+            key: _median([run[change][key] for run in runs])
+            for key in ("round_s", "fit_start_s", "resume_s")
+        }
+        for change in ("first_start", "join", "leave")
+    }
     results = {
         "epochs": _EPOCHS.value,
         "heartbeat_timeout_s": _HEARTBEAT_TIMEOUT.value,
         "checkpoint_every_steps": _CHECKPOINT_EVERY.value,
         "repeats": len(runs),
         # Medians over the runs; each run's figures under "runs".
-        **{
-            change: {
-                key: _median([run[change][key] for run in runs])
-                for key in ("round_s", "fit_start_s", "resume_s")
-            }
-            for change in ("first_start", "join", "leave")
-        },
+        **medians,
         "runs": runs,
         "targets": {
-            "resume_within_20_s": all(run["targets"]["resume_within_20_s"] for run in runs),
+            # On the medians; `runs_within_20_s` counts the runs that met it.
+            "resume_within_20_s": max(medians["join"]["resume_s"], medians["leave"]["resume_s"])
+            <= TARGET_S,
+            "runs_within_20_s": sum(run["targets"]["resume_within_20_s"] for run in runs),
             "every_epoch_trained_once": all(
                 run["targets"]["every_epoch_trained_once"] for run in runs
             ),
