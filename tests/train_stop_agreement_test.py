@@ -48,6 +48,14 @@ class OneWorkerTest(absltest.TestCase):
         self.assertIsNone(agreement.stop_step)
         self.assertFalse(agreement.should_stop(100))
 
+    def test_several_workers_without_a_coordination_service_stop_alone(self):
+        # A TPU slice: several hosts, one client process and no coordination service.
+        agreement = preemption.StopAgreement(num_workers=4)
+        agreement.begin()
+        agreement.propose(3)
+        self.assertTrue(agreement.should_stop(3))
+        agreement.end()
+
     def test_bad_arguments(self):
         with self.assertRaisesRegex(
             ValueError, "num_workers must be >= 1. Received: num_workers=0"

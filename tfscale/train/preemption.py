@@ -39,6 +39,7 @@ import itertools
 import threading
 from typing import Optional
 
+import tensorflow as tf
 from absl import logging
 
 from tfscale import compat
@@ -63,9 +64,10 @@ class StopAgreement:
     """Agrees on the step at which every worker of a job stops.
 
     Args:
-      num_workers: the job's worker processes; with more than one, the
-        job's coordination service (started by `MultiWorkerMirroredStrategy`
-        or multi-client DTensor) carries the agreement.
+      num_workers: the job's workers; with more than one, the job's
+        coordination service (started by `MultiWorkerMirroredStrategy` or
+        multi-client DTensor) carries the agreement. Without one (a single
+        client driving several hosts) the stop is local, as for one worker.
       ack_timeout_s: how long a proposer waits for every worker to
         acknowledge; past it (a worker is gone) it goes on, with a warning.
 
@@ -95,6 +97,13 @@ class StopAgreement:
         if self.num_workers == 1:
             return
         self._key = f"{_KEY_PREFIX}/{next(_generations)}"
+        try:
+            compat.insert_job_key(f"{self._key}/begun", "1")
+        except tf.errors.FailedPreconditionError:
+            # One client process for several hosts (a TPU slice): it stops alone.
+            logging.info("No coordination service: a SIGTERM stops this process alone")
+            self._key = ""
+            return
         # A daemon: a worker that fails inside `fit` must not hang at exit on it.
         self._watcher = threading.Thread(
             target=self._watch, args=(self._key,), name="tfscale-stop-watcher", daemon=True
@@ -110,7 +119,7 @@ class StopAgreement:
         if self._proposed:
             return
         self._proposed = True
-        if self.num_workers == 1:
+        if not self._key:  # one worker, or no coordination service
             self.stop_step = step
             return
         if compat.insert_job_key(self._key, str(step + 1)):
