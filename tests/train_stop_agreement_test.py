@@ -1,5 +1,6 @@
 """`preemption.StopAgreement`: every worker stops after one agreed step."""
 
+import os
 import subprocess
 import sys
 
@@ -8,14 +9,16 @@ from absl.testing import absltest
 from tests import testutil
 from tfscale.train import preemption
 
+_WORKER = os.path.join(testutil.REPO_ROOT, "tests", "stop_agreement_worker.py")
+
 
 def _run_workers(propose_at):
     """Runs two lockstep workers; worker i proposes after step propose_at[i]."""
     addresses = ",".join(f"127.0.0.1:{testutil.free_port()}" for _ in propose_at)
-    env = {"PYTHONPATH": testutil.REPO_ROOT, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     processes = [
         subprocess.Popen(
-            [sys.executable, "tests/stop_agreement_worker.py", str(i), addresses, str(at)],
+            [sys.executable, _WORKER, str(i), addresses, str(at)],
             cwd=testutil.REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
