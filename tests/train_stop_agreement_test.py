@@ -12,13 +12,14 @@ from tfscale.train import preemption
 _WORKER = os.path.join(testutil.REPO_ROOT, "tests", "stop_agreement_worker.py")
 
 
-def _run_workers(propose_at):
-    """Runs two lockstep workers; worker i proposes after step propose_at[i]."""
+def _run_workers(propose_at, late=()):
+    """Runs two lockstep workers; worker i proposes after step propose_at[i]
+    (the workers in `late` only after the other ended its fit)."""
     addresses = ",".join(f"127.0.0.1:{testutil.free_port()}" for _ in propose_at)
     env = dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3")
     processes = [
         subprocess.Popen(
-            [sys.executable, _WORKER, str(i), addresses, str(at)],
+            [sys.executable, _WORKER, str(i), addresses, str(at)] + (["late"] if i in late else []),
             cwd=testutil.REPO_ROOT,
             env=env,
             stdout=subprocess.PIPE,
@@ -86,6 +87,16 @@ class TwoWorkersTest(absltest.TestCase):
         for code, out, err in results:
             self.assertEqual(code, 0, err[-3000:])
         self.assertEqual([out for _, out, _ in results], ["stopped 6", "stopped 6"])
+
+    def test_a_proposal_after_the_others_ended_the_fit_does_not_wait(self):
+        results = _run_workers([-1, -1], late=(1,))
+        for code, out, err in results:
+            self.assertEqual(code, 0, err[-3000:])
+        self.assertEqual(results[0][1], "finished")
+        took, finished = results[1][1].splitlines()
+        self.assertEqual(finished, "finished")
+        # Not the 30 s acknowledgement timeout.
+        self.assertLess(float(took.split()[-2]), 5.0, took)
 
     def test_without_a_proposal_both_finish_and_end_returns(self):
         results = _run_workers([-1, -1])

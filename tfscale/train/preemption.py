@@ -149,6 +149,8 @@ class StopAgreement:
             logging.warning("Stopped watching for a stop step: %s", e)
             return
         if value == _DONE:
+            # A worker finished the fit: a proposal that came too late waits for nothing.
+            self._acknowledged.set()
             return
         self.stop_step = int(value)
         try:
