@@ -56,9 +56,7 @@ LONG = (
     "tests/keras_paths_test.py::GeneratorInputTest::test_the_alternatives_train_on_every_batch",
     "tests/planner_train_test.py::AutoTrainsEveryConfigTest",
     "tests/launch_elastic_test.py::ElasticLaunchTest",
-    "tests/train_stop_agreement_test.py::TwoWorkersTest::test_the_first_of_two_proposals_wins",
-    "tests/train_stop_agreement_test.py::TwoWorkersTest::test_proposals_at_the_same_step_agree_too",
-    "tests/train_stop_agreement_test.py::TwoWorkersTest::test_without_a_proposal_both_finish_and_end_returns",
+    "tests/train_stop_agreement_test.py::TwoWorkersTest",
     "tests/planner_train_test.py::PlanBinaryTest",
     "tests/planner_plan_test.py::CalibrationTest::test_a_real_calibration_on_two_devices",
 )

@@ -11,8 +11,9 @@ so the router never imports TensorFlow and adds one hop of copying only.
   `tfscale-route-key` when a client sends one, else a hash of the request
   body, so the same request goes to the same replica (its caches).
 - **Failures**: a replica that cannot be reached (UNAVAILABLE, connection
-  refused) is marked down at once and the request is retried on another
-  (`retries` times); so is a full queue (RESOURCE_EXHAUSTED), without
+  refused), or that cancelled a call the client did not (a replica stopped
+  without a grace period), is marked down at once and the request is
+  retried on another (`retries` times); so is a full queue (RESOURCE_EXHAUSTED), without
   marking anyone down. A health thread checks every replica's readiness
   (`grpc.health.v1`, service `readiness`) each `health_interval_s` and marks
   replicas down and back up; a replica that drains (a rolling reload, a
@@ -408,6 +409,10 @@ class RouterServer:
                 code = e.code()
                 if code == grpc.StatusCode.UNAVAILABLE and _unreachable(e.details() or ""):
                     raise _Unreachable(e.details()) from None
+                if code == grpc.StatusCode.CANCELLED and context.is_active():
+                    # The replica cancelled it (a server stopped without grace), not
+                    # the client: the call did not complete there, so another answers.
+                    raise _Unreachable(f"cancelled by the replica: {e.details()}") from None
                 raise _Answered(code, e.details() or "", e.trailing_metadata() or ()) from None
             return response, call.trailing_metadata() or ()
 
