@@ -26,11 +26,11 @@ def _shards():
     return tuple(specs)
 
 
-def _run(equalize, num_consumers=3, policy="least_loaded"):
+def _run(equalize, num_consumers=3, policy="least_loaded", shards=None):
     """Three consumer threads of different speeds; returns (consumers, elements)."""
     spec = types.JobSpec(
         "eq",
-        _shards(),
+        shards or _shards(),
         policy,
         NUM_EPOCHS,
         lease_timeout_s=30,
@@ -95,6 +95,15 @@ class EqualizeTest(parameterized.TestCase):
         self.assertGreaterEqual(min(counts.values()), NUM_EPOCHS)  # nothing missing
         padding = 3 * sum(p.ceiling for p in progress) - NUM_EPOCHS * sum(SIZES)
         self.assertEqual(sum(counts.values()) - NUM_EPOCHS * sum(SIZES), padding)
+
+    def test_pad_by_a_consumer_that_got_no_shard_uses_the_jobs_first(self):
+        # Three consumers, one shard: two of them read none, and pad.
+        shards = (types.ShardSpec("range:0:5", 5),)
+        consumers, elements, progress = _run("pad", shards=shards)
+        self.assertEqual([p.ceiling for p in progress], [5] * NUM_EPOCHS)
+        for consumer, out in zip(consumers, elements):
+            self.assertEqual(consumer.per_epoch, {e: 5 for e in range(NUM_EPOCHS)})
+            self.assertEqual(sorted(out), sorted(list(range(5)) * NUM_EPOCHS))
 
     @parameterized.parameters(
         dict(num_consumers=0, equalize="pad"),

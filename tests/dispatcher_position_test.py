@@ -1,10 +1,15 @@
 """A consumer's input position, checkpointed and rewound to after a crash."""
 
 import collections
+import dataclasses
+import itertools
+import random
+import threading
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from tfscale.data import ledger
 from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import consumer as consumer_lib
@@ -75,7 +80,7 @@ class PositionTest(parameterized.TestCase):
             next(stream)
         position = second.position(20, base)
         self.assertEqual(position.epoch, 0)
-        consumed = sum(SIZES[s] for s in position.done) + (position.partial or (0, 0))[1]
+        consumed = sum(SIZES[s] for s in position.done) + sum(o for _, o in position.partials)
         self.assertEqual(consumed, 37)
         stream.close()
 
@@ -91,15 +96,18 @@ class PositionTest(parameterized.TestCase):
         self.client.register_worker("pos", "w0")
         self.client.register_worker("pos", "w1")
         with self.assertRaisesRegex(
-            types.FailedPrecondition, r"single-consumer job; 'pos' also has \['w1'\]"
+            types.FailedPrecondition, r"single-consumer job, or group=True; 'pos' also has \['w1'\]"
         ):
             self.client.rewind("pos", "w0", types.InputPosition())
 
     @parameterized.parameters(
         types.InputPosition(epoch=2),
         types.InputPosition(done=(6,)),
-        types.InputPosition(done=(1,), partial=(1, 3)),
-        types.InputPosition(partial=(0, 8)),  # shard 0 has 7 elements: 7 is "all, not yet finished"
+        types.InputPosition(done=(1,), partials=((1, 3),)),
+        types.InputPosition(partials=((1, 3), (1, 4))),  # one shard twice
+        types.InputPosition(
+            partials=((0, 8),)
+        ),  # shard 0 has 7 elements: 7 is "all, not yet finished"
     )
     def test_rewind_outside_the_job_is_invalid(self, position):
         self.client.register_worker("pos", "w0")
@@ -107,6 +115,102 @@ class PositionTest(parameterized.TestCase):
         with self.assertRaisesRegex(types.InvalidArgument, "outside job 'pos'"):
             self.client.rewind("pos", "w0", position)
         self.assertEqual(self.client.list_jobs(), before)
+
+
+class UnionTest(absltest.TestCase):
+    def test_a_shard_done_anywhere_is_done_and_partials_take_the_furthest_offset(self):
+        a = types.InputPosition(1, (0, 4), ((2, 3), (5, 1)))
+        b = types.InputPosition(1, (2,), ((5, 4), (6, 2)))
+        self.assertEqual(
+            types.InputPosition.union([a, b]),
+            types.InputPosition(1, (0, 2, 4), ((5, 4), (6, 2))),
+        )
+
+    def test_positions_in_different_epochs_are_refused(self):
+        with self.assertRaisesRegex(
+            ValueError, r"in one epoch to be joined. Received: epochs \[0, 1\]"
+        ):
+            types.InputPosition.union([types.InputPosition(0), types.InputPosition(1)])
+        with self.assertRaisesRegex(ValueError, "at least one position"):
+            types.InputPosition.union([])
+
+    def test_a_checkpoint_written_with_one_partial_still_reads(self):
+        position = types.InputPosition.from_dict({"epoch": 2, "done": [1], "partial": [3, 4]})
+        self.assertEqual(position, types.InputPosition(2, (1,), ((3, 4),)))
+
+
+class GroupRewindTest(absltest.TestCase):
+    """Two synchronous consumers checkpoint, lose steps, and three resume from there."""
+
+    def test_a_group_resized_at_a_checkpoint_trains_each_element_once_per_epoch(self):
+        spec = dataclasses.replace(_spec(), num_consumers=2, equalize="pad", lease_timeout_s=30)
+        with server_lib.server_context() as server:
+            client = client_lib.DispatcherClient(server.target)
+            client.create_job(spec)
+            # Two consumers train 9 elements each (the checkpoint), then 4
+            # more each that die with the crash.
+            first = [self._consumer(server, f"w{i}") for i in range(2)]
+            trained, positions, ranges = self._run(first, take=13, checkpoint=9)
+            self.assertEqual({p.epoch for p in positions}, {0})
+            position = types.InputPosition.union(positions)
+            self.assertNotEqual(position.partials, ())  # shards stopped partway
+            # Three resume: one rewinds the job for the group.
+            client.rewind("pos", "w0", position, group=True)
+            second = [self._consumer(server, f"w{i}") for i in range(3)]
+            resumed, final, more = self._run(second, base=position)
+            ranges += more
+            audit = ledger.Ledger(SIZES)
+            audit.add(ranges, types.InputPosition.union(final))
+            for epoch in audit.audit(types.InputPosition.union(final)):
+                self.assertEqual((epoch.duplicated_elements, epoch.missing_elements), (0, 0), epoch)
+            self.assertEqual(
+                sum(e.elements for e in audit.audit(final[0])), NUM_EPOCHS * sum(SIZES)
+            )
+            # The ranges are what the consumers yielded (the rest is padding).
+            yielded = collections.Counter(trained + resumed)
+            from_ranges = collections.Counter(_values(ranges))
+            self.assertLessEqual(from_ranges, yielded)
+            self.assertEqual(set(from_ranges), set(range(sum(SIZES))))
+            self.assertEqual(set(from_ranges.values()), {NUM_EPOCHS})
+            self.assertTrue(client.list_jobs()[0].finished)
+
+    def _consumer(self, server, worker):
+        client = client_lib.DispatcherClient(server.target)
+        return consumer_lib.ShardConsumer(
+            client, "pos", worker, readers.elements, max_shards=1, shuffle_seed=5
+        )
+
+    def _run(self, consumers, take=None, checkpoint=None, base=types.InputPosition()):
+        """Each consumer in a thread: (elements trained, positions, ranges) at the checkpoint."""
+        outputs = [[] for _ in consumers]
+        streams = [iter(c) for c in consumers]
+
+        def run(stream, out):
+            out.extend(stream if take is None else itertools.islice(stream, take))
+
+        threads = [threading.Thread(target=run, args=a, daemon=True) for a in zip(streams, outputs)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+            self.assertFalse(thread.is_alive())
+        counts = [len(out) if checkpoint is None else checkpoint for out in outputs]
+        positions = [c.position(n, base) for c, n in zip(consumers, counts)]
+        ranges = [r for c, n in zip(consumers, counts) for r in c.consumed_ranges(0, n)]
+        for stream in streams:
+            stream.close()
+        trained = [e for out, n in zip(outputs, counts) for e in out[:n]]
+        return trained, positions, ranges
+
+
+def _values(ranges):
+    """The elements of (epoch, shard, first, stop) ranges, as ShardConsumer shuffles them."""
+    starts = [sum(SIZES[:i]) for i in range(len(SIZES))]
+    for epoch, shard, first, stop in ranges:
+        name = f"range:{starts[shard]}:{starts[shard] + SIZES[shard]}"
+        elements = list(range(starts[shard], starts[shard] + SIZES[shard]))
+        random.Random(f"5:{epoch}:{name}").shuffle(elements)
+        yield from elements[first:stop]
 
 
 if __name__ == "__main__":

@@ -164,7 +164,10 @@ class ClientTypesTest(absltest.TestCase):
             self.assertIsInstance(result, types.AcquireResult)
             self.assertTrue(all(isinstance(lease, types.Lease) for lease in result.leases))
             self.assertEqual(result.leases[0].worker, "w0")
-            self.assertEqual(client.epoch_progress("train", 0), types.EpochProgress(False, 2, 2))
+            self.assertEqual(
+                client.epoch_progress("train", 0),
+                types.EpochProgress(False, 2, 2, SPEC.shards[0].name),
+            )
             (job,) = client.list_jobs()
             self.assertEqual(job, server.core.jobs()[0])
             status = client.status()

@@ -62,14 +62,15 @@ class RoundTripTest(parameterized.TestCase):
         self.assertEqual(wire.registration_from_proto(message), joined)
 
     def test_epoch_progress(self):
-        progress = types.EpochProgress(finished=True, floor=3, ceiling=9)
+        progress = types.EpochProgress(finished=True, floor=3, ceiling=9, pad_shard="a")
         message = wire.epoch_progress_to_proto(progress)
         self.assertEqual(wire.epoch_progress_from_proto(message), progress)
 
     @parameterized.parameters(
         types.InputPosition(),
-        types.InputPosition(2, (0, 3), (1, 5)),
-        types.InputPosition(1, (4,), None),
+        types.InputPosition(2, (0, 3), ((1, 5),)),
+        types.InputPosition(2, (0,), ((1, 5), (3, 2))),
+        types.InputPosition(1, (4,)),
     )
     def test_position(self, position):
         message = wire.position_to_proto("train", "w0", position)

@@ -8,11 +8,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import h5py
 import numpy as np
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from tests import testutil
 from tfscale.train import callbacks
@@ -53,19 +55,30 @@ def _wait_for_step(test, processes, checkpoints, step, timeout_s=240):
         time.sleep(0.01)
 
 
-class PreemptionTest(absltest.TestCase):
-    def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(self):
+class PreemptionTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        dict(testcase_name="plain", extra=(), steps=30),
+        # The job is rewound to the checkpoint's position, then to where the
+        # rest of the epoch ended: the same shards, in the same order. An
+        # epoch is at most a pass over the shards (23 batches).
+        dict(
+            testcase_name="dispatched", extra=("--config.data.dispatcher.embedded=True",), steps=20
+        ),
+    )
+    def test_sigterm_mid_epoch_then_resume_matches_an_uninterrupted_run(self, extra, steps):
+        args = (*_ARGS, *extra, f"--config.training.steps_per_epoch={steps}")
         root = self.create_tempdir().full_path
         reference = os.path.join(root, "reference")
-        result = testutil.train_binary(reference, *_ARGS)
+        result = testutil.train_binary(reference, *args)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         _, expected = _weights(reference)
 
         workdir = os.path.join(root, "run")
-        process = testutil.start_train_binary(workdir, *_ARGS, stderr=subprocess.PIPE, text=True)
+        process = testutil.start_train_binary(workdir, *args, stderr=subprocess.PIPE, text=True)
         self.addCleanup(process.kill)
         checkpoints = os.path.join(workdir, lib.CHECKPOINTS_DIR)
-        _wait_for_step(self, [process], checkpoints, 34)  # in epoch 2, after a periodic one
+        # In epoch 2, after a periodic one.
+        _wait_for_step(self, [process], checkpoints, steps + 4)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
         self.assertEqual(process.returncode, 143, stderr[-3000:])
@@ -73,25 +86,43 @@ class PreemptionTest(absltest.TestCase):
         self.assertRegex(stderr.strip().splitlines()[-1], r"^tfscale-train: preempted \(SIGTERM\)")
         state = callbacks.read_backup_state(checkpoints)
         self.assertEqual(state["epoch"], 1)
-        self.assertBetween(state["step_in_epoch"], 4, 29)
-        self.assertEqual(state["step"], 30 + state["step_in_epoch"])
+        self.assertBetween(state["step_in_epoch"], 4, steps - 1)
+        self.assertEqual(state["step"], steps + state["step_in_epoch"])
         self.assertFalse(os.path.exists(os.path.join(workdir, lib.METRICS_FILE)))
 
-        result = testutil.train_binary(workdir, *_ARGS)
+        result = testutil.train_binary(workdir, *args)
         self.assertEqual(result.returncode, 0, result.stderr[-3000:])
         state, resumed = _weights(workdir)
-        self.assertEqual((state["epoch"], state["step"]), (2, 60))
+        self.assertEqual((state["epoch"], state["step"]), (2, 2 * steps))
         self.assertEqual(sorted(resumed), sorted(expected))
         for name in expected:
             np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-6, atol=1e-7)
         metrics = testutil.read_metrics(workdir)
         self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2])
+        if extra:  # the ledger of what trained the model: each element once
+            audit = metrics["input_audit"]
+            self.assertEqual(audit["elements"], 2 * steps * 64)
+            self.assertEqual((audit["duplicated_elements"], audit["missing_elements"]), (0, 0))
+            self.assertEqual(audit, testutil.read_metrics(reference)["input_audit"])
 
-    def test_step_checkpoints_with_the_dispatcher_are_refused(self):
+    def test_step_checkpoints_with_dropping_workers_are_refused(self):
         workdir = os.path.join(self.create_tempdir().full_path, "run")
-        result = testutil.train_binary(workdir, "--config.data.dispatcher.embedded=True", *_ARGS)
-        self.assertEqual(result.returncode, 2)
-        self.assertIn("checkpoint_every_steps works with the plain input only", result.stderr)
+        process = testutil.start_train_binary(
+            workdir,
+            "--config.data.dispatcher.embedded=True",
+            "--config.data.dispatcher.equalize=drop",
+            *_WORKER_ARGS,
+            extra_env={
+                "TF_CONFIG": _tf_config([f"127.0.0.1:{testutil.free_port()}" for _ in range(2)], 0)
+            },
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.addCleanup(process.kill)
+        _, stderr = process.communicate(timeout=120)
+        self.assertEqual(process.returncode, 2, stderr[-3000:])
+        self.assertIn("equalize='drop' does not keep", stderr)
+        self.assertFalse(os.path.exists(workdir))
 
 
 _WORKER_ARGS = (
@@ -102,20 +133,23 @@ _WORKER_ARGS = (
 )
 
 
+def _tf_config(addresses, index):
+    return json.dumps(
+        {"cluster": {"worker": addresses}, "task": {"type": "worker", "index": index}}
+    )
+
+
 class MultiWorkerPreemptionTest(absltest.TestCase):
-    def _workers(self, workdir, **popen_kwargs):
-        """Starts the two workers of a `multi_worker_mirrored` job on loopback ports."""
-        addresses = [f"127.0.0.1:{testutil.free_port()}" for _ in range(2)]
+    def _workers(self, workdir, *extra, count=2, **popen_kwargs):
+        """Starts the workers of a `multi_worker_mirrored` job on loopback ports."""
+        addresses = [f"127.0.0.1:{testutil.free_port()}" for _ in range(count)]
         processes = []
-        for index in range(2):
-            tf_config = {
-                "cluster": {"worker": addresses},
-                "task": {"type": "worker", "index": index},
-            }
+        for index in range(count):
             process = testutil.start_train_binary(
                 workdir,
                 *_WORKER_ARGS,
-                extra_env={"TF_CONFIG": json.dumps(tf_config)},
+                *extra,
+                extra_env={"TF_CONFIG": _tf_config(addresses, index)},
                 **popen_kwargs,
             )
             self.addCleanup(process.kill)
@@ -172,6 +206,52 @@ class MultiWorkerPreemptionTest(absltest.TestCase):
         for name in expected:
             # One replica sums the global batch's gradient in another order.
             np.testing.assert_allclose(resumed[name], expected[name], rtol=1e-4, atol=1e-5)
+
+    def test_dispatched_sigterm_then_resume_on_three_workers_trains_each_element_once(self):
+        """The job is rewound to the two workers' joined position; three go on from it."""
+        server = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
+            cwd=testutil.REPO_ROOT,
+            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        self.addCleanup(server.kill)
+        address = server.stdout.readline().split()[-1]
+        # 48 splits over 2 and 3 workers. 4 shards of 1500: the two epochs
+        # of 75 steps take the workers into the job's second epoch.
+        extra = (
+            f"--config.data.dispatcher.address={address}",
+            "--config.data.max_train_examples=6000",
+            "--config.training.global_batch_size=48",
+            "--config.training.steps_per_epoch=75",
+        )
+        workdir = os.path.join(self.create_tempdir().full_path, "run")
+        processes = self._workers(workdir, *extra, stderr=subprocess.PIPE, text=True)
+        checkpoints = os.path.join(workdir, lib.CHECKPOINTS_DIR)
+        _wait_for_step(self, processes, checkpoints, 79)
+        processes[1].send_signal(signal.SIGTERM)
+        codes, outputs = self._finish(processes, timeout_s=60)
+        self.assertEqual(codes, [143, 143], outputs[0][-3000:] + outputs[1][-3000:])
+        state = callbacks.read_backup_state(checkpoints)
+        self.assertEqual(state["epoch"], 1)
+        self.assertGreater(state["step_in_epoch"], 0)
+        saved = state["extra"]["input_position"]
+        self.assertNotEqual(saved["done"] + saved["partials"], [])
+
+        processes = self._workers(workdir, *extra, count=3, stderr=subprocess.PIPE, text=True)
+        codes, outputs = self._finish(processes)
+        self.assertEqual(codes, [0, 0, 0], "".join(o[-2000:] for o in outputs))
+        self.assertIn(f"and {state['step_in_epoch']} steps", outputs[0])
+        metrics = testutil.read_metrics(workdir)
+        self.assertEqual((metrics["workers"], metrics["global_batch_size"]), (3, 48))
+        self.assertEqual([h["epoch"] for h in metrics["history"]], [1, 2])
+        audit = metrics["input_audit"]
+        self.assertEqual((audit["duplicated_elements"], audit["missing_elements"]), (0, 0), audit)
+        # Padding (which evens out the workers' counts) is trained, but not ledgered.
+        self.assertBetween(audit["elements"], 6000, 2 * 75 * 48)
+        self.assertEqual(audit["epochs"][0]["elements"], 6000)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ __all__ = [
     "get_job_key",
     "insert_job_key",
     "keras_generator_peek",
+    "in_keras_model_build",
     "keras_name_scope_path",
     "ordered_parallel_interleave",
     "set_collective_key_base",
@@ -122,6 +123,24 @@ def keras_generator_peek() -> Optional[Any]:
 
 
 _PEEK_FRAMES = 12
+
+
+def in_keras_model_build() -> bool:
+    """Whether the caller runs inside Keras's model build from one batch.
+
+    Under a strategy, `fit` and `evaluate` iterate their input once more
+    before the epoch, only to build the model from one batch's shapes.
+
+    Upstream: `TensorFlowTrainer._maybe_symbolic_build`, found on the stack.
+    """
+    frame = sys._getframe(1)  # pylint: disable=protected-access
+    for _ in range(_PEEK_FRAMES):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_maybe_symbolic_build":
+            return True
+        frame = frame.f_back
+    return False
 
 
 # --- tf.distribute ---------------------------------------------------------

@@ -71,8 +71,9 @@ class DispatchedInput:
     `report_consumed(n)` tells the dispatcher (with the heartbeats) how far
     training got: a shard whose lease ends unfinished (this worker died) is
     leased again at that offset. `position(n)` is where training stands after
-    `n` elements, for a checkpoint; `rewind(position)` moves a
-    single-consumer job back to it before a resumed run.
+    `n` elements, for a checkpoint; `rewind(position)` moves the job back
+    to it before a resumed run (for a group of consumers: one rewinds with
+    `group=True`, the others `start_at(position)`).
 
     Args:
       address: the dispatcher's `host:port`.
@@ -141,10 +142,23 @@ class DispatchedInput:
         self._latest: Optional[feed_lib.LeaseFeed] = None
         self.dataset = self._build()
 
-    def rewind(self, position: types.InputPosition) -> None:
-        """Moves the job back to `position`; later iterators start there."""
+    def rewind(self, position: types.InputPosition, group: bool = False) -> None:
+        """Moves the job back to `position`; later iterators start there.
+
+        The latest iterator's feed is closed first, so that it leases
+        nothing after the rewind. With `group`, the job is rewound for all
+        its consumers (see `DispatcherCore.rewind`): each of the others
+        calls `start_at(position)`, and waits until this call returned
+        before it iterates.
+        """
+        self.close()
         self._client.register_worker(self.job, self.worker)
-        self._client.rewind(self.job, self.worker, position)
+        self._client.rewind(self.job, self.worker, position, group=group)
+        self._base = position
+
+    def start_at(self, position: types.InputPosition) -> None:
+        """Later iterators start at `position`, to which another consumer rewinds the job."""
+        self.close()
         self._base = position
 
     def report_consumed(self, consumed: int, send: bool = False) -> None:
@@ -160,6 +174,12 @@ class DispatchedInput:
         if self._latest is None:
             return self._base
         return self._latest.position(consumed, self._base)
+
+    def consumed_ranges(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """`LeaseFeed.consumed_ranges` of the latest iterator ([] before the first)."""
+        if self._latest is None:
+            return []
+        return self._latest.consumed_ranges(start, stop)
 
     def close(self) -> None:
         """Ends the latest iterator's leases: completes what was taken, gives the rest back.

@@ -11,7 +11,10 @@ reproduced with no tfscale involved:
    iterates the input once more to build the model, and that iterator's
    prefetch drains the generator. Fix: the distributed datasets made here
    (and the dtensor kind's) hand that build the batch Keras already peeked
-   (`compat.keras_generator_peek`), so the generator is read once.
+   (`compat.keras_generator_peek`), so the generator is read once; a
+   `tf.data` input gets a batch of zeros of its shapes, so an input that
+   cannot be rewound (shards leased from the dispatcher) loses nothing
+   either.
 3. `fit(dist.distribute_dataset(...), class_weight=...)` raises
    "'DistributedDataset' object has no attribute 'map'": Keras maps the
    weights over its input. Fix: these datasets `map` their source (before
@@ -127,14 +130,25 @@ def _owned_memory(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def peeked_batch(element_spec: Any) -> Optional[tf.data.Dataset]:
-    """Inside Keras's model build with a generator input: a dataset of the batch
-    Keras already peeked, typed as `element_spec`; else None (see the module doc).
+    """Inside Keras's model build: a dataset of one batch for it, typed as
+    `element_spec`; else None (see the module doc).
 
-    The batch's arrays are copied: they may be views of the caller's memory.
+    With a generator input, the batch Keras already peeked (its arrays
+    copied: they may be views of the caller's memory); with a `tf.data`
+    input of fully defined shapes, a batch of zeros (the build reads only
+    shapes and dtypes, and an input that cannot be rewound, such as shards
+    leased from a dispatcher, must not lose a batch to it); otherwise None.
     """
     peeked = compat.keras_generator_peek()
     if peeked is None:
-        return None
+        specs = tf.nest.flatten(element_spec)
+        fully_defined = all(
+            isinstance(s, tf.TensorSpec) and s.shape.is_fully_defined() for s in specs
+        )
+        if not (fully_defined and compat.in_keras_model_build()):
+            return None
+        zeros = tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), element_spec)
+        return tf.data.Dataset.from_tensors(zeros)
     tensors = tf.nest.map_structure(
         lambda spec, value: tf.convert_to_tensor(np.array(value, copy=True), dtype=spec.dtype),
         element_spec,
@@ -176,8 +190,8 @@ class KerasDistributedDataset(compat.DistributedDatasetBase):
     def __iter__(self) -> Iterator[Any]:
         if isinstance(self._source, tf.data.Dataset):
             peeked = peeked_batch(self._source.element_spec)
-            if peeked is not None:  # Keras's model build: the batch it already took
-                return iter(self._distribute(peeked))
+            if peeked is not None:  # Keras's model build: one batch, not from the input
+                return iter(self._distribute(peeked.with_options(self._source.options())))
         return iter(self._distributed)
 
     def map(

@@ -13,10 +13,11 @@ Dispatched input keeps the dispatcher's order (each epoch's seeded shard
 permutation, each shard shuffled through `config.data.shuffle_buffer` with a
 seed per epoch and shard) instead of one shuffle buffer across shards,
 so the elements training consumed are a prefix of what the dispatcher
-delivered: `TrainInput.position(consumed)` is saved with each checkpoint,
-and a single-worker run resuming from a checkpoint first rewinds the job to
-it, so the shards consumed by steps lost in a crash are read again, and the
-others are not.
+delivered: `TrainInput.position(consumed)` is saved with each checkpoint
+(with several workers, the union of theirs, see `input_group`), and a run
+resuming from a checkpoint, on any number of workers, first rewinds the job
+to it, so the shards consumed by steps lost in a crash are read again, and
+the others are not.
 
 Example:
 
@@ -51,6 +52,7 @@ from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import shards as shards_lib
 from tfscale.data.dispatcher import types
 from tfscale.train import config as config_lib
+from tfscale.train import input_group
 
 __all__ = [
     "TrainInput",
@@ -70,11 +72,12 @@ class TrainInput:
     stream, the stream one device would see, and a resume at step `s`
     skips `s` global batches of it whatever the worker count; OFF when
     dispatched),
-    dispatcher (the address used, or None), dispatched (the
-    `DispatchedInput` of a single worker, for its position, or None),
-    source (the `DispatchedInput`, for progress reports, or None),
-    resume_from (start -> the plain input's stream from that element, or
-    None; see `from_element`)."""
+    dispatcher (the address used, or None), group (the dispatched input's
+    `InputGroup`: the position and ledger checkpoints save, rewinds; None
+    when not dispatched or equalized with "drop", which keeps no
+    position), source (the `DispatchedInput`, for progress reports, or
+    None), resume_from (start -> the plain input's stream from that
+    element, or None; see `from_element`)."""
 
     dataset: tf.data.Dataset
     steps_per_epoch: int
@@ -82,9 +85,14 @@ class TrainInput:
     num_classes: int
     shard_policy: _ShardPolicy = _ShardPolicy.DATA
     dispatcher: Optional[str] = None
-    dispatched: Optional[dispatched.DispatchedInput] = None
+    group: Optional[input_group.InputGroup] = None
     source: Optional[dispatched.DispatchedInput] = None
     resume_from: Optional[Callable[[int], tf.data.Dataset]] = None
+
+    @property
+    def resumable_inside_epoch(self) -> bool:
+        """Whether a checkpoint inside an epoch can resume this input exactly."""
+        return self.dispatcher is None or self.group is not None
 
     def from_element(self, start: int) -> tf.data.Dataset:
         """`dataset` after its first `start` elements.
@@ -97,11 +105,30 @@ class TrainInput:
             return self.dataset
         return self.resume_from(start)
 
-    def position(self, consumed: int) -> Optional[dict[str, Any]]:
-        """The dispatched input position after `consumed` elements, as JSON."""
-        if self.dispatched is None:
-            return None
-        return self.dispatched.position(consumed).to_dict()
+    def checkpoint_state(self, consumed: int) -> dict[str, Any]:
+        """What a checkpoint after `consumed` elements per worker saves of the input.
+
+        The dispatched input's position and ledger (`InputGroup.checkpoint`;
+        with several workers, every one calls this at the same step);
+        `{"input_position": None}` for the plain input, which resumes by
+        its step count.
+        """
+        if self.group is None:
+            return {"input_position": None}
+        return self.group.checkpoint(consumed)
+
+    def continue_from(self, consumed: int) -> None:
+        """The next iterator continues after the `consumed` elements per worker trained.
+
+        Between two `fit`s (`InputGroup.continue_from`); the plain input
+        continues through `from_element`.
+        """
+        if self.group is not None:
+            self.group.continue_from(consumed)
+
+    def audit(self) -> Optional[dict[str, Any]]:
+        """The dispatched input's ledger audit (`InputGroup.audit`), or None without one."""
+        return None if self.group is None else self.group.audit()
 
     def report_consumed(self, consumed: int) -> None:
         """Tells the dispatcher (if any) that training consumed `consumed` elements."""
@@ -113,8 +140,9 @@ def train_input(
     config: ml_collections.ConfigDict,
     workdir: str,
     stack: contextlib.ExitStack,
-    resume_position: Optional[dict[str, Any]] = None,
+    resume: Optional[dict[str, Any]] = None,
     num_workers: int = 1,
+    is_chief: bool = True,
 ) -> TrainInput:
     """The train split, shuffled; an embedded dispatcher is stopped by `stack`.
 
@@ -122,16 +150,18 @@ def train_input(
       config: the training config.
       workdir: the run's workdir (an embedded dispatcher journals there).
       stack: owns the embedded dispatcher.
-      resume_position: the dispatched input position saved with the
-        checkpoint being resumed (None: from the start).
-      num_workers: synchronous workers consuming the job: one is rewound to
-        `resume_position`; several get equal element counts per epoch
-        (`config.data.dispatcher.equalize`).
+      resume: what the checkpoint being resumed saved of the input
+        (`TrainInput.checkpoint_state`; None: from the start).
+      num_workers: synchronous workers consuming the job; several get
+        equal element counts per epoch (`config.data.dispatcher.equalize`).
+        The job is rewound to the resumed position (the start if None) for
+        all of them, by the chief, unless they equalize with "drop".
+      is_chief: whether this worker rewinds the job for the group.
     """
     split = _load(config, config.data.train_split)
     options = config.data.dispatcher
     if options.address or options.embedded:
-        return _dispatched(config, split, workdir, stack, resume_position, num_workers)
+        return _dispatched(config, split, workdir, stack, resume or {}, num_workers, is_chief)
     dataset, count = _limit(split, config.data.max_train_examples)
     steps = _steps(config, count)
 
@@ -159,12 +189,21 @@ def _dispatched(
     split: sources.SplitData,
     workdir: str,
     stack: contextlib.ExitStack,
-    resume_position: Optional[dict[str, Any]],
+    resume: dict[str, Any],
     num_workers: int,
+    is_chief: bool,
 ) -> TrainInput:
     options = config.data.dispatcher
     shards, count = _shards(config, split)
     steps = _steps(config, count)  # before anything starts or is written
+    if steps * config.training.global_batch_size > count:
+        # The job's epochs are passes over the shards: training would run out.
+        raise config_lib.ConfigError(
+            f"config.training.steps_per_epoch={steps} needs "
+            f"{steps * config.training.global_batch_size} examples an epoch, but the dispatched "
+            f"train split has {count}: set it to at most "
+            f"{count // config.training.global_batch_size} (or 0 for whole passes)"
+        )
     address = options.address
     token = auth.read_token_file(options.auth_token_file)
     if options.embedded:
@@ -182,7 +221,7 @@ def _dispatched(
         num_consumers=num_workers if num_workers > 1 else 0,
         equalize=options.equalize if num_workers > 1 else "none",
     )
-    _ensure_job(address, token, spec, options.tls_root_cert_file)
+    same_shards = _ensure_job(address, token, spec, options.tls_root_cert_file)
     if split.files:
         reader = readers.records(split.image_shape)
     else:
@@ -199,10 +238,17 @@ def _dispatched(
         auth_token=token,
         tls_root_cert_file=options.tls_root_cert_file,
     )
-    single_worker = num_workers == 1
-    if single_worker:
-        position = types.InputPosition.from_dict(resume_position or types.InputPosition().to_dict())
-        source.rewind(position)
+    group = None
+    if spec.equalize != "drop":
+        # A job made elsewhere from other shards: no ledger (its sizes are unknown here).
+        sizes = [s.size for s in spec.shards] if same_shards else None
+        group = input_group.InputGroup(
+            source, sizes, num_workers, is_chief, ledger_state=resume.get("input_ledger")
+        )
+        position = types.InputPosition()
+        if resume.get("input_position") is not None:
+            position = types.InputPosition.from_dict(resume["input_position"])
+        group.start(position)
     read = _file_element if split.files else _tfds_element
     dataset = source.dataset.map(read, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return TrainInput(
@@ -212,20 +258,26 @@ def _dispatched(
         split.num_classes,
         _ShardPolicy.OFF,
         address,
-        source if single_worker else None,
+        group,
         source,
     )
 
 
 def _ensure_job(
     address: str, token: Optional[str], spec: types.JobSpec, tls_root_cert_file: Optional[str]
-) -> None:
-    """Creates (or extends) the job; an existing different one must have the epochs."""
+) -> bool:
+    """Creates (or extends) the job; an existing different one must have the epochs.
+
+    Returns whether the job has `spec`'s shard count (its shards are then
+    taken to be `spec`'s: a job this config made, e.g. for another worker
+    count).
+    """
     client = client_lib.DispatcherClient(
         address, auth_token=token, tls_root_cert_file=tls_root_cert_file
     )
     try:
         client.create_job(spec)  # no-op if it exists; more epochs extend it
+        return True
     except types.AlreadyExists:
         (job,) = [j for j in client.list_jobs() if j.name == spec.name]
         if job.num_epochs < spec.num_epochs:
@@ -235,6 +287,7 @@ def _ensure_job(
                 f"(tfscale-dispatcher serve --num_epochs={spec.num_epochs})"
             ) from None
         logging.info("Using the existing dispatcher job %r at %s", spec.name, address)
+        return job.num_shards == len(spec.shards)
     finally:
         client.close()
 

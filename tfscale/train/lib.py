@@ -95,8 +95,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             config,
             workdir,
             stack,
-            resume_position=resume.get("extra", {}).get("input_position"),
+            resume=resume.get("extra"),
             num_workers=dist.num_workers,
+            is_chief=dist.is_chief,
         )
         metrics = _fit(config, workdir, dist, train, resume)
     metrics["wall_time_s"] = time.perf_counter() - start
@@ -152,22 +153,21 @@ def _fit(
             del epochs[epoch - 1 :]  # a resumed epoch replaces what a crash left
             epochs.append({"epoch": epoch, **{k: float(v) for k, v in logs.items()}})
         return {
-            "input_position": train.position(consumed.count),
+            **train.checkpoint_state(consumed.count),
             "history": list(epochs),
             "per_replica_batch": dist.per_replica_batch_size(global_batch),
             "replicas": dist.num_replicas_in_sync,
         }
 
-    dispatched = train.dispatcher is not None
     backup = callbacks_lib.BackupAndRestore(
         os.path.join(workdir, CHECKPOINTS_DIR),
         is_chief=dist.is_chief,
         max_to_keep=config.training.checkpoints_to_keep,
         extra_state=checkpoint_extra,
         every_steps=config.training.checkpoint_every_steps,
-        # Not yet with dispatched input: its resume inside an epoch is not
-        # implemented (see _check_step_checkpoints).
-        stop_on_sigterm=not dispatched,
+        # Not with an input that cannot resume inside an epoch (see
+        # _check_step_checkpoints): SIGTERM then ends the process at once.
+        stop_on_sigterm=train.resumable_inside_epoch,
         num_workers=dist.num_workers,
     )
     tensorboard = callbacks_lib.TensorBoard(
@@ -181,7 +181,8 @@ def _fit(
     def fit(skip: int, epochs: int, steps: int) -> keras.callbacks.History:
         """`fit` on the input after its first `skip` elements (a plain input is
         deterministic: it continues its stream exactly; a dispatched one was
-        rewound to its checkpoint position)."""
+        rewound to its checkpoint position, or to where the previous fit
+        stopped)."""
         dataset = train.from_element(skip)
         return model.fit(
             dist.distribute_dataset(dataset, global_batch, shard_policy=train.shard_policy),
@@ -210,6 +211,9 @@ def _fit(
         backup.first_epoch_offset = inside
         epochs_run += len(fit(skip, resume["epoch"] + 1, remaining).epoch)
         skip += remaining * global_batch
+        if not backup.preempted:
+            # The next fit's iterators continue where this one's training stopped.
+            train.continue_from(consumed.count)
     if not backup.preempted and (not inside or resume["epoch"] + 1 < config.training.epochs):
         # A run whose epochs are all done trains nothing (the callback only
         # restores the weights): no need to skip through the input first.
@@ -233,6 +237,17 @@ def _fit(
     metrics = _metrics(config, dist, resume.get("epoch", 0), epochs_run, epochs, eval_logs)
     metrics["eval"]["examples"] = eval_steps * global_batch
     metrics["dispatcher"] = train.dispatcher
+    audit = train.audit()
+    if audit is not None:
+        metrics["input_audit"] = audit
+        logging.info(
+            "Input audit: %d elements trained over %d epoch(s) of the job; %d duplicated, "
+            "%d missing",
+            audit["elements"],
+            len(audit["epochs"]),
+            audit["duplicated_elements"],
+            audit["missing_elements"],
+        )
     report = dist.memory_report(model)
     if report is not None:
         metrics["memory"] = report.to_dict()
@@ -262,11 +277,20 @@ class Preempted(Exception):
 def _check_step_checkpoints(config: ml_collections.ConfigDict) -> None:
     """Checkpoints inside an epoch need an input that can resume inside one."""
     options = config.data.dispatcher
-    if config.training.checkpoint_every_steps and (options.address or options.embedded):
+    if not (config.training.checkpoint_every_steps and (options.address or options.embedded)):
+        return
+    try:
+        cluster = cluster_lib.resolve("auto")
+    except ValueError:
+        return  # the distribution reports a bad cluster
+    num_workers = cluster.num_workers if cluster is not None else 1
+    if num_workers > 1 and options.equalize == "drop":
         raise config_lib.ConfigError(
-            "config.training.checkpoint_every_steps works with the plain input only: resuming "
-            "dispatched input inside an epoch is not supported yet. Received: "
-            f"checkpoint_every_steps={config.training.checkpoint_every_steps} with the dispatcher"
+            "config.training.checkpoint_every_steps needs an input position, which "
+            "config.data.dispatcher.equalize='drop' does not keep (it holds elements back): "
+            "use equalize='pad'. Received: "
+            f"checkpoint_every_steps={config.training.checkpoint_every_steps} on {num_workers} "
+            "workers"
         )
 
 

@@ -18,10 +18,18 @@ script times, from the event:
   a join; after the kill -9 the new round restores the latest step
   checkpoint (`--checkpoint_every_steps`), which bounds the loss.
 
+With `--input=dispatcher` (the default), the workers read the train split's
+16 shards through a `tfscale-dispatcher` process on this host: each
+restart rewinds the job to the checkpoint's position, joined over the
+workers that wrote it, and re-balances the rest over the new members.
+
 At the end it reads `metrics.json`: every configured epoch trained once
 (the history has each epoch), the global batch kept
-(`--config.training.resize=keep_global_batch`), and the workers of the
-last run. Target (issue): training resumes within 20 s of each change.
+(`--config.training.resize=keep_global_batch`), the workers of the last
+run, and with the dispatcher the input audit (`input_audit`: the ledger of
+the element ranges that trained the final model; per epoch of the job, 0
+duplicated and 0 missing elements and shards). Target (issue): training
+resumes within 20 s of each change.
 The scenario runs `--repeats` times (3); `results.json` has the medians and
 every run's figures (`runs`), each run's node logs are in `run<k>/`.
 
@@ -61,6 +69,13 @@ _STEPS_PER_EPOCH = flags.DEFINE_integer(
     "steps_per_epoch", 0, "Steps per epoch (0: the whole train split, 250 steps)."
 )
 _TIMEOUT = flags.DEFINE_float("timeout_s", 600.0, "Give up after this long.")
+_INPUT = flags.DEFINE_enum(
+    "input",
+    "dispatcher",
+    ["dispatcher", "plain"],
+    "dispatcher: the shards leased by a tfscale-dispatcher process; plain: every worker "
+    "reads the seeded stream.",
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET_S = 20.0
@@ -193,6 +208,11 @@ def main(argv: list[str]) -> None:
             "join_loses_no_step": all(run["targets"]["join_loses_no_step"] for run in runs),
         },
     }
+    if _INPUT.value == "dispatcher":
+        results["targets"]["input_audit_exact"] = all(
+            run["targets"]["input_audit_exact"] for run in runs
+        )
+    results["input"] = _INPUT.value
     with open(os.path.join(_OUT.value, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     _plot(results, os.path.join(_OUT.value, "elastic.png"))
@@ -211,6 +231,16 @@ def _run_once(out: str) -> dict:
     workdir = tempfile.mkdtemp(prefix="elastic-", dir=out)
     port = cluster.free_port()
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="3")
+    dispatcher = None
+    if _INPUT.value == "dispatcher":
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
     launch = [
         sys.executable,
         "-m",
@@ -239,6 +269,9 @@ def _run_once(out: str) -> dict:
     ]
     if _STEPS_PER_EPOCH.value:
         launch.append(f"--config.training.steps_per_epoch={_STEPS_PER_EPOCH.value}")
+    if dispatcher is not None:
+        address = dispatcher.stdout.readline().split()[-1]
+        launch.append(f"--config.data.dispatcher.address={address}")
     nodes: list[_Node] = []
     timeout = _TIMEOUT.value
     try:
@@ -276,6 +309,8 @@ def _run_once(out: str) -> dict:
         codes = [n.process.wait(timeout=timeout) for n in nodes[:2]]
         total_s = time.monotonic() - start
     finally:
+        if dispatcher is not None:
+            dispatcher.kill()
         for node in nodes:
             if node.process.poll() is None:
                 node.process.kill()
@@ -302,6 +337,14 @@ def _run_once(out: str) -> dict:
             "join_loses_no_step": join["steps_lost"] == 0,
         },
     }
+    audit = metrics.get("input_audit")
+    if audit is not None:
+        results["input_audit"] = audit
+        results["targets"]["input_audit_exact"] = all(
+            e["duplicated_elements"] == e["missing_elements"] == 0
+            and e["duplicated_shards"] == e["missing_shards"] == 0
+            for e in audit["epochs"]
+        ) and bool(audit["epochs"])
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=2)
     return results

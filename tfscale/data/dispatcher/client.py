@@ -172,9 +172,11 @@ class DispatcherClient:
         """Claims the lease's shard for delivery; the first commit of a shard wins."""
         self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
 
-    def rewind(self, job: str, worker: str, position: types.InputPosition) -> None:
-        """Moves a single-consumer job back to `position`."""
-        self._call("Rewind", wire.position_to_proto(job, worker, position))
+    def rewind(
+        self, job: str, worker: str, position: types.InputPosition, group: bool = False
+    ) -> None:
+        """Moves the job back to `position` (see `DispatcherCore.rewind`)."""
+        self._call("Rewind", wire.position_to_proto(job, worker, position, group))
 
     def epoch_progress(self, job: str, epoch: int) -> types.EpochProgress:
         """Committed element counts of the consumers in `epoch`."""

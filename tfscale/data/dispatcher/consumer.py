@@ -119,6 +119,10 @@ class ShardConsumer:
             )
         return self._feed.position(consumed, base)
 
+    def consumed_ranges(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """`LeaseFeed.consumed_ranges` of the latest iterator: where elements came from."""
+        return self._feed.consumed_ranges(start, stop)
+
     def _new_feed(self) -> feed_lib.LeaseFeed:
         return feed_lib.LeaseFeed(
             self._client,

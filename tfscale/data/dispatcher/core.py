@@ -302,6 +302,7 @@ class DispatcherCore:
                 finished=epoch < state.epoch,
                 floor=min(values) if enough else 0,
                 ceiling=max(values, default=0),
+                pad_shard=state.names[0],
             )
 
     def heartbeat(
@@ -444,24 +445,31 @@ class DispatcherCore:
                 + [{"op": "release", "job": job, "token": token}]
             )
 
-    def rewind(self, job: str, worker: str, position: InputPosition) -> None:
-        """Moves a single-consumer job back to a training checkpoint's position.
+    def rewind(self, job: str, worker: str, position: InputPosition, group: bool = False) -> None:
+        """Moves the job back to a training checkpoint's position.
 
-        Shards the worker consumed after the checkpoint (lost with the steps
-        that consumed them) become pending again; a partly consumed shard is
+        Shards consumed after the checkpoint (lost with the steps that
+        consumed them) become pending again; a partly consumed shard is
         leased next with the consumed elements skipped; every lease ends.
+
+        Args:
+          group: the caller rewinds for every consumer of the job (a
+            synchronous group restarting from its checkpoint, whose other
+            members wait until it did); without it, the job must have no
+            other worker.
 
         Raises:
           InvalidArgument: for a position outside the job.
-          FailedPrecondition: if another worker consumes this job too.
+          FailedPrecondition: without `group`, if another worker consumes
+            this job too.
         """
         with self._lock:
             state, _ = self._registered(job, worker)
             others = sorted(set(state.workers) - {worker})
-            if others:
+            if others and not group:
                 raise FailedPrecondition(
-                    f"Rewind needs a single-consumer job; {describe(job)} also has "
-                    f"{describe(others, limit=200)}"
+                    f"Rewind needs a single-consumer job, or group=True; {describe(job)} also "
+                    f"has {describe(others, limit=200)}"
                 )
             validate_position(state.spec, position)
             self._commit({"op": "rewind", "job": job, "position": position.to_dict()})
@@ -776,11 +784,10 @@ class DispatcherCore:
         state.start_epoch(position.epoch)
         state.done = set(position.done)
         state.pending = [s for s in state.pending if s not in state.done]
-        if position.partial:
-            shard, offset = position.partial
-            state.pending.remove(shard)
-            state.pending.insert(0, shard)
-            state.offsets[shard] = offset
+        partial = dict(position.partials)
+        # Shards read in part first, so that few are open at a time.
+        state.pending.sort(key=lambda shard: shard not in partial)
+        state.offsets.update(partial)
         if len(state.done) == len(state.spec.shards):
             state.start_epoch(position.epoch + 1)
 

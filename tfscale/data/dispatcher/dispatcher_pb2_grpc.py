@@ -152,7 +152,7 @@ class ShardDispatcherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Rewind(self, request, context):
-        """Moves a single-consumer job back to a training checkpoint's input
+        """Moves a job (one consumer, or a whole group) back to a training checkpoint's input
         position: shards consumed after it become pending again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

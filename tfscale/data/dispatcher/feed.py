@@ -61,6 +61,10 @@ _MAX_STARVED_S = 2.0
 _SLOT_IDS = itertools.count(1)  # unique in the process: readers route by id
 
 
+class _Closed(Exception):
+    """The feed was closed while it waited for an epoch to end."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Slot:
     """A run of elements to read.
@@ -155,7 +159,11 @@ class LeaseFeed:
         self._yielded: dict[int, int] = collections.defaultdict(int)  # epoch -> elements yielded
         self._held: list[tuple[types.Lease, int]] = []  # drop: (lease, elements already yielded)
         self._latest: Optional[Slot] = None  # pad: the latest nonempty shard run
+        self._yielded_total = 0  # elements of the runs yielded, padding included
+        self._largest = 0  # the most elements a lease had to read
         self._stop = threading.Event()
+        # Held while leasing: `close` waits for an acquire in flight.
+        self._acquiring = threading.Lock()
         self.delivered: list[tuple[int, str]] = []
         self.lost: list[tuple[int, str]] = []
         self.per_epoch: dict[int, int] = {}
@@ -170,6 +178,9 @@ class LeaseFeed:
         registration = self._client.register_worker(self._job, self._worker)
         self._equalize = registration.equalize if registration.num_consumers else "none"
         claim = "commit" if self._equalize == "none" else "complete"
+        # Equalized consumers lease one shard at a time (see `_ahead`), so
+        # that one of them does not take two the others then lack.
+        max_shards = self._max_shards if self._equalize == "none" else 1
         beat = threading.Thread(
             target=self._heartbeat, args=(registration.heartbeat_interval_s,), daemon=True
         )
@@ -179,7 +190,16 @@ class LeaseFeed:
                 if self._held:  # drop: no more shards while holding some back
                     yield from self._wait_held()
                     continue
-                result = self._acquire(self._max_shards, claim)
+                if self._ahead():  # equalized: leave the next shards to the others
+                    time.sleep(self._poll_s)
+                    idle = self._idle_slot()
+                    if idle is not None:
+                        yield idle
+                    continue
+                with self._acquiring:
+                    if self._stop.is_set():  # closed: lease nothing more
+                        return
+                    result = self._acquire(max_shards, claim)
                 if result.end_of_job:
                     yield from self._close_epochs(registration.num_epochs)
                     return
@@ -194,6 +214,8 @@ class LeaseFeed:
                 yield from self._close_epochs(result.leases[0].epoch)  # one epoch per grant
                 for lease in result.leases:
                     yield from self._slots_of(lease)
+        except _Closed:
+            return
         finally:
             self.close()
 
@@ -278,7 +300,7 @@ class LeaseFeed:
         """
         if self._equalize == "drop":
             raise ValueError("Input positions are not tracked with equalize='drop'")
-        epoch, done, partial = base.epoch, set(base.done), base.partial
+        epoch, done, partials = base.epoch, set(base.done), dict(base.partials)
         remaining = consumed
         for run, take in self._walk(consumed):
             remaining -= take
@@ -286,21 +308,51 @@ class LeaseFeed:
             if slot.shard is None:  # padding
                 continue
             if slot.epoch != epoch:
-                epoch, done, partial = slot.epoch, set(), None
+                epoch, done, partials = slot.epoch, set(), {}
             if take == run.count:
                 done.add(slot.shard)
-                partial = None if partial and partial[0] == slot.shard else partial
+                partials.pop(slot.shard, None)
             else:
-                partial = (slot.shard, slot.offset + take)
+                partials[slot.shard] = slot.offset + take
         if remaining > 0:
             raise ValueError(f"consumed={consumed} is more than the elements handed on")
-        return types.InputPosition(epoch, tuple(sorted(done)), partial)
+        return types.InputPosition(epoch, tuple(sorted(done)), tuple(sorted(partials.items())))
+
+    def consumed_ranges(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
+        """Where elements `start` to `stop` (exclusive) handed on came from.
+
+        Returns:
+          `(epoch, shard, first, stop)` element ranges of shards, in the
+          order handed on, padding left out.
+
+        Raises:
+          ValueError: for a bad span, or more elements than were handed on.
+        """
+        if not 0 <= start <= stop:
+            raise ValueError(f"Expected 0 <= start <= stop. Received: start={start}, stop={stop}")
+        ranges, offset = [], 0
+        for run, take in self._walk(stop):
+            lo, hi = max(start, offset), offset + take
+            slot = run.slot
+            if hi > lo and slot.shard is not None:
+                first = slot.offset + lo - offset
+                ranges.append((slot.epoch, slot.shard, first, first + hi - lo))
+            offset = hi
+        if offset < stop:
+            raise ValueError(f"stop={stop} is more than the elements handed on ({offset})")
+        return ranges
 
     def close(self) -> None:
-        """Stops heartbeats; settles what is due and gives unfinished leases back."""
+        """Stops leasing and heartbeats; settles what is due, gives unfinished leases back.
+
+        Once it returns, this feed acquires no lease (an acquire in flight
+        is waited for), so a rewind after it is not undone by this feed.
+        """
         if self._stop.is_set():
             return
         self._stop.set()
+        with self._acquiring:
+            pass
         with self._lock:
             unfinished = sorted(self._unfinished)
         if not unfinished:
@@ -368,6 +420,20 @@ class LeaseFeed:
                     self.delivered.append((lease.epoch, lease.shard_name))
         return result
 
+    def _ahead(self) -> bool:
+        """Equalized, with training's reports: a shard's worth yielded but not trained.
+
+        Equalized leases complete at grant, so a consumer that leased ahead
+        of its training would take shards its peers (started a moment
+        later, or resumed) then lack, and they would pad with repeated
+        elements instead; it asks for more once training is less than a
+        shard behind.
+        """
+        with self._lock:
+            if self._equalize == "none" or not self._reporting or not self._largest:
+                return False
+            return self._yielded_total - self._consumed >= self._largest
+
     def _idle_slot(self) -> Optional[Slot]:
         """An empty run, while runs handed out are unfinished.
 
@@ -384,8 +450,11 @@ class LeaseFeed:
             self._by_id[slot.id] = _Run(slot, 0)
         return slot
 
+    def _shard_seed(self, epoch: int, name: str) -> int:
+        return hash_ring.stable_hash(f"{self._seed}:{epoch}:{name}") & (2**62 - 1)
+
     def _slot(self, lease: types.Lease, offset: int, count: int, token: int) -> Slot:
-        seed = hash_ring.stable_hash(f"{self._seed}:{lease.epoch}:{lease.shard_name}") & (2**62 - 1)
+        seed = self._shard_seed(lease.epoch, lease.shard_name)
         slot = Slot(
             next(_SLOT_IDS),
             lease.shard_name,
@@ -400,6 +469,8 @@ class LeaseFeed:
             self._runs.append(run)
             self._by_id[slot.id] = run
             self._yielded[lease.epoch] += max(count, 0)
+            self._yielded_total += max(count, 0)
+            self._largest = max(self._largest, lease.size - lease.offset)
         return slot
 
     def _slots_of(self, lease: types.Lease) -> Iterator[Slot]:
@@ -435,6 +506,8 @@ class LeaseFeed:
 
     def _wait_held(self) -> Iterator[Slot]:
         """drop: yields held elements as the floor rises; closes the epoch once it ends."""
+        if self._stop.is_set():
+            raise _Closed()
         progress = self._client.epoch_progress(self._job, self._epoch)
         if progress.finished:
             yield from self._close_epochs(self._epoch + 1)
@@ -452,22 +525,31 @@ class LeaseFeed:
                 if self._equalize == "drop":
                     yield from self._release_held(progress)
                 else:
-                    yield from self._pad(progress.ceiling - self._sizes[self._epoch])
+                    yield from self._pad(progress)
             self._held = []
             self._epoch += 1
 
-    def _pad(self, count: int) -> Iterator[Slot]:
+    def _pad(self, progress: types.EpochProgress) -> Iterator[Slot]:
+        """pad: repeats the latest shard read up to the epoch's largest count.
+
+        A consumer that read no shard yet (a resumed group can have more
+        consumers than shards left in an epoch) pads with the dispatcher's
+        `pad_shard`.
+        """
+        count = progress.ceiling - self._sizes[self._epoch]
         if count <= 0:
             return
         latest = self._latest_shard()
-        if latest is None:
-            logging.warning("Cannot pad epoch %d: no element seen yet", self._epoch)
-            return
-        slot = Slot(next(_SLOT_IDS), latest.name, self._epoch, None, 0, count, True, latest.seed)
+        if latest is not None:
+            name, seed = latest.name, latest.seed
+        else:
+            name, seed = progress.pad_shard, self._shard_seed(self._epoch, progress.pad_shard)
+        slot = Slot(next(_SLOT_IDS), name, self._epoch, None, 0, count, True, seed)
         with self._lock:
             run = _Run(slot, 0)
             self._runs.append(run)
             self._by_id[slot.id] = run
+            self._yielded_total += count
         yield slot
 
     def _latest_shard(self) -> Optional[Slot]:
@@ -481,11 +563,12 @@ class LeaseFeed:
         return None
 
     def _wait_finished(self, epoch: int) -> types.EpochProgress:
-        while True:
+        while not self._stop.is_set():
             progress = self._client.epoch_progress(self._job, epoch)
             if progress.finished:
                 return progress
             time.sleep(self._poll_s)
+        raise _Closed()
 
     def _heartbeat(self, interval_s: float) -> None:
         last_beat = time.monotonic()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from typing import Any
-from typing import Optional
 
 __all__ = [
     "EQUALIZE",
@@ -181,29 +180,74 @@ class Lease:
 
 @dataclasses.dataclass(frozen=True)
 class InputPosition:
-    """Where a consumer's training stands in a job's input.
+    """Where training stands in a job's input.
+
+    One consumer reads one shard at a time, so its position has at most one
+    shard consumed in part; a group of synchronous consumers (each reading
+    its own shards) has up to one per consumer. `union` joins the positions
+    of a group's consumers taken at the same training step.
 
     Attributes:
       epoch: the epoch being consumed.
-      done: shards of that epoch consumed in full.
-      partial: `(shard, elements consumed)` of a shard consumed in part.
+      done: shards of that epoch consumed in full (sorted).
+      partials: `(shard, elements consumed)` of each shard consumed in part
+        (sorted by shard).
+
+    Example:
+
+    ```python
+    a = InputPosition(3, done=(0, 4), partials=((2, 10),))
+    b = InputPosition(3, done=(1,), partials=((5, 7),))
+    InputPosition.union([a, b])  # epoch 3, done (0, 1, 4), partials ((2, 10), (5, 7))
+    ```
     """
 
     epoch: int = 0
     done: tuple[int, ...] = ()
-    partial: Optional[tuple[int, int]] = None
+    partials: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "epoch": self.epoch,
             "done": list(self.done),
-            "partial": list(self.partial) if self.partial else None,
+            "partials": [list(p) for p in self.partials],
         }
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> "InputPosition":
-        partial = value.get("partial")
-        return cls(value["epoch"], tuple(value["done"]), tuple(partial) if partial else None)
+        partials = [tuple(p) for p in value.get("partials", ())]
+        if value.get("partial"):  # written before a position could have several
+            partials.append(tuple(value["partial"]))
+        return cls(value["epoch"], tuple(value["done"]), tuple(sorted(partials)))
+
+    @classmethod
+    def union(cls, positions: "list[InputPosition]") -> "InputPosition":
+        """The position of a group of consumers, from each one's at the same step.
+
+        Each consumer's position holds the group's position before its own
+        reads (where the group last started from) plus what it consumed
+        since: a shard any of them finished is done, and one read in part
+        stands at the furthest offset any of them reached.
+
+        Raises:
+          ValueError: for no positions, or positions in different epochs
+            (consumers of one synchronous step read the same epoch).
+        """
+        if not positions:
+            raise ValueError("InputPosition.union needs at least one position. Received: []")
+        epochs = sorted({p.epoch for p in positions})
+        if len(epochs) > 1:
+            raise ValueError(
+                "The consumers' positions must be in one epoch to be joined. Received: "
+                f"epochs {epochs}"
+            )
+        done = set().union(*(p.done for p in positions))
+        offsets: dict[int, int] = {}
+        for position in positions:
+            for shard, offset in position.partials:
+                if shard not in done:
+                    offsets[shard] = max(offsets.get(shard, 0), offset)
+        return cls(epochs[0], tuple(sorted(done)), tuple(sorted(offsets.items())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,11 +277,14 @@ class EpochProgress:
       finished: every shard of the epoch is complete.
       floor: the smallest count (0 until `num_consumers` workers registered).
       ceiling: the largest count.
+      pad_shard: the name of a shard of the job, for a consumer that must
+        pad the epoch without having read any shard.
     """
 
     finished: bool
     floor: int
     ceiling: int
+    pad_shard: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -334,17 +381,17 @@ class DispatcherStatus:
 def validate_position(spec: JobSpec, position: InputPosition) -> None:
     """Raises InvalidArgument for a position outside the job."""
     shards = range(len(spec.shards))
+    partial = [shard for shard, _ in position.partials]
     bad = (
         not 0 <= position.epoch < spec.num_epochs
         or len(position.done) > len(shards)
         or not set(position.done) <= set(shards)
-        or (
-            position.partial is not None
-            and (
-                position.partial[0] not in shards
-                or position.partial[0] in position.done
-                or not 0 <= position.partial[1] <= spec.shards[position.partial[0]].size
-            )
+        or len(set(partial)) != len(partial)
+        or any(
+            shard not in shards
+            or shard in position.done
+            or not 0 <= offset <= spec.shards[shard].size
+            for shard, offset in position.partials
         )
     )
     if bad:

@@ -177,25 +177,35 @@ def epoch_progress_to_proto(progress: EpochProgress) -> pb.EpochProgressResponse
 
 
 def epoch_progress_from_proto(message: pb.EpochProgressResponse) -> EpochProgress:
-    return EpochProgress(finished=message.finished, floor=message.floor, ceiling=message.ceiling)
+    return EpochProgress(
+        finished=message.finished,
+        floor=message.floor,
+        ceiling=message.ceiling,
+        pad_shard=message.pad_shard,
+    )
 
 
 def position_from_proto(message: pb.RewindRequest) -> InputPosition:
-    partial = None
-    if message.partial_shard >= 0:
-        partial = (message.partial_shard, message.partial_offset)
-    return InputPosition(message.epoch, tuple(message.done), partial)
+    if len(message.partial_shards) != len(message.partial_offsets):
+        raise InvalidArgument(
+            "A position needs one offset per partial shard. Received: "
+            f"{len(message.partial_shards)} shards, {len(message.partial_offsets)} offsets"
+        )
+    partials = tuple(sorted(zip(message.partial_shards, message.partial_offsets)))
+    return InputPosition(message.epoch, tuple(message.done), partials)
 
 
-def position_to_proto(job: str, worker: str, position: InputPosition) -> pb.RewindRequest:
-    shard, offset = position.partial or (-1, 0)
+def position_to_proto(
+    job: str, worker: str, position: InputPosition, group: bool = False
+) -> pb.RewindRequest:
     return pb.RewindRequest(
         job=job,
         worker=worker,
         epoch=position.epoch,
         done=list(position.done),
-        partial_shard=shard,
-        partial_offset=offset,
+        partial_shards=[shard for shard, _ in position.partials],
+        partial_offsets=[offset for _, offset in position.partials],
+        group=group,
     )
 
 
