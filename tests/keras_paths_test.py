@@ -229,6 +229,32 @@ class GeneratorInputTest(absltest.TestCase):
         self.assertLess(_max_diff(model.get_weights(), reference.get_weights()), 1e-5)
 
 
+class ModelBuildTest(absltest.TestCase):
+    """Keras builds the model from one batch under a strategy: not from the input."""
+
+    def test_a_tf_data_input_is_iterated_once_per_fit(self):
+        starts = []
+        x, y = _data(n=8 * _BATCH)
+
+        def elements():
+            starts.append(1)  # an input that cannot be rewound would lose what this reads
+            yield from zip(x, y)
+
+        spec = (tf.TensorSpec((4,), tf.float32), tf.TensorSpec((1,), tf.float32))
+        source = tf.data.Dataset.from_generator(elements, output_signature=spec)
+        for kind, options in _GENERATOR_KINDS[:2]:
+            with self.subTest(kind):
+                del starts[:]
+                dist = tfscale.distribution(kind, **options)
+
+                def fit(m, dist=dist):
+                    dataset = dist.distribute_dataset(source, _BATCH)
+                    m.fit(dataset, steps_per_epoch=8, epochs=1, verbose=0)
+
+                _train(dist, fit, initial=_model().get_weights())
+                self.assertEqual(len(starts), 1)
+
+
 class AdoptedMemoryTest(absltest.TestCase):
     """Batches that are the caller's own aligned numpy memory, under two replicas."""
 

@@ -160,6 +160,7 @@ class LeaseFeed:
         self._held: list[tuple[types.Lease, int]] = []  # drop: (lease, elements already yielded)
         self._latest: Optional[Slot] = None  # pad: the latest nonempty shard run
         self._yielded_total = 0  # elements of the runs yielded, padding included
+        self._trained = False  # training reported consuming an element
         self._largest = 0  # the most elements a lease had to read
         self._stop = threading.Event()
         # Held while leasing: `close` waits for an acquire in flight.
@@ -251,6 +252,7 @@ class LeaseFeed:
         with self._lock:
             self._reporting = True
             if consumed > self._consumed:
+                self._trained = True
                 now = time.monotonic()
                 gap = min(now - self._consumed_at, _MAX_STARVED_S)
                 self._report_gap = gap if not self._consumed else 0.8 * self._report_gap + 0.2 * gap
@@ -421,16 +423,17 @@ class LeaseFeed:
         return result
 
     def _ahead(self) -> bool:
-        """Equalized, with training's reports: a shard's worth yielded but not trained.
+        """Equalized, once training reports: a shard's worth yielded but not trained.
 
         Equalized leases complete at grant, so a consumer that leased ahead
         of its training would take shards its peers (started a moment
         later, or resumed) then lack, and they would pad with repeated
         elements instead; it asks for more once training is less than a
-        shard behind.
+        shard behind. An iterator that training never reports on (one that
+        only peeks at a batch) is not held back: nothing would release it.
         """
         with self._lock:
-            if self._equalize == "none" or not self._reporting or not self._largest:
+            if self._equalize == "none" or not self._trained or not self._largest:
                 return False
             return self._yielded_total - self._consumed >= self._largest
 
