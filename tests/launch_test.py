@@ -285,16 +285,8 @@ class LaunchTrainingTest(absltest.TestCase):
         print(f"kill -9 to restored checkpoint: {resumed_at - killed_at:.1f}s")
 
     def test_two_workers_read_through_the_dispatcher(self):
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
-            cwd=testutil.REPO_ROOT,
-            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        server, address = testutil.start_dispatcher()
         self.addCleanup(server.kill)
-        address = server.stdout.readline().split()[-1]
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = _launch(
             "--nproc_per_node=2",

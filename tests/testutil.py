@@ -125,3 +125,19 @@ def self_signed_cert(directory: str) -> tuple[str, str]:
         capture_output=True,
     )
     return cert, key
+
+
+def start_dispatcher(*args: str) -> tuple[subprocess.Popen, str]:
+    """Starts `tfscale-dispatcher serve ARGS` on a free loopback port.
+
+    Returns the process (the caller kills it) and the address it printed.
+    """
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tfscale.data.dispatcher", "serve", *args],
+        cwd=REPO_ROOT,
+        env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    return server, server.stdout.readline().split()[-1]

@@ -8,7 +8,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import h5py
@@ -209,16 +208,8 @@ class MultiWorkerPreemptionTest(absltest.TestCase):
 
     def test_dispatched_sigterm_then_resume_on_three_workers_trains_each_element_once(self):
         """The job is rewound to the two workers' joined position; three go on from it."""
-        server = subprocess.Popen(
-            [sys.executable, "-m", "tfscale.data.dispatcher", "serve"],
-            cwd=testutil.REPO_ROOT,
-            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        server, address = testutil.start_dispatcher()
         self.addCleanup(server.kill)
-        address = server.stdout.readline().split()[-1]
         # 48 splits over 2 and 3 workers. 4 shards of 1500: the two epochs
         # of 75 steps take the workers into the job's second epoch.
         extra = (

@@ -4,7 +4,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 from absl.testing import absltest
@@ -139,24 +138,10 @@ class TrainBinaryTest(absltest.TestCase):
     def test_external_dispatcher_job_made_by_the_cli(self):
         files = synthetic.ensure_shards(testutil.cache_dir(), "train")
         pattern = os.path.join(os.path.dirname(files[0]), "*.tfrecord-*")
-        server = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tfscale.data.dispatcher",
-                "serve",
-                f"--shards={pattern}",
-                "--job=train",
-                "--policy=least_loaded",
-            ],
-            cwd=testutil.REPO_ROOT,
-            env=dict(os.environ, PYTHONPATH=testutil.REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="3"),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
+        server, address = testutil.start_dispatcher(
+            f"--shards={pattern}", "--job=train", "--policy=least_loaded"
         )
         self.addCleanup(server.kill)
-        address = server.stdout.readline().split()[-1]
         workdir = os.path.join(self.create_tempdir().full_path, "run")
         result = testutil.train_binary(
             workdir, f"--config.data.dispatcher.address={address}", "--config.training.epochs=1"

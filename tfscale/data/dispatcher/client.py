@@ -155,8 +155,13 @@ class DispatcherClient:
         complete: Iterable[int] = (),
         release: Iterable[int] = (),
         progress: Optional[dict[int, int]] = None,
+        unavailable_timeout_s: Optional[float] = None,
     ) -> types.AcquireResult:
-        """Settles `complete`, `release` and `progress`, then leases up to `max_shards` shards."""
+        """Settles `complete`, `release` and `progress`, then leases up to `max_shards` shards.
+
+        `unavailable_timeout_s` overrides the client's for this call (e.g. a
+        best-effort release that must not wait out a long outage).
+        """
         request = pb.AcquireRequest(
             job=job,
             worker=worker,
@@ -166,7 +171,8 @@ class DispatcherClient:
             release=list(release),
             progress=wire.progress_to_proto(progress),
         )
-        return wire.acquire_result_from_proto(self._call("Acquire", request), worker)
+        response = self._call("Acquire", request, unavailable_timeout_s)
+        return wire.acquire_result_from_proto(response, worker)
 
     def commit(self, job: str, worker: str, token: int) -> None:
         """Claims the lease's shard for delivery; the first commit of a shard wins."""
@@ -203,13 +209,20 @@ class DispatcherClient:
     def unavailable_timeout_s(self) -> float:
         return self._unavailable_timeout_s
 
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(
+        self, method: str, request: Any, unavailable_timeout_s: Optional[float] = None
+    ) -> Any:
         """The reply to `method(request)`, retried while the dispatcher is unreachable."""
-        response, _ = self._call_with_metadata(method, request)
+        response, _ = self._call_with_metadata(method, request, unavailable_timeout_s)
         return response
 
-    def _call_with_metadata(self, method: str, request: Any) -> tuple[Any, Any]:
+    def _call_with_metadata(
+        self, method: str, request: Any, unavailable_timeout_s: Optional[float] = None
+    ) -> tuple[Any, Any]:
         """`_call`'s reply, and the trailing metadata that came with it."""
+        limit = (
+            self._unavailable_timeout_s if unavailable_timeout_s is None else unavailable_timeout_s
+        )
         start = time.monotonic()
         delay = 0.05
         while True:
@@ -225,10 +238,10 @@ class DispatcherClient:
                 if code != grpc.StatusCode.UNAVAILABLE:
                     raise
                 waited = time.monotonic() - start
-                if waited > self._unavailable_timeout_s:
+                if waited > limit:
                     raise DispatcherUnavailable(
                         f"The dispatcher at {self.address} was unreachable for {waited:.1f} s "
-                        f"(unavailable_timeout_s={self._unavailable_timeout_s:g}); last error: "
+                        f"(unavailable_timeout_s={limit:g}); last error: "
                         f"{e.details()}"
                     ) from None
             time.sleep(delay)

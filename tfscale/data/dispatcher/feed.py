@@ -58,7 +58,11 @@ _SETTLE_AFTER_S = 0.5
 # `LeaseFeed._unblock_training`).
 _MIN_STARVED_S = 0.05
 _MAX_STARVED_S = 2.0
-_SLOT_IDS = itertools.count(1)  # unique in the process: readers route by id
+_SLOT_IDS = itertools.count(1)
+# A closing feed gives its leases back if the dispatcher answers within this
+# long; otherwise they expire there (a dispatcher that is gone for good must
+# not hold up the iterator's deletion).
+_CLOSE_TIMEOUT_S = 5.0  # unique in the process: readers route by id
 
 
 class _Closed(Exception):
@@ -360,7 +364,7 @@ class LeaseFeed:
         if not unfinished:
             return
         try:
-            self._acquire(0, release=unfinished)
+            self._acquire(0, release=unfinished, unavailable_timeout_s=_CLOSE_TIMEOUT_S)
         except (grpc.RpcError, types.DispatcherError):
             pass  # Nobody to give them to: they expire there, at their progress.
 
@@ -390,7 +394,13 @@ class LeaseFeed:
         with self._lock:
             return {t: o for t, o in progress.items() if t in self._unfinished}
 
-    def _acquire(self, max_shards: int, claim: str = "none", release: Iterable[int] = ()):
+    def _acquire(
+        self,
+        max_shards: int,
+        claim: str = "none",
+        release: Iterable[int] = (),
+        unavailable_timeout_s: Optional[float] = None,
+    ):
         """An acquire carrying the due completions and the progress; books its reply."""
         with self._lock:
             due, self._due = self._due, []
@@ -404,6 +414,7 @@ class LeaseFeed:
             complete=due,
             release=release,
             progress=progress,
+            unavailable_timeout_s=unavailable_timeout_s,
         )
         rejected = set(result.rejected)
         with self._lock:
