@@ -34,9 +34,9 @@ class _CountingClient(client_lib.DispatcherClient):
         super().__init__(*args, **kwargs)
         self.calls = collections.Counter()
 
-    def _call(self, method, request):
+    def _call(self, method, request, *args):
         self.calls[method] += 1
-        return super()._call(method, request)
+        return super()._call(method, request, *args)
 
 
 class DispatchedInputTest(parameterized.TestCase):

@@ -364,7 +364,8 @@ class LeaseFeed:
         if not unfinished:
             return
         try:
-            self._acquire(0, release=unfinished, unavailable_timeout_s=_CLOSE_TIMEOUT_S)
+            timeout_s = min(_CLOSE_TIMEOUT_S, self._client.unavailable_timeout_s)
+            self._acquire(0, release=unfinished, unavailable_timeout_s=timeout_s)
         except (grpc.RpcError, types.DispatcherError):
             pass  # Nobody to give them to: they expire there, at their progress.
 
