@@ -174,14 +174,49 @@ class GroupRewindTest(absltest.TestCase):
             self.assertEqual(set(from_ranges.values()), {NUM_EPOCHS})
             self.assertTrue(client.list_jobs()[0].finished)
 
-    def _consumer(self, server, worker):
-        client = client_lib.DispatcherClient(server.target)
-        return consumer_lib.ShardConsumer(
-            client, "pos", worker, readers.elements, max_shards=1, shuffle_seed=5
-        )
+    def test_a_group_resumed_in_a_later_epoch_pads_only_to_its_largest_share(self):
+        spec = dataclasses.replace(_spec(), num_consumers=2, equalize="pad", lease_timeout_s=30)
+        with server_lib.server_context() as server:
+            client = client_lib.DispatcherClient(server.target)
+            client.create_job(spec)
+            first = [self._consumer(server, f"w{i}") for i in range(2)]
+            streams, outputs = self._take(first, 60)
+            # Equalized: both consumers end epoch 0 after as many elements;
+            # the checkpoint is 3 elements into epoch 1.
+            (epoch_0,) = {c.per_epoch[0] for c in first}
+            checkpoint = epoch_0 + 3
+            self.assertLessEqual(checkpoint, min(map(len, outputs)))
+            position = types.InputPosition.union([c.position(checkpoint) for c in first])
+            self.assertEqual(position.epoch, 1)
+            self.assertNotEqual(position.partials, ())
+            for stream in streams:
+                stream.close()
+            client.rewind("pos", "w0", position, group=True)
+            second = [self._consumer(server, f"w{i}") for i in range(3)]
+            for consumer in second:
+                consumer.start_at(position)
+            _, resumed = self._take(second)
+            # Nothing of epoch 0 again, not even padding; epoch 1 holds the
+            # rest after the position, each shard resumed at its offset.
+            shares = [self._shares(c, len(out)) for c, out in zip(second, resumed)]
+            for consumer in second:
+                self.assertEqual(set(consumer.per_epoch), {1})
+            rest = sum(SIZES) - sum(SIZES[s] for s in position.done)
+            rest -= sum(offset for _, offset in position.partials)
+            self.assertEqual(sum(s[1] for s in shares), rest)
+            # Padding brings each consumer to the largest share, no further.
+            self.assertEqual({c.per_epoch[1] for c in second}, {max(s[1] for s in shares)})
 
-    def _run(self, consumers, take=None, checkpoint=None, base=types.InputPosition()):
-        """Each consumer in a thread: (elements trained, positions, ranges) at the checkpoint."""
+    @staticmethod
+    def _shares(consumer, count):
+        """Elements of real shards a consumer yielded, per epoch."""
+        shares = collections.Counter()
+        for epoch, _, first, stop in consumer.consumed_ranges(0, count):
+            shares[epoch] += stop - first
+        return shares
+
+    def _take(self, consumers, take=None):
+        """Each consumer in a thread takes `take` elements (all if None): (iterators, elements)."""
         outputs = [[] for _ in consumers]
         streams = [iter(c) for c in consumers]
 
@@ -194,6 +229,17 @@ class GroupRewindTest(absltest.TestCase):
         for thread in threads:
             thread.join(timeout=60)
             self.assertFalse(thread.is_alive())
+        return streams, outputs
+
+    def _consumer(self, server, worker):
+        client = client_lib.DispatcherClient(server.target)
+        return consumer_lib.ShardConsumer(
+            client, "pos", worker, readers.elements, max_shards=1, shuffle_seed=5
+        )
+
+    def _run(self, consumers, take=None, checkpoint=None, base=types.InputPosition()):
+        """Each consumer in a thread: (elements trained, positions, ranges) at the checkpoint."""
+        streams, outputs = self._take(consumers, take)
         counts = [len(out) if checkpoint is None else checkpoint for out in outputs]
         positions = [c.position(n, base) for c, n in zip(consumers, counts)]
         ranges = [r for c, n in zip(consumers, counts) for r in c.consumed_ranges(0, n)]

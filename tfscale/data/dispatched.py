@@ -243,6 +243,7 @@ class DispatchedInput:
             self._max_shards,
             seed=self._seed,
             track_consumed=self._track_consumed,
+            start_epoch=self._base.epoch,
         )
         self._latest = feed
         with self._lock:

@@ -71,6 +71,7 @@ class ShardConsumer:
         self._max_shards = max_shards
         self._poll_s = poll_s
         self._shuffle_seed = shuffle_seed
+        self._base = types.InputPosition()
         self._feed = self._new_feed()
         self._yielded = 0
 
@@ -101,14 +102,27 @@ class ShardConsumer:
         finally:
             slots.close()
 
+    def start_at(self, position: types.InputPosition) -> None:
+        """Later iterators start at `position`, to which the job was (or is being) rewound.
+
+        Their positions build on it, and they equalize the epochs from its
+        epoch on only.
+        """
+        self._base = position
+
     def report_consumed(self, consumed: int, send: bool = False) -> None:
         """Training consumed the first `consumed` elements of the latest iterator."""
         self._feed.report_consumed(consumed, send)
 
     def position(
-        self, consumed: int, base: types.InputPosition = types.InputPosition()
+        self, consumed: int, base: Optional[types.InputPosition] = None
     ) -> types.InputPosition:
         """`LeaseFeed.position` of the latest iterator.
+
+        Args:
+          consumed: elements of the latest iterator that training consumed.
+          base: the position that iterator started from; the one given to
+            `start_at` if None.
 
         Raises:
           ValueError: for more elements than were yielded, or with equalize="drop".
@@ -117,7 +131,7 @@ class ShardConsumer:
             raise ValueError(
                 f"consumed={consumed} is more than the elements yielded ({self._yielded})"
             )
-        return self._feed.position(consumed, base)
+        return self._feed.position(consumed, self._base if base is None else base)
 
     def consumed_ranges(self, start: int, stop: int) -> list[tuple[int, int, int, int]]:
         """`LeaseFeed.consumed_ranges` of the latest iterator: where elements came from."""
@@ -131,6 +145,7 @@ class ShardConsumer:
             self._max_shards,
             seed=self._shuffle_seed or 0,
             poll_s=self._poll_s,
+            start_epoch=self._base.epoch,
         )
 
     def _elements(self, slot: feed_lib.Slot) -> Iterator[T]:

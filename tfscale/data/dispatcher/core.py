@@ -157,7 +157,8 @@ class _Job:
         # shard -> how many of its leases expired uncommitted (a slow read), for
         # the job's lifetime: a shard slow to read is slow in every epoch.
         self.slow: dict[int, int] = {}
-        # epoch -> worker -> size of the shards it committed in that epoch
+        # epoch -> worker -> elements of the shards it committed in that epoch (from
+        # each lease's offset)
         self.epoch_counts: dict[int, dict[str, int]] = {}
         # Leases completed at grant, until the acquire that granted them replies.
         self.completed_at_grant: dict[int, Lease] = {}
@@ -829,8 +830,9 @@ class DispatcherCore:
 
     @staticmethod
     def _count(state: _Job, lease: Lease, sign: int) -> None:
+        # The elements the lease reads: a shard resumed partway counts its rest.
         counts = state.epoch_counts.setdefault(lease.epoch, {})
-        counts[lease.worker] = counts.get(lease.worker, 0) + sign * lease.size
+        counts[lease.worker] = counts.get(lease.worker, 0) + sign * (lease.size - lease.offset)
 
     def _apply_complete(self, state: _Job, token: int, busy_s: Optional[float], now: float) -> None:
         lease = state.leases.pop(token).lease

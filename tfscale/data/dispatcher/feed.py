@@ -136,6 +136,7 @@ class LeaseFeed:
         seed: int = 0,
         poll_s: float = 0.02,
         track_consumed: bool = False,
+        start_epoch: int = 0,
     ):
         self._client = client
         self._job = job
@@ -158,7 +159,7 @@ class LeaseFeed:
         self._consumed = 0
         self._unfinished: dict[int, types.Lease] = {}  # token -> lease not yet completed
         self._equalize = "none"
-        self._epoch = 0
+        self._epoch = start_epoch
         self._sizes: dict[int, int] = collections.defaultdict(int)  # epoch -> my leased size
         self._yielded: dict[int, int] = collections.defaultdict(int)  # epoch -> elements yielded
         self._held: list[tuple[types.Lease, int]] = []  # drop: (lease, elements already yielded)
