@@ -11,6 +11,7 @@ from tfscale.data import readers
 from tfscale.data.dispatcher import client as client_lib
 from tfscale.data.dispatcher import consumer as consumer_lib
 from tfscale.data.dispatcher import core
+from tfscale.data.dispatcher import journal
 from tfscale.data.dispatcher import server as server_lib
 from tfscale.data.dispatcher import types
 
@@ -114,6 +115,95 @@ class EqualizeTest(parameterized.TestCase):
         spec = types.JobSpec("eq", _shards(), num_consumers=num_consumers, equalize=equalize)
         with self.assertRaisesRegex(types.InvalidArgument, "equalize"):
             core.DispatcherCore().create_job(spec)
+
+
+class BalanceTest(parameterized.TestCase):
+    """An equalized job leases each consumer at most a shard beyond the others."""
+
+    def _core(self, num_consumers=2, **kwargs):
+        dispatcher = core.DispatcherCore(**kwargs)
+        spec = types.JobSpec(
+            "eq", _shards(), "round_robin", NUM_EPOCHS, num_consumers=num_consumers, equalize="pad"
+        )
+        dispatcher.create_job(spec)
+        return dispatcher
+
+    @staticmethod
+    def _lease(dispatcher, worker):
+        """The size of the shard `worker` gets (completed at grant), or None."""
+        result = dispatcher.acquire("eq", worker, max_shards=1, claim="complete")
+        if not result.leases:
+            return None
+        (lease,) = result.leases
+        return lease.size - lease.offset
+
+    def test_a_consumer_that_starts_first_waits_for_the_others_after_one_shard(self):
+        dispatcher = self._core(num_consumers=3)
+        for worker in ("w0", "w1", "w2"):
+            dispatcher.register_worker("eq", worker)
+        self.assertIsNotNone(self._lease(dispatcher, "w0"))
+        refused = dispatcher.acquire("eq", "w0", max_shards=1, claim="complete")
+        self.assertEqual(refused.leases, ())
+        self.assertGreater(refused.retry_after_s, 0)
+        self.assertIsNotNone(self._lease(dispatcher, "w1"))
+        self.assertIsNone(self._lease(dispatcher, "w0"))  # w2 has none yet
+        self.assertIsNotNone(self._lease(dispatcher, "w2"))
+
+    def test_counts_stay_within_one_shard_whoever_asks(self):
+        dispatcher = self._core()
+        for worker in ("w0", "w1"):
+            dispatcher.register_worker("eq", worker)
+        counts = {"w0": 0, "w1": 0}
+        # w0 asks three times as often as w1, for the whole epoch.
+        while dispatcher.jobs()[0].epoch == 0:
+            for worker in ("w0", "w0", "w0", "w1"):
+                size = self._lease(dispatcher, worker) if dispatcher.jobs()[0].epoch == 0 else None
+                if size is not None:
+                    counts[worker] += size
+                    self.assertLessEqual(abs(counts["w0"] - counts["w1"]), max(SIZES), counts)
+        self.assertEqual(sum(counts.values()), sum(SIZES))
+        self.assertEqual(dispatcher.epoch_progress("eq", 0).ceiling, max(counts.values()))
+
+    def test_a_group_rewind_sets_the_group_size_and_a_restart_keeps_it(self):
+        work_dir = self.create_tempdir().full_path
+        with journal.Journal(work_dir, fsync=False) as log:
+            dispatcher = self._core(num_consumers=3, journal=log)
+            dispatcher.register_worker("eq", "w0")
+            dispatcher.rewind("eq", "w0", types.InputPosition(), group=True, num_consumers=2)
+            self.assertEqual(dispatcher.register_worker("eq", "w1").num_consumers, 2)
+        with journal.Journal(work_dir, fsync=False) as log:
+            dispatcher = core.DispatcherCore(journal=log)
+            # Two consumers, not three: w0 leases again once w1 caught up.
+            ahead = self._lease(dispatcher, "w0")
+            self.assertIsNone(self._lease(dispatcher, "w0"))
+            behind = 0
+            while behind < ahead:
+                behind += self._lease(dispatcher, "w1")
+            self.assertIsNotNone(self._lease(dispatcher, "w0"))
+
+    def test_a_group_of_one_leases_freely(self):
+        dispatcher = self._core(num_consumers=3)
+        dispatcher.register_worker("eq", "w0")
+        dispatcher.register_worker("eq", "w1")  # a member of the group before
+        dispatcher.rewind("eq", "w0", types.InputPosition(), group=True, num_consumers=1)
+        sizes = [self._lease(dispatcher, "w0") for _ in SIZES]
+        self.assertEqual(sorted(sizes), sorted(SIZES))
+
+    @parameterized.parameters(
+        dict(group=False, num_consumers=2),
+        dict(group=True, num_consumers=-1),
+        dict(group=True, num_consumers=types.MAX_WORKERS_PER_JOB + 1),
+    )
+    def test_a_bad_group_size_is_invalid_and_changes_nothing(self, group, num_consumers):
+        dispatcher = self._core()
+        dispatcher.register_worker("eq", "w0")
+        before = dispatcher.jobs()
+        with self.assertRaisesRegex(types.InvalidArgument, "num_consumers must be in"):
+            dispatcher.rewind(
+                "eq", "w0", types.InputPosition(1), group=group, num_consumers=num_consumers
+            )
+        self.assertEqual(dispatcher.jobs(), before)
+        self.assertEqual(dispatcher.register_worker("eq", "w0").num_consumers, 2)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,15 @@ class ServerTest(parameterized.TestCase):
         with self.assertRaisesRegex(types.AlreadyExists, "different spec"):
             self.client.create_job(types.JobSpec("train", SPEC.shards[:2]))
 
+    def test_a_group_rewind_carries_the_group_size(self):
+        spec = types.JobSpec("eq", SPEC.shards, num_consumers=3, equalize="pad")
+        self.client.create_job(spec)
+        self.assertEqual(self.client.register_worker("eq", "w0").num_consumers, 3)
+        self.client.rewind("eq", "w0", types.InputPosition(), group=True, num_consumers=2)
+        self.assertEqual(self.client.register_worker("eq", "w1").num_consumers, 2)
+        with self.assertRaisesRegex(types.InvalidArgument, "0 without group"):
+            self.client.rewind("eq", "w0", types.InputPosition(), num_consumers=2)
+
     def test_start_and_stop_are_safe_twice(self):
         self.assertIs(self.server.start(), self.server)
         target = self.server.target

@@ -142,18 +142,22 @@ class DispatchedInput:
         self._latest: Optional[feed_lib.LeaseFeed] = None
         self.dataset = self._build()
 
-    def rewind(self, position: types.InputPosition, group: bool = False) -> None:
+    def rewind(
+        self, position: types.InputPosition, group: bool = False, num_consumers: int = 0
+    ) -> None:
         """Moves the job back to `position`; later iterators start there.
 
         The latest iterator's feed is closed first, so that it leases
         nothing after the rewind. With `group`, the job is rewound for all
-        its consumers (see `DispatcherCore.rewind`): each of the others
-        calls `start_at(position)`, and waits until this call returned
-        before it iterates.
+        its `num_consumers` consumers (see `DispatcherCore.rewind`): each
+        of the others calls `start_at(position)`, and waits until this call
+        returned before it iterates.
         """
         self.close()
         self._client.register_worker(self.job, self.worker)
-        self._client.rewind(self.job, self.worker, position, group=group)
+        self._client.rewind(
+            self.job, self.worker, position, group=group, num_consumers=num_consumers
+        )
         self._base = position
 
     def start_at(self, position: types.InputPosition) -> None:

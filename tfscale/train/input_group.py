@@ -187,10 +187,11 @@ class InputGroup:
         self.position = position
         self._mark = 0
         if self.num_workers == 1:
-            self.source.rewind(position)
+            # As a group of one: the job may have had more consumers before.
+            self.source.rewind(position, group=True, num_consumers=1)
             return
         if self.is_chief:
-            self.source.rewind(position, group=True)
+            self.source.rewind(position, group=True, num_consumers=self.num_workers)
         else:
             self.source.start_at(position)
         compat.wait_at_barrier(f"{_BARRIER}/{next(self._rewinds)}", self._timeout_ms)

@@ -179,10 +179,16 @@ class DispatcherClient:
         self._call("Commit", pb.CommitRequest(job=job, worker=worker, token=token))
 
     def rewind(
-        self, job: str, worker: str, position: types.InputPosition, group: bool = False
+        self,
+        job: str,
+        worker: str,
+        position: types.InputPosition,
+        group: bool = False,
+        num_consumers: int = 0,
     ) -> None:
         """Moves the job back to `position` (see `DispatcherCore.rewind`)."""
-        self._call("Rewind", wire.position_to_proto(job, worker, position, group))
+        request = wire.position_to_proto(job, worker, position, group, num_consumers)
+        self._call("Rewind", request)
 
     def epoch_progress(self, job: str, epoch: int) -> types.EpochProgress:
         """Committed element counts of the consumers in `epoch`."""

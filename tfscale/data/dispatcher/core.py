@@ -162,6 +162,9 @@ class _Job:
         self.epoch_counts: dict[int, dict[str, int]] = {}
         # Leases completed at grant, until the acquire that granted them replies.
         self.completed_at_grant: dict[int, Lease] = {}
+        # The synchronous consumers an equalized job balances its epochs over:
+        # the spec's, until a group rewind gives its group's size.
+        self.group_size = spec.num_consumers
         self.start_epoch(0)
 
     def start_epoch(self, epoch: int) -> None:
@@ -283,7 +286,7 @@ class DispatcherCore:
             return Registration(
                 lease_timeout_s=spec.lease_timeout_s,
                 num_epochs=spec.num_epochs,
-                num_consumers=spec.num_consumers,
+                num_consumers=state.group_size,
                 equalize=spec.equalize,
                 heartbeat_interval_s=spec.lease_timeout_s / HEARTBEATS_PER_LEASE,
             )
@@ -298,7 +301,7 @@ class DispatcherCore:
                 )
             counts = state.epoch_counts.get(epoch, {})
             values = [counts.get(w, 0) for w in state.workers]
-            enough = len(values) >= max(state.spec.num_consumers, 1)
+            enough = len(values) >= max(state.group_size, 1)
             return EpochProgress(
                 finished=epoch < state.epoch,
                 floor=min(values) if enough else 0,
@@ -390,6 +393,8 @@ class DispatcherCore:
                 return AcquireResult(end_of_job=True, rejected=rejected)
             if max_shards == 0:
                 return AcquireResult(rejected=rejected)
+            if not self._may_lease(state, worker):  # equalized: the others' turn
+                return AcquireResult(retry_after_s=_RETRY_AFTER_S, rejected=rejected)
             selection = state.policy.select(self._view(state, worker, now), max_shards)
             grants = self._checked_grants(state, worker, selection, max_shards)
             if not grants:
@@ -446,7 +451,14 @@ class DispatcherCore:
                 + [{"op": "release", "job": job, "token": token}]
             )
 
-    def rewind(self, job: str, worker: str, position: InputPosition, group: bool = False) -> None:
+    def rewind(
+        self,
+        job: str,
+        worker: str,
+        position: InputPosition,
+        group: bool = False,
+        num_consumers: int = 0,
+    ) -> None:
         """Moves the job back to a training checkpoint's position.
 
         Shards consumed after the checkpoint (lost with the steps that
@@ -458,12 +470,21 @@ class DispatcherCore:
             synchronous group restarting from its checkpoint, whose other
             members wait until it did); without it, the job must have no
             other worker.
+          num_consumers: with `group`, the group's size from now on (a
+            group resumed at another size); an equalized job balances its
+            epochs' leases over that many consumers. 0 keeps the size.
 
         Raises:
-          InvalidArgument: for a position outside the job.
+          InvalidArgument: for a position outside the job, or a bad
+            `num_consumers` (and then nothing changes).
           FailedPrecondition: without `group`, if another worker consumes
             this job too.
         """
+        if not 0 <= num_consumers <= MAX_WORKERS_PER_JOB or (num_consumers and not group):
+            raise InvalidArgument(
+                f"num_consumers must be in [0, {MAX_WORKERS_PER_JOB}], and 0 without group. "
+                f"Received: num_consumers={num_consumers}, group={group}"
+            )
         with self._lock:
             state, _ = self._registered(job, worker)
             others = sorted(set(state.workers) - {worker})
@@ -473,7 +494,10 @@ class DispatcherCore:
                     f"has {describe(others, limit=200)}"
                 )
             validate_position(state.spec, position)
-            self._commit({"op": "rewind", "job": job, "position": position.to_dict()})
+            record = {"op": "rewind", "job": job, "position": position.to_dict()}
+            if num_consumers:
+                record["num_consumers"] = num_consumers
+            self._commit(record)
 
     def expire_all(self) -> None:
         """Expires overdue leases of every job (the server calls it periodically)."""
@@ -601,6 +625,30 @@ class DispatcherCore:
             epoch=state.epoch,
             now=now,
         )
+
+    @staticmethod
+    def _may_lease(state: _Job, worker: str) -> bool:
+        """Equalized: whether `worker` may lease more of the current epoch yet.
+
+        Synchronous consumers train on as many elements each per epoch, so
+        whatever one leases beyond another's share, the other pads with
+        repeats. A consumer gets a shard only while its count in the epoch
+        is at most each other member's (one with no lease yet counts 0):
+        counts stay within one shard of each other, however the consumers'
+        pipelines start or prefetch. Under a policy that never steals (a
+        shard has one owner) the one behind may get nothing more, so no one
+        is held back.
+        """
+        if state.spec.equalize == "none" or state.group_size <= 1 or not state.policy.steals:
+            return True
+        counts = state.epoch_counts.get(state.epoch, {})
+        own = counts.get(worker, 0)
+        # The other members' counts: the largest ones, should a consumer of
+        # the epoch have left the group.
+        others = sorted((c for w, c in counts.items() if w != worker), reverse=True)
+        others = others[: state.group_size - 1]
+        floor = min(others) if len(others) == state.group_size - 1 else 0
+        return own <= floor
 
     def _checked_grants(
         self, state: _Job, worker: str, selection: policies_lib.Selection, max_shards: int
@@ -731,6 +779,7 @@ class DispatcherCore:
             self._apply_register(state, record["worker"], now)
         elif op == "rewind":
             self._apply_rewind(state, InputPosition.from_dict(record["position"]))
+            state.group_size = record.get("num_consumers", state.group_size)
         elif op == "grant":
             self._apply_grant(state, record, now)
         elif op == "commit":
@@ -861,6 +910,7 @@ class DispatcherCore:
                     "done": sorted(state.done),
                     "grants": state.grants,
                     "epoch_counts": {str(e): c for e, c in state.epoch_counts.items()},
+                    "group_size": state.group_size,
                     "offsets": {str(k): v for k, v in state.offsets.items()},
                     "slow": {str(k): v for k, v in state.slow.items()},
                     "workers": [
@@ -898,6 +948,7 @@ class DispatcherCore:
             state.done = set(saved["done"])
             state.grants = saved["grants"]
             state.epoch_counts = {int(e): c for e, c in saved["epoch_counts"].items()}
+            state.group_size = saved.get("group_size", state.spec.num_consumers)
             state.offsets = {int(k): v for k, v in saved["offsets"].items()}
             state.slow = {int(k): v for k, v in saved.get("slow", {}).items()}
             for w in saved["workers"]:

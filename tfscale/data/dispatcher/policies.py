@@ -135,9 +135,17 @@ class Selection:
 
 
 class Policy(abc.ABC):
-    """Chooses which shards a requesting worker gets."""
+    """Chooses which shards a requesting worker gets.
+
+    Attributes:
+      name: the policy's name in `POLICIES`.
+      steals: whether any requester gets a pending shard while some are
+        pending (the dispatcher then balances equalized consumers by
+        holding back the one that leased most).
+    """
 
     name: str = ""
+    steals: bool = True
 
     @abc.abstractmethod
     def select(self, view: PolicyView, max_shards: int) -> Selection:
@@ -292,6 +300,7 @@ class ConsistentHash(Policy):
     """
 
     name = "consistent_hash"
+    steals = False
 
     def __init__(self, virtual_nodes: int = DEFAULT_VIRTUAL_NODES) -> None:
         if not (isinstance(virtual_nodes, int) and virtual_nodes >= 1):

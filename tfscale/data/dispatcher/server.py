@@ -159,7 +159,13 @@ class _Servicer(pb_grpc.ShardDispatcherServicer):
     def Rewind(self, request: pb.RewindRequest, context: Any) -> pb.RewindResponse:
         with self._serving(context):
             position = wire.position_from_proto(request)
-            self._core.rewind(request.job, request.worker, position, group=request.group)
+            self._core.rewind(
+                request.job,
+                request.worker,
+                position,
+                group=request.group,
+                num_consumers=request.num_consumers,
+            )
             return pb.RewindResponse()
 
     def EpochProgress(

@@ -196,7 +196,7 @@ def position_from_proto(message: pb.RewindRequest) -> InputPosition:
 
 
 def position_to_proto(
-    job: str, worker: str, position: InputPosition, group: bool = False
+    job: str, worker: str, position: InputPosition, group: bool = False, num_consumers: int = 0
 ) -> pb.RewindRequest:
     return pb.RewindRequest(
         job=job,
@@ -206,6 +206,7 @@ def position_to_proto(
         partial_shards=[shard for shard, _ in position.partials],
         partial_offsets=[offset for _, offset in position.partials],
         group=group,
+        num_consumers=num_consumers,
     )
 
 
