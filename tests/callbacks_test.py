@@ -4,6 +4,7 @@ import glob
 import os
 
 import numpy as np
+from absl import logging
 from absl.testing import absltest
 
 from tests import testutil
@@ -59,6 +60,21 @@ class ThroughputTest(absltest.TestCase):
             {"throughput/examples_per_sec", "throughput/step_time_ms"}, _scalar_tags(log_dir)
         )
 
+    def test_logs_progress_at_multiples_of_the_optimizer_step(self):
+        model = _model()
+        throughput = callbacks.Throughput(global_batch_size=BATCH, log_every_steps=3)
+        with self.assertLogs(level="INFO") as logs:
+            model.fit(_data(), epochs=2, callbacks=[throughput], verbose=0)
+            # A later fit continues from the optimizer's step (as a resumed one).
+            model.fit(_data(), epochs=1, callbacks=[throughput], verbose=0)
+        lines = [r.getMessage() for r in logs.records if r.getMessage().startswith("step ")]
+        self.assertEqual([int(line.split()[1].rstrip(":")) for line in lines], [3, 6, 9, 12])
+        self.assertRegex(lines[0], r"^step 3: loss \d+\.\d{4}, \d+\.\d examples/s$")
+
+    def test_a_negative_interval_is_refused(self):
+        with self.assertRaisesRegex(ValueError, "log_every_steps must be an int >= 0. Received: "):
+            callbacks.Throughput(global_batch_size=BATCH, log_every_steps=-1)
+
 
 class BackupAndRestoreTest(absltest.TestCase):
     def test_resumes_at_the_saved_epoch_with_optimizer_state(self):
@@ -87,6 +103,27 @@ class BackupAndRestoreTest(absltest.TestCase):
         self.assertEqual(history.epoch, [2])
         self.assertEqual(int(third.optimizer.iterations), 3 * STEPS)
         self.assertEqual(callbacks.read_backup_state(backup_dir)["epoch"], 3)
+
+    def test_a_later_fit_continues_from_its_own_checkpoint_without_reloading_it(self):
+        backup_dir = self.create_tempdir().full_path
+        model = _model()
+        backup = callbacks.BackupAndRestore(backup_dir)
+        model.fit(_data(), epochs=1, callbacks=[backup], verbose=0)
+        with self.assertLogs(level="INFO") as logs:
+            logging.info("second fit")  # so that something is logged
+            history = model.fit(_data(), epochs=2, callbacks=[backup], verbose=0)
+        self.assertEqual(history.epoch, [1])
+        self.assertEqual(backup.restored_epoch, 1)
+        messages = [r.getMessage() for r in logs.records]
+        self.assertFalse([m for m in messages if m.startswith(("Restored", "Resumed"))], messages)
+        # A new model (another process) restores it.
+        fresh = _model(seed=1)
+        with self.assertLogs(level="INFO") as logs:
+            history = fresh.fit(
+                _data(), epochs=3, callbacks=[callbacks.BackupAndRestore(backup_dir)], verbose=0
+            )
+        self.assertEqual(history.epoch, [2])
+        self.assertIn("Restored epoch 2 (step 8)", "\n".join(r.getMessage() for r in logs.records))
 
     def test_keeps_the_last_checkpoints_only(self):
         backup_dir = self.create_tempdir().full_path

@@ -55,28 +55,50 @@ _STATE_FILE = "state.json"
 
 
 class Throughput(keras.callbacks.Callback):
-    """Measures examples/s and step time per epoch.
+    """Measures examples/s and step time per epoch; logs progress every few steps.
 
     Adds `examples_per_sec` and `step_time_ms` (median step) to the epoch
     logs, so they appear in the progress bar and in `History`; logs them;
     and writes them to TensorBoard under `throughput/` when `log_dir` is set.
+    With `log_every_steps`, it also logs a line each time the optimizer step
+    passes a multiple of it: `step 1200: loss 0.0421, 2310.5 examples/s`
+    (the rate since the previous line), so a long epoch shows progress in
+    a log, and a crash's log says the last step done.
+
+    Example:
+
+    ```python
+    throughput = Throughput(global_batch_size=128, log_every_steps=100)
+    model.fit(dataset, epochs=3, callbacks=[throughput])
+    throughput.epochs[-1]["examples_per_sec"]
+    ```
 
     Attributes:
       epochs: one dict per finished epoch: `epoch`, `steps`, `seconds`,
         `examples_per_sec`, `step_time_ms`.
     """
 
-    def __init__(self, global_batch_size: int, log_dir: Optional[str] = None):
+    def __init__(
+        self, global_batch_size: int, log_dir: Optional[str] = None, log_every_steps: int = 0
+    ):
         super().__init__()
+        if not isinstance(log_every_steps, int) or log_every_steps < 0:
+            raise ValueError(
+                f"log_every_steps must be an int >= 0. Received: log_every_steps={log_every_steps!r}"
+            )
         self.global_batch_size = global_batch_size
         self.log_dir = log_dir
+        self.log_every_steps = log_every_steps
         self.epochs: list[dict[str, float]] = []
         self._writer: Optional[tf.summary.SummaryWriter] = None
         self._step_times: list[float] = []
+        self._step: Optional[int] = None  # the optimizer's, once read in a fit
+        self._logged = (0, 0.0)  # (step, time) of the latest progress line
 
     def on_train_begin(self, logs: Logs = None) -> None:
         if self.log_dir and self._writer is None:
             self._writer = tf.summary.create_file_writer(os.path.join(self.log_dir, "throughput"))
+        self._step = None  # read at the first step (after a restore)
 
     def on_epoch_begin(self, epoch: int, logs: Logs = None) -> None:
         self._step_times = []
@@ -93,6 +115,23 @@ class Throughput(keras.callbacks.Callback):
         self._last_step_end = time.perf_counter()
         steps = batch - self._first_step + 1
         self._step_times.extend([(self._last_step_end - self._step_start) / steps] * steps)
+        if self.log_every_steps:
+            self._log_progress(steps, logs)
+
+    def _log_progress(self, steps: int, logs: Logs) -> None:
+        if self._step is None:  # one read per fit: the step after this batch
+            self._step = int(self.model.optimizer.iterations.numpy())
+            self._logged = (self._step - steps, self._step_start)
+        else:
+            self._step += steps
+        previous, since = self._logged
+        if self._step // self.log_every_steps == previous // self.log_every_steps:
+            return
+        rate = (self._step - previous) * self.global_batch_size / (self._last_step_end - since)
+        loss = (logs or {}).get("loss")
+        loss_text = f"loss {float(loss):.4f}, " if loss is not None else ""
+        logging.info("step %d: %s%.1f examples/s", self._step, loss_text, rate)
+        self._logged = (self._step, self._last_step_end)
 
     def on_epoch_end(self, epoch: int, logs: Logs = None) -> None:
         steps = len(self._step_times)
@@ -240,20 +279,29 @@ class BackupAndRestore(keras.callbacks.Callback):
         state = check_backup(self.backup_dir)
         self.restored_epoch = 0
         self.restored_step_in_epoch = 0
+        # The checkpoint this callback saved at the model's step (a fit after
+        # the rest of a resumed epoch): the model holds it already.
+        held = (
+            state is not None
+            and state.get("step") == self._last_saved
+            and int(self.model.optimizer.iterations.numpy()) == self._last_saved
+        )
         if state is not None:
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
+            if not held:
+                if self.model.optimizer is not None and not self.model.optimizer.built:
+                    self.model.optimizer.build(self.model.trainable_variables)
+                self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
             self.restored_epoch = state["epoch"]
             self.restored_step_in_epoch = state.get("step_in_epoch", 0)
             compat.set_initial_epoch(self.model, self.restored_epoch)
+        if state is not None and not held:
             where = f"epoch {self.restored_epoch}"
             if self.restored_step_in_epoch:
                 where += f" and {self.restored_step_in_epoch} steps"
             logging.info(
                 "Restored %s (step %s) from %s", where, state.get("step", "?"), self.backup_dir
             )
-        self._resumed_unsaid = state is not None
+        self._resumed_unsaid = state is not None and not held
         self._fit_start_step = int(self.model.optimizer.iterations.numpy())
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:

@@ -143,7 +143,9 @@ def _fit(
             os.path.join(workdir, CONFIG_FILE), json.loads(config.to_json_best_effort())
         )
     throughput = callbacks_lib.Throughput(
-        global_batch, os.path.join(workdir, "tensorboard") if dist.is_chief else None
+        global_batch,
+        os.path.join(workdir, "tensorboard") if dist.is_chief else None,
+        log_every_steps=config.training.log_every_steps,
     )
     consumed = _ConsumedElements(dist.per_worker_batch_size(global_batch), train.report_consumed)
     epochs = list(resume.get("extra", {}).get("history", []))

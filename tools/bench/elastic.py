@@ -2,10 +2,11 @@
 
 Three "nodes" on this host, each a `tfscale-launch --nnodes=2:3` process
 with one `tfscale-train` worker (`multi_worker_mirrored`, one logical CPU,
-the default config's 24,000 examples): nodes A and B start; after `--epochs_per_phase`
-epochs, node C starts (a join); after as many more at 3 nodes, node C's
-launcher is killed with SIGKILL (a leave that only missed heartbeats reveal). For each change the
-script times, from the event:
+the default config's 24,000 examples): nodes A and B start; after
+`--epochs_per_phase` epochs, node C starts (a join); after as many more at
+3 nodes and 3/4 of a step-checkpoint interval, node C's launcher is killed
+with SIGKILL (a leave that only missed heartbeats reveal). For each change
+the script times, from the event:
 
 - `round_s`: until node A's launcher starts the new round's workers;
 - `fit_start_s`: until rank 0 begins an epoch in the new round (the model
@@ -13,10 +14,13 @@ script times, from the event:
 - `resume_s`: until rank 0 finished its first step in the new round (the
   input skipped to the checkpoint's position, the step compiled: training
   has resumed);
-- `steps_lost`: the step where the old round's workers stopped (their
-  agreed SIGTERM checkpoint) minus the step the new round restored: 0 for
-  a join; after the kill -9 the new round restores the latest step
-  checkpoint (`--checkpoint_every_steps`), which bounds the loss.
+- `steps_lost`: the step where the old round's workers stopped minus the
+  step the new round restored. For the join, the stop is their agreed
+  SIGTERM checkpoint (target: 0 lost). For the kill -9 it is the last step
+  rank 0 logged before the new round (the workers log every step,
+  `--config.training.log_every_steps=1`: after the kill no step completes,
+  its all-reduce lacks a worker), and the new round restores the latest
+  step checkpoint (target: at most `--checkpoint_every_steps` lost).
 
 With `--input=dispatcher` (the default), the workers read the train split's
 16 shards through a `tfscale-dispatcher` process on this host: each
@@ -49,6 +53,7 @@ import tempfile
 import threading
 import time
 from typing import Optional
+from typing import Union
 
 from absl import app
 from absl import flags
@@ -122,6 +127,15 @@ class _Node:
                 return
             time.sleep(0.1)
 
+    def wait_for_step(self, step: int, after: float, timeout_s: float) -> None:
+        """Waits until rank 0 logged `step` or a later one (its `step N:` lines)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and self.process.poll() is None:
+            latest = self.step(r"\] step (\d+): ", after, time.monotonic() + 1, last=True)
+            if latest is not None and latest >= step:
+                return
+            time.sleep(0.05)
+
     def wait_for(self, text: str, after: float, timeout_s: float) -> float:
         """The time of the first line containing `text` printed after `after`."""
         deadline = time.monotonic() + timeout_s
@@ -152,15 +166,23 @@ class _Node:
 
 
 def _change(
-    a: "_Node", event_at: float, round_number: int, timeout_s: float, restores: bool = True
+    a: "_Node",
+    event_at: float,
+    round_number: int,
+    timeout_s: float,
+    restores: Union[bool, str] = True,
 ) -> dict:
+    """Times one change; `restores`: False (a first start), True, or "kill" (after a kill -9)."""
     started = a.wait_for(f"round {round_number}:", event_at, timeout_s)
     fit_started = a.wait_for("[0] Epoch ", started, timeout_s)
     # The first step after the restore done (the input skipped, the step compiled).
     resumed = a.wait_for("Resumed training: step", started, timeout_s) if restores else fit_started
     # Where the old round's workers stopped (a SIGTERM checkpoint: none after a
     # kill -9) and the step the new round restored.
-    stopped = a.step(r"stopped after step (\d+)", event_at, started, last=True)
+    if restores == "kill":  # no checkpoint at the stop: the last step logged before the round
+        stopped = a.step(r"\] step (\d+): ", 0.0, started, last=True)
+    else:
+        stopped = a.step(r"stopped after step (\d+)", event_at, started, last=True)
     restored = a.step(r"Restored .*\(step (\d+)\)", started, resumed + 1e-3, last=False)
     return {
         "round_s": started - event_at,
@@ -206,6 +228,9 @@ def main(argv: list[str]) -> None:
             ),
             "exit_codes_zero": all(run["targets"]["exit_codes_zero"] for run in runs),
             "join_loses_no_step": all(run["targets"]["join_loses_no_step"] for run in runs),
+            "kill_loses_at_most_an_interval": all(
+                run["targets"]["kill_loses_at_most_an_interval"] for run in runs
+            ),
         },
     }
     if _INPUT.value == "dispatcher":
@@ -264,6 +289,8 @@ def _run_once(out: str) -> dict:
         "--config.training.verbose=2",
         "--config.training.resize=keep_global_batch",
         f"--config.training.checkpoint_every_steps={_CHECKPOINT_EVERY.value}",
+        # A line per step: the step a kill -9 stopped at is in the log.
+        "--config.training.log_every_steps=1",
         # Divisible by 2 and by 3 workers: kept at every size.
         "--config.training.global_batch_size=96",
     ]
@@ -297,13 +324,18 @@ def _run_once(out: str) -> dict:
             flush=True,
         )
         a.wait_for_epoch(a.last_epoch() + _EPOCHS_PER_PHASE.value, timeout)
+        # Mid-way between two step checkpoints: 3/4 of an interval is lost.
+        epoch_began = time.monotonic()
+        at_epoch = a.step(r"\] step (\d+): ", 0.0, epoch_began, last=True) or 0
+        a.wait_for_step(at_epoch + (3 * _CHECKPOINT_EVERY.value) // 4, epoch_began, timeout)
 
         c.process.send_signal(signal.SIGKILL)
         left = time.monotonic()
-        leave = _change(a, left, 2, timeout)
+        leave = _change(a, left, 2, timeout, restores="kill")
         print(
             f"leave (SIGKILL): new round after {leave['round_s']:.1f} s, training after "
-            f"{leave['resume_s']:.1f} s; restored step {leave['restored_step']}",
+            f"{leave['resume_s']:.1f} s; last step {leave['stopped_step']}, restored step "
+            f"{leave['restored_step']}",
             flush=True,
         )
         codes = [n.process.wait(timeout=timeout) for n in nodes[:2]]
@@ -335,6 +367,9 @@ def _run_once(out: str) -> dict:
             "exit_codes_zero": codes == [0, 0],
             # The join's SIGTERM checkpoint is where the next round starts.
             "join_loses_no_step": join["steps_lost"] == 0,
+            # A kill -9 loses at most the steps since the last step checkpoint.
+            "kill_loses_at_most_an_interval": leave["steps_lost"] is not None
+            and 0 <= leave["steps_lost"] <= _CHECKPOINT_EVERY.value,
         },
     }
     audit = metrics.get("input_audit")
