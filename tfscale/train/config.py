@@ -146,9 +146,9 @@ def base_config() -> ml_collections.ConfigDict:
             "steps_per_execution": 1,
             "verbose": 1,
             "checkpoints_to_keep": 2,
-            # Every this many steps: a log line (step, loss, examples/s), and
-            # TensorBoard gets the running loss and metrics (train/batch_*);
-            # 0: once per epoch only.
+            # Every this many steps: a log line (step, loss, examples/s) unless
+            # the progress bar shows (verbose=1), and TensorBoard gets the
+            # running loss and metrics (train/batch_*); 0: once per epoch only.
             "log_every_steps": 100,
             # Also checkpoint every this many steps (0: at epoch ends only),
             # so a crash loses at most this many steps; a SIGTERM always

@@ -145,7 +145,8 @@ def _fit(
     throughput = callbacks_lib.Throughput(
         global_batch,
         os.path.join(workdir, "tensorboard") if dist.is_chief else None,
-        log_every_steps=config.training.log_every_steps,
+        # Not under Keras's progress bar (verbose=1), which a line would cut.
+        log_every_steps=config.training.log_every_steps if config.training.verbose != 1 else 0,
     )
     consumed = _ConsumedElements(dist.per_worker_batch_size(global_batch), train.report_consumed)
     epochs = list(resume.get("extra", {}).get("history", []))
