@@ -105,6 +105,9 @@ class EqualizeTest(parameterized.TestCase):
         for consumer, out in zip(consumers, elements):
             self.assertEqual(consumer.per_epoch, {e: 5 for e in range(NUM_EPOCHS)})
             self.assertEqual(sorted(out), sorted(list(range(5)) * NUM_EPOCHS))
+            # Only padding in an epoch still moves the position into it: the
+            # group's positions can be joined.
+            self.assertEqual(consumer.position(5 * NUM_EPOCHS - 1).epoch, NUM_EPOCHS - 1)
 
     @parameterized.parameters(
         dict(num_consumers=0, equalize="pad"),

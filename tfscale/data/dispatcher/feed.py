@@ -312,10 +312,10 @@ class LeaseFeed:
         for run, take in self._walk(consumed):
             remaining -= take
             slot = run.slot
+            if slot.epoch > epoch:  # padding too: a consumer may only pad an epoch
+                epoch, done, partials = slot.epoch, set(), {}
             if slot.shard is None:  # padding
                 continue
-            if slot.epoch != epoch:
-                epoch, done, partials = slot.epoch, set(), {}
             if take == run.count:
                 done.add(slot.shard)
                 partials.pop(slot.shard, None)
