@@ -142,70 +142,70 @@ class UnionTest(absltest.TestCase):
 class GroupRewindTest(absltest.TestCase):
     """Two synchronous consumers checkpoint, lose steps, and three resume from there."""
 
-    def test_a_group_resized_at_a_checkpoint_trains_each_element_once_per_epoch(self):
+    def setUp(self):
+        super().setUp()
         spec = dataclasses.replace(_spec(), num_consumers=2, equalize="pad", lease_timeout_s=30)
-        with server_lib.server_context() as server:
-            client = client_lib.DispatcherClient(server.target)
-            client.create_job(spec)
-            # Two consumers train 9 elements each (the checkpoint), then 4
-            # more each that die with the crash.
-            first = [self._consumer(server, f"w{i}") for i in range(2)]
-            trained, positions, ranges = self._run(first, take=13, checkpoint=9)
-            self.assertEqual({p.epoch for p in positions}, {0})
-            position = types.InputPosition.union(positions)
-            self.assertNotEqual(position.partials, ())  # shards stopped partway
-            # Three resume: one rewinds the job for the group.
-            client.rewind("pos", "w0", position, group=True)
-            second = [self._consumer(server, f"w{i}") for i in range(3)]
-            resumed, final, more = self._run(second, base=position)
-            ranges += more
-            audit = ledger.Ledger(SIZES)
-            audit.add(ranges, types.InputPosition.union(final))
-            for epoch in audit.audit(types.InputPosition.union(final)):
-                self.assertEqual((epoch.duplicated_elements, epoch.missing_elements), (0, 0), epoch)
-            self.assertEqual(
-                sum(e.elements for e in audit.audit(final[0])), NUM_EPOCHS * sum(SIZES)
-            )
-            # The ranges are what the consumers yielded (the rest is padding).
-            yielded = collections.Counter(trained + resumed)
-            from_ranges = collections.Counter(_values(ranges))
-            self.assertLessEqual(from_ranges, yielded)
-            self.assertEqual(set(from_ranges), set(range(sum(SIZES))))
-            self.assertEqual(set(from_ranges.values()), {NUM_EPOCHS})
-            self.assertTrue(client.list_jobs()[0].finished)
+        self.server = server_lib.DispatcherServer().start()
+        self.addCleanup(self.server.stop)
+        self.client = client_lib.DispatcherClient(self.server.target)
+        self.client.create_job(spec)
+
+    def test_a_group_resized_at_a_checkpoint_trains_each_element_once_per_epoch(self):
+        # Two consumers train 9 elements each (the checkpoint), then 4
+        # more each that die with the crash.
+        first = [self._consumer(f"w{i}") for i in range(2)]
+        trained, positions, ranges = self._run(first, take=13, checkpoint=9)
+        self.assertEqual({p.epoch for p in positions}, {0})
+        position = types.InputPosition.union(positions)
+        self.assertNotEqual(position.partials, ())  # shards stopped partway
+        # Three resume: one rewinds the job for the group. Its size stays 2
+        # (no num_consumers): a third consumer may get no shard of an
+        # epoch and only pad it.
+        self.client.rewind("pos", "w0", position, group=True)
+        second = [self._consumer(f"w{i}") for i in range(3)]
+        resumed, final, more = self._run(second, base=position)
+        ranges += more
+        audit = ledger.Ledger(SIZES)
+        audit.add(ranges, types.InputPosition.union(final))
+        for epoch in audit.audit(types.InputPosition.union(final)):
+            self.assertEqual((epoch.duplicated_elements, epoch.missing_elements), (0, 0), epoch)
+        self.assertEqual(sum(e.elements for e in audit.audit(final[0])), NUM_EPOCHS * sum(SIZES))
+        # The ranges are what the consumers yielded (the rest is padding).
+        yielded = collections.Counter(trained + resumed)
+        from_ranges = collections.Counter(_values(ranges))
+        self.assertLessEqual(from_ranges, yielded)
+        self.assertEqual(set(from_ranges), set(range(sum(SIZES))))
+        self.assertEqual(set(from_ranges.values()), {NUM_EPOCHS})
+        self.assertTrue(self.client.list_jobs()[0].finished)
 
     def test_a_group_resumed_in_a_later_epoch_pads_only_to_its_largest_share(self):
-        spec = dataclasses.replace(_spec(), num_consumers=2, equalize="pad", lease_timeout_s=30)
-        with server_lib.server_context() as server:
-            client = client_lib.DispatcherClient(server.target)
-            client.create_job(spec)
-            first = [self._consumer(server, f"w{i}") for i in range(2)]
-            streams, outputs = self._take(first, 60)
-            # Equalized: both consumers end epoch 0 after as many elements;
-            # the checkpoint is 3 elements into epoch 1.
-            (epoch_0,) = {c.per_epoch[0] for c in first}
-            checkpoint = epoch_0 + 3
-            self.assertLessEqual(checkpoint, min(map(len, outputs)))
-            position = types.InputPosition.union([c.position(checkpoint) for c in first])
-            self.assertEqual(position.epoch, 1)
-            self.assertNotEqual(position.partials, ())
-            for stream in streams:
-                stream.close()
-            client.rewind("pos", "w0", position, group=True)
-            second = [self._consumer(server, f"w{i}") for i in range(3)]
-            for consumer in second:
-                consumer.start_at(position)
-            _, resumed = self._take(second)
-            # Nothing of epoch 0 again, not even padding; epoch 1 holds the
-            # rest after the position, each shard resumed at its offset.
-            shares = [self._shares(c, len(out)) for c, out in zip(second, resumed)]
-            for consumer in second:
-                self.assertEqual(set(consumer.per_epoch), {1})
-            rest = sum(SIZES) - sum(SIZES[s] for s in position.done)
-            rest -= sum(offset for _, offset in position.partials)
-            self.assertEqual(sum(s[1] for s in shares), rest)
-            # Padding brings each consumer to the largest share, no further.
-            self.assertEqual({c.per_epoch[1] for c in second}, {max(s[1] for s in shares)})
+        first = [self._consumer(f"w{i}") for i in range(2)]
+        streams, outputs = self._take(first, 60)
+        # Equalized: both consumers end epoch 0 after as many elements;
+        # the checkpoint is 3 elements into epoch 1.
+        (epoch_0,) = {c.per_epoch[0] for c in first}
+        checkpoint = epoch_0 + 3
+        self.assertLessEqual(checkpoint, min(map(len, outputs)))
+        position = types.InputPosition.union([c.position(checkpoint) for c in first])
+        self.assertEqual(position.epoch, 1)
+        self.assertNotEqual(position.partials, ())
+        for stream in streams:
+            stream.close()
+        self.client.rewind("pos", "w0", position, group=True, num_consumers=3)
+        second = [self._consumer(f"w{i}") for i in range(3)]
+        for consumer in second:
+            consumer.start_at(position)
+        _, resumed = self._take(second)
+        # Nothing of epoch 0 again, not even padding; epoch 1 holds the
+        # rest after the position, each shard resumed at its offset.
+        shares = [self._shares(c, len(out)) for c, out in zip(second, resumed)]
+        for consumer in second:
+            self.assertEqual(set(consumer.per_epoch), {1})
+        rest = sum(SIZES) - sum(SIZES[s] for s in position.done)
+        rest -= sum(offset for _, offset in position.partials)
+        self.assertEqual(sum(s[1] for s in shares), rest)
+        # Padding brings each consumer to the largest share, no further.
+        self.assertEqual({c.per_epoch[1] for c in second}, {max(s[1] for s in shares)})
 
     @staticmethod
     def _shares(consumer, count):
@@ -231,8 +231,8 @@ class GroupRewindTest(absltest.TestCase):
             self.assertFalse(thread.is_alive())
         return streams, outputs
 
-    def _consumer(self, server, worker):
-        client = client_lib.DispatcherClient(server.target)
+    def _consumer(self, worker):
+        client = client_lib.DispatcherClient(self.server.target)
         return consumer_lib.ShardConsumer(
             client, "pos", worker, readers.elements, max_shards=1, shuffle_seed=5
         )
