@@ -287,14 +287,13 @@ class BackupAndRestore(keras.callbacks.Callback):
             and int(self.model.optimizer.iterations.numpy()) == self._last_saved
         )
         if state is not None:
-            if not held:
-                if self.model.optimizer is not None and not self.model.optimizer.built:
-                    self.model.optimizer.build(self.model.trainable_variables)
-                self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
             self.restored_epoch = state["epoch"]
             self.restored_step_in_epoch = state.get("step_in_epoch", 0)
             compat.set_initial_epoch(self.model, self.restored_epoch)
         if state is not None and not held:
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            self.model.load_weights(os.path.join(self.backup_dir, state["weights"]))
             where = f"epoch {self.restored_epoch}"
             if self.restored_step_in_epoch:
                 where += f" and {self.restored_step_in_epoch} steps"

@@ -53,7 +53,6 @@ import tempfile
 import threading
 import time
 from typing import Optional
-from typing import Union
 
 from absl import app
 from absl import flags
@@ -82,6 +81,8 @@ _INPUT = flags.DEFINE_enum(
     "reads the seeded stream.",
 )
 
+# Rank 0's progress line, `step N: ...` (`--config.training.log_every_steps`).
+_STEP_LINE = r"\] step (\d+): "
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TARGET_S = 20.0
 
@@ -131,7 +132,7 @@ class _Node:
         """Waits until rank 0 logged `step` or a later one (its `step N:` lines)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and self.process.poll() is None:
-            latest = self.step(r"\] step (\d+): ", after, time.monotonic() + 1, last=True)
+            latest = self.step(_STEP_LINE, after, time.monotonic() + 1, last=True)
             if latest is not None and latest >= step:
                 return
             time.sleep(0.05)
@@ -170,17 +171,18 @@ def _change(
     event_at: float,
     round_number: int,
     timeout_s: float,
-    restores: Union[bool, str] = True,
+    restores: bool = True,
+    killed: bool = False,
 ) -> dict:
-    """Times one change; `restores`: False (a first start), True, or "kill" (after a kill -9)."""
+    """Times one change: a first start (`restores=False`), a join, or a kill -9 (`killed`)."""
     started = a.wait_for(f"round {round_number}:", event_at, timeout_s)
     fit_started = a.wait_for("[0] Epoch ", started, timeout_s)
     # The first step after the restore done (the input skipped, the step compiled).
     resumed = a.wait_for("Resumed training: step", started, timeout_s) if restores else fit_started
     # Where the old round's workers stopped (a SIGTERM checkpoint: none after a
     # kill -9) and the step the new round restored.
-    if restores == "kill":  # no checkpoint at the stop: the last step logged before the round
-        stopped = a.step(r"\] step (\d+): ", 0.0, started, last=True)
+    if killed:  # no checkpoint at the stop: the last step logged before the round
+        stopped = a.step(_STEP_LINE, 0.0, started, last=True)
     else:
         stopped = a.step(r"stopped after step (\d+)", event_at, started, last=True)
     restored = a.step(r"Restored .*\(step (\d+)\)", started, resumed + 1e-3, last=False)
@@ -326,12 +328,12 @@ def _run_once(out: str) -> dict:
         a.wait_for_epoch(a.last_epoch() + _EPOCHS_PER_PHASE.value, timeout)
         # Mid-way between two step checkpoints: 3/4 of an interval is lost.
         epoch_began = time.monotonic()
-        at_epoch = a.step(r"\] step (\d+): ", 0.0, epoch_began, last=True) or 0
+        at_epoch = a.step(_STEP_LINE, 0.0, epoch_began, last=True) or 0
         a.wait_for_step(at_epoch + (3 * _CHECKPOINT_EVERY.value) // 4, epoch_began, timeout)
 
         c.process.send_signal(signal.SIGKILL)
         left = time.monotonic()
-        leave = _change(a, left, 2, timeout, restores="kill")
+        leave = _change(a, left, 2, timeout, killed=True)
         print(
             f"leave (SIGKILL): new round after {leave['round_s']:.1f} s, training after "
             f"{leave['resume_s']:.1f} s; last step {leave['stopped_step']}, restored step "
